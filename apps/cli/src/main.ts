@@ -1,0 +1,23 @@
+/**
+ * The `offramp` command.
+ */
+import { Command } from "@effect/cli"
+import { NodeContext, NodeRuntime } from "@effect/platform-node"
+import { Effect } from "effect"
+import { convert } from "./commands/convert.js"
+import { generate } from "./commands/generate.js"
+import { inspect } from "./commands/inspect.js"
+import { reportFailure } from "./report.js"
+
+const offramp = Command.make("offramp").pipe(
+  Command.withDescription("an inference engine for early-exit language models"),
+  Command.withSubcommands([convert, generate, inspect]),
+)
+
+const cli = Command.run(offramp, { name: "offramp", version: "0.1.0" })
+
+cli(process.argv).pipe(
+  reportFailure,
+  Effect.provide(NodeContext.layer),
+  NodeRuntime.runMain({ disableErrorReporting: true }),
+)

@@ -1,0 +1,157 @@
+/**
+ * A small builder for ONNX graphs over the generated protobuf classes of `onnx-proto`.
+ * Node outputs get unique names; weights are stored as raw little-endian initializers.
+ */
+import onnxProto from "onnx-proto"
+
+const { onnx } = onnxProto
+
+export const OPSET = 17
+const IR_VERSION = 8
+
+export type ElemType = "float32" | "int64"
+/** A dimension: a number, or a symbolic name shared by inputs and outputs ("R", "T", ...). */
+export type Dim = number | string
+
+/** Attribute values: ints by default; wrap floats with `float()` so 1.0 is not mistaken for an int. */
+export type AttrValue = number | ReadonlyArray<number> | string | { readonly float: number }
+export const float = (value: number): { readonly float: number } => ({ float: value })
+
+const elemTypeCode = (t: ElemType) =>
+  t === "float32" ? onnx.TensorProto.DataType.FLOAT : onnx.TensorProto.DataType.INT64
+
+const valueInfo = (name: string, type: ElemType, dims: ReadonlyArray<Dim>) =>
+  onnx.ValueInfoProto.create({
+    name,
+    type: {
+      tensorType: {
+        elemType: elemTypeCode(type),
+        shape: { dim: dims.map((d) => (typeof d === "number" ? { dimValue: d } : { dimParam: d })) },
+      },
+    },
+  })
+
+const attribute = (name: string, value: AttrValue) => {
+  const A = onnx.AttributeProto.AttributeType
+  if (typeof value === "string") return { name, type: A.STRING, s: new TextEncoder().encode(value) }
+  if (typeof value === "number") return { name, type: A.INT, i: value }
+  if (Array.isArray(value)) return { name, type: A.INTS, ints: [...(value as ReadonlyArray<number>)] }
+  return { name, type: A.FLOAT, f: (value as { float: number }).float }
+}
+
+export class GraphBuilder {
+  private readonly nodes: Array<ReturnType<typeof onnx.NodeProto.create>> = []
+  private readonly inputs: Array<ReturnType<typeof onnx.ValueInfoProto.create>> = []
+  private readonly outputs: Array<ReturnType<typeof onnx.ValueInfoProto.create>> = []
+  private readonly initializers: Array<ReturnType<typeof onnx.TensorProto.create>> = []
+  private readonly names = new Set<string>()
+  private readonly constants = new Map<string, string>()
+  private counter = 0
+
+  constructor(readonly graphName: string) {}
+
+  private fresh(hint: string): string {
+    let name = hint
+    while (this.names.has(name)) name = `${hint}_${++this.counter}`
+    this.names.add(name)
+    return name
+  }
+
+  input(name: string, type: ElemType, dims: ReadonlyArray<Dim>): string {
+    this.names.add(name)
+    this.inputs.push(valueInfo(name, type, dims))
+    return name
+  }
+
+  /** Declares `value` as a graph output named `name` (through an Identity, so any value can be exported). */
+  output(name: string, value: string, type: ElemType, dims: ReadonlyArray<Dim>): string {
+    this.names.add(name)
+    this.nodes.push(onnx.NodeProto.create({ opType: "Identity", input: [value], output: [name], name: `out_${name}` }))
+    this.outputs.push(valueInfo(name, type, dims))
+    return name
+  }
+
+  weight(name: string, data: Float32Array, dims: ReadonlyArray<number>): string {
+    const size = dims.reduce((a, b) => a * b, 1)
+    if (size !== data.length) throw new Error(`weight ${name}: ${data.length} values for shape [${dims}]`)
+    const unique = this.fresh(name)
+    const raw = new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+    this.initializers.push(
+      onnx.TensorProto.create({
+        name: unique,
+        dims: [...dims],
+        dataType: onnx.TensorProto.DataType.FLOAT,
+        rawData: raw,
+      }),
+    )
+    return unique
+  }
+
+  /** An int64 constant (shapes, axes, indices); identical constants are shared. */
+  ints(values: ReadonlyArray<number>, dims: ReadonlyArray<number> = [values.length]): string {
+    const key = `i:${dims}:${values}`
+    const known = this.constants.get(key)
+    if (known) return known
+    const name = this.fresh("const_i64")
+    const raw = new Uint8Array(new BigInt64Array(values.map((v) => BigInt(v))).buffer)
+    this.initializers.push(
+      onnx.TensorProto.create({ name, dims: [...dims], dataType: onnx.TensorProto.DataType.INT64, rawData: raw }),
+    )
+    this.constants.set(key, name)
+    return name
+  }
+
+  /** A float32 scalar constant; identical constants are shared. */
+  scalar(value: number): string {
+    const key = `f:${value}`
+    const known = this.constants.get(key)
+    if (known) return known
+    const name = this.weight("const_f32", new Float32Array([value]), [])
+    this.constants.set(key, name)
+    return name
+  }
+
+  /** Adds a node with several outputs. */
+  nodeN(
+    op: string,
+    inputs: ReadonlyArray<string>,
+    outputCount: number,
+    attrs: Readonly<Record<string, AttrValue>> = {},
+    hint = op,
+  ): Array<string> {
+    const outputs = Array.from({ length: outputCount }, (_, i) => this.fresh(`${hint}_out${i}`))
+    this.nodes.push(
+      onnx.NodeProto.create({
+        opType: op,
+        name: this.fresh(`${hint}_node`),
+        input: [...inputs],
+        output: outputs,
+        attribute: Object.entries(attrs).map(([k, v]) => attribute(k, v)),
+      }),
+    )
+    return outputs
+  }
+
+  /** Adds a node with one output and returns its name. */
+  node(op: string, inputs: ReadonlyArray<string>, attrs: Readonly<Record<string, AttrValue>> = {}, hint = op): string {
+    return this.nodeN(op, inputs, 1, attrs, hint)[0]!
+  }
+
+  /** Serializes the model. */
+  encode(): Uint8Array {
+    const model = onnx.ModelProto.create({
+      irVersion: IR_VERSION,
+      producerName: "offramp",
+      producerVersion: "0.1.0",
+      opsetImport: [{ domain: "", version: OPSET }],
+      graph: {
+        name: this.graphName,
+        node: this.nodes,
+        input: this.inputs,
+        output: this.outputs,
+        initializer: this.initializers,
+      },
+    })
+    return onnx.ModelProto.encode(model).finish()
+  }
+}

@@ -1,0 +1,183 @@
+/**
+ * Builds the staged ONNX graphs (embed, segments, heads, kvfill) of a Llama-family model from its weights.
+ * Attention uses standard ops only (Gather by block table, MatMul, Softmax): the CPU contrib attention ops
+ * refuse batched prefill with a past (DESIGN.md).
+ */
+import { GraphNames as N } from "@offramp/core"
+import { GraphBuilder } from "./GraphBuilder.js"
+import type { ExitHeadWeights, LlamaConfig, LlamaLayerWeights, LlamaWeights } from "./LlamaWeights.js"
+import { transpose } from "./LlamaWeights.js"
+
+/** Concatenates row-major [out_i, in] matrices along `out` and transposes to [in, sum out_i]. */
+const fusedProjection = (mats: ReadonlyArray<Float32Array>, inDim: number): Float32Array => {
+  const rows = mats.reduce((n, m) => n + m.length / inDim, 0)
+  const stacked = new Float32Array(rows * inDim)
+  let offset = 0
+  for (const m of mats) {
+    stacked.set(m, offset)
+    offset += m.length
+  }
+  return transpose(stacked, rows, inDim)
+}
+
+const rmsNorm = (g: GraphBuilder, x: string, weight: Float32Array, eps: number, name: string): string => {
+  const meanSquare = g.node("ReduceMean", [g.node("Mul", [x, x])], { axes: [-1], keepdims: 1 })
+  const rms = g.node("Sqrt", [g.node("Add", [meanSquare, g.scalar(eps)])])
+  return g.node("Mul", [g.node("Div", [x, rms]), g.weight(name, weight, [weight.length])])
+}
+
+/** cos and sin of position × inverse frequency, shaped [R, T, 1, headDim/2] to broadcast over heads. */
+const ropeTables = (g: GraphBuilder, positions: string, invFreq: Float32Array): { cos: string; sin: string } => {
+  const pos = g.node("Unsqueeze", [g.node("Cast", [positions], { to: 1 }), g.ints([-1])])
+  const angles = g.node("Mul", [pos, g.weight("rope_inv_freq", invFreq, [invFreq.length])])
+  const shaped = (t: string) => g.node("Unsqueeze", [t, g.ints([2])])
+  return { cos: shaped(g.node("Cos", [angles])), sin: shaped(g.node("Sin", [angles])) }
+}
+
+/** Rotate-half RoPE on x [R, T, heads, headDim]. */
+const applyRope = (g: GraphBuilder, x: string, rope: { cos: string; sin: string }, headDim: number): string => {
+  const [x1, x2] = g.nodeN("Split", [x, g.ints([headDim / 2, headDim / 2])], 2, { axis: -1 })
+  const first = g.node("Sub", [g.node("Mul", [x1!, rope.cos]), g.node("Mul", [x2!, rope.sin])])
+  const second = g.node("Add", [g.node("Mul", [x2!, rope.cos]), g.node("Mul", [x1!, rope.sin])])
+  return g.node("Concat", [first, second], { axis: -1 })
+}
+
+/** Pre-attention norm, fused K/V projection and RoPE of K: the part of a layer that fills its KV cache. */
+const keyValue = (
+  g: GraphBuilder,
+  c: LlamaConfig,
+  layer: number,
+  w: LlamaLayerWeights,
+  x: string,
+  rope: { cos: string; sin: string },
+) => {
+  const h = rmsNorm(g, x, w.attnNorm, c.normEps, `l${layer}_attn_norm`)
+  const kvDim = c.kvHeads * c.headDim
+  const kv = g.node("MatMul", [h, g.weight(`l${layer}_wkv`, fusedProjection([w.wk, w.wv], c.dim), [c.dim, 2 * kvDim])])
+  const [k, v] = g.nodeN("Split", [kv, g.ints([kvDim, kvDim])], 2, { axis: -1 })
+  const heads = g.ints([0, 0, c.kvHeads, c.headDim])
+  return { k: applyRope(g, g.node("Reshape", [k!, heads]), rope, c.headDim), v: g.node("Reshape", [v!, heads]) }
+}
+
+const attentionAndMlp = (
+  g: GraphBuilder,
+  c: LlamaConfig,
+  layer: number,
+  w: LlamaLayerWeights,
+  x: string,
+  rope: { cos: string; sin: string },
+  mask5: string,
+): string => {
+  const { headDim: hd, kvHeads, heads } = c
+  const group = heads / kvHeads
+  const h = rmsNorm(g, x, w.attnNorm, c.normEps, `l${layer}_attn_norm`)
+  const qDim = heads * hd
+  const kvDim = kvHeads * hd
+  const qkv = g.node("MatMul", [
+    h,
+    g.weight(`l${layer}_wqkv`, fusedProjection([w.wq, w.wk, w.wv], c.dim), [c.dim, qDim + 2 * kvDim]),
+  ])
+  const [qFlat, kFlat, vFlat] = g.nodeN("Split", [qkv, g.ints([qDim, kvDim, kvDim])], 3, { axis: -1 })
+  const q = applyRope(g, g.node("Reshape", [qFlat!, g.ints([0, 0, heads, hd])]), rope, hd)
+  const k = applyRope(g, g.node("Reshape", [kFlat!, g.ints([0, 0, kvHeads, hd])]), rope, hd)
+  const v = g.node("Reshape", [vFlat!, g.ints([0, 0, kvHeads, hd])])
+  g.output(N.kNew(layer), k, "float32", ["R", "T", kvHeads, hd])
+  g.output(N.vNew(layer), v, "float32", ["R", "T", kvHeads, hd])
+
+  // Keys and values: the row's cached blocks (gathered by block table), then the new rows.
+  const gathered = (pool: string) =>
+    g.node("Reshape", [g.node("Gather", [pool, N.blockTable], { axis: 0 }), g.ints([0, -1, kvHeads, hd])])
+  const keys = g.node("Concat", [gathered(N.kPool(layer)), k], { axis: 1 }) // [R, S, kv, hd]
+  const values = g.node("Concat", [gathered(N.vPool(layer)), v], { axis: 1 })
+  const keysT = g.node("Unsqueeze", [g.node("Transpose", [keys], { perm: [0, 2, 3, 1] }), g.ints([2])]) // [R,kv,1,hd,S]
+  const valuesT = g.node("Unsqueeze", [g.node("Transpose", [values], { perm: [0, 2, 1, 3] }), g.ints([2])]) // [R,kv,1,S,hd]
+
+  // Queries grouped by the KV head they share: [R, kv, group, T, hd].
+  const qScaled = g.node("Mul", [q, g.scalar(1 / Math.sqrt(hd))])
+  const qGrouped = g.node("Transpose", [g.node("Reshape", [qScaled, g.ints([0, 0, kvHeads, group, hd])])], {
+    perm: [0, 2, 3, 1, 4],
+  })
+  const scores = g.node("Add", [g.node("MatMul", [qGrouped, keysT]), mask5])
+  const context = g.node("MatMul", [g.node("Softmax", [scores], { axis: -1 }), valuesT]) // [R,kv,group,T,hd]
+  const merged = g.node("Reshape", [g.node("Transpose", [context], { perm: [0, 3, 1, 2, 4] }), g.ints([0, 0, qDim])])
+  const attnOut = g.node("MatMul", [merged, g.weight(`l${layer}_wo`, transpose(w.wo, c.dim, qDim), [qDim, c.dim])])
+  const x1 = g.node("Add", [x, attnOut])
+
+  const h2 = rmsNorm(g, x1, w.ffnNorm, c.normEps, `l${layer}_ffn_norm`)
+  const f = c.hiddenDim
+  const gateUp = g.node("MatMul", [
+    h2,
+    g.weight(`l${layer}_w13`, fusedProjection([w.gate, w.up], c.dim), [c.dim, 2 * f]),
+  ])
+  const [gate, up] = g.nodeN("Split", [gateUp, g.ints([f, f])], 2, { axis: -1 })
+  const silu = g.node("Mul", [gate!, g.node("Sigmoid", [gate!])])
+  const down = g.node("MatMul", [
+    g.node("Mul", [silu, up!]),
+    g.weight(`l${layer}_w2`, transpose(w.down, c.dim, f), [f, c.dim]),
+  ])
+  return g.node("Add", [x1, down])
+}
+
+export const buildEmbedGraph = (w: LlamaWeights): Uint8Array => {
+  const c = w.config
+  const g = new GraphBuilder("embed")
+  g.input(N.ids, "int64", ["R", "T"])
+  const table = g.weight("embedding", w.embedding, [c.vocab, c.dim])
+  g.output(N.hidden, g.node("Gather", [table, N.ids], { axis: 0 }), "float32", ["R", "T", c.dim])
+  return g.encode()
+}
+
+/** Layers [first, end) with paged attention; see GraphNames for the I/O contract. */
+export const buildSegmentGraph = (w: LlamaWeights, first: number, end: number): Uint8Array => {
+  const c = w.config
+  const g = new GraphBuilder(`segment_${first}_${end}`)
+  let x = g.input(N.hidden, "float32", ["R", "T", c.dim])
+  g.input(N.positions, "int64", ["R", "T"])
+  g.input(N.blockTable, "int64", ["R", "MB"])
+  g.input(N.attnMask, "float32", ["R", "T", "S"])
+  for (let l = first; l < end; l++) {
+    g.input(N.kPool(l), "float32", ["blocks", "block_size", c.kvHeads, c.headDim])
+    g.input(N.vPool(l), "float32", ["blocks", "block_size", c.kvHeads, c.headDim])
+  }
+  const rope = ropeTables(g, N.positions, w.invFreq)
+  const mask5 = g.node("Unsqueeze", [N.attnMask, g.ints([1, 2])]) // [R,1,1,T,S]
+  for (let l = first; l < end; l++) x = attentionAndMlp(g, c, l, w.layers[l]!, x, rope, mask5)
+  g.output(N.hiddenOut, x, "float32", ["R", "T", c.dim])
+  return g.encode()
+}
+
+/** Norm + LM head with the confidence statistics computed in-graph, so only small results leave ONNX. */
+export const buildHeadGraph = (c: LlamaConfig, head: ExitHeadWeights): Uint8Array => {
+  const g = new GraphBuilder("head")
+  g.input(N.hidden, "float32", ["N", c.dim])
+  const h = rmsNorm(g, N.hidden, head.norm, c.normEps, "head_norm")
+  const logits = g.node("MatMul", [h, g.weight("lm_head", transpose(head.lmHead, c.vocab, c.dim), [c.dim, c.vocab])])
+  const probs = g.node("Softmax", [logits], { axis: -1 })
+  const [top, topIds] = g.nodeN("TopK", [probs, g.ints([2])], 2, { axis: -1 })
+  const [first, second] = g.nodeN("Split", [top!, g.ints([1, 1])], 2, { axis: -1 })
+  const squeeze = (t: string) => g.node("Squeeze", [t, g.ints([-1])])
+  const [topId] = g.nodeN("Split", [topIds!, g.ints([1, 1])], 2, { axis: -1 })
+  const plogp = g.node("Mul", [probs, g.node("LogSoftmax", [logits], { axis: -1 })])
+  const entropy = g.node("Neg", [g.node("ReduceSum", [plogp, g.ints([-1])], { keepdims: 0 })])
+  g.output(N.logits, logits, "float32", ["N", c.vocab])
+  g.output(N.maxProb, squeeze(first!), "float32", ["N"])
+  g.output(N.margin, squeeze(g.node("Sub", [first!, second!])), "float32", ["N"])
+  g.output(N.entropy, entropy, "float32", ["N"])
+  g.output(N.topToken, squeeze(topId!), "int64", ["N"])
+  return g.encode()
+}
+
+/** K/V rows of every layer from `from` on, computed from an exit's hidden state (CALM's state propagation). */
+export const buildKvFillGraph = (w: LlamaWeights, from: number): Uint8Array => {
+  const c = w.config
+  const g = new GraphBuilder(`kvfill_${from}`)
+  g.input(N.hidden, "float32", ["R", "T", c.dim])
+  g.input(N.positions, "int64", ["R", "T"])
+  const rope = ropeTables(g, N.positions, w.invFreq)
+  for (let l = from; l < c.layers; l++) {
+    const { k, v } = keyValue(g, c, l, w.layers[l]!, N.hidden, rope)
+    g.output(N.kNew(l), k, "float32", ["R", "T", c.kvHeads, c.headDim])
+    g.output(N.vNew(l), v, "float32", ["R", "T", c.kvHeads, c.headDim])
+  }
+  return g.encode()
+}

@@ -1,0 +1,6 @@
+export * from "./GraphBuilder.js"
+export * from "./Llama2cCheckpoint.js"
+export * from "./Llama2cTokenizer.js"
+export * from "./LlamaGraphs.js"
+export * from "./LlamaWeights.js"
+export * from "./StagedModelWriter.js"

@@ -1,0 +1,39 @@
+/**
+ * The domain schemas of a generation: what a request asks for and what its stream carries.
+ */
+import { Schema } from "effect"
+
+export const SamplingParamsSchema = Schema.Struct({
+  /** 0 = greedy. */
+  temperature: Schema.Number.pipe(Schema.finite(), Schema.nonNegative()),
+  /** 0 = off. */
+  topK: Schema.Int.pipe(Schema.nonNegative()),
+  /** 1 = off. */
+  topP: Schema.Number.pipe(Schema.greaterThan(0), Schema.lessThanOrEqualTo(1)),
+  seed: Schema.optionalWith(Schema.Int, { exact: true }),
+})
+
+export const GenerationRequest = Schema.Struct({
+  prompt: Schema.String,
+  maxTokens: Schema.Int.pipe(Schema.positive({ message: () => "max tokens must be a positive integer (at least 1)" })),
+  sampling: SamplingParamsSchema,
+})
+export type GenerationRequest = typeof GenerationRequest.Type
+
+export const FinishReason = Schema.Literal("stop", "length")
+export type FinishReason = typeof FinishReason.Type
+
+/** One generated token. The last event of a stream carries the finish reason. */
+export const TokenEvent = Schema.Struct({
+  /** 0-based index of the token in the continuation. */
+  index: Schema.Int,
+  id: Schema.Int,
+  /** The text this token completes (UTF-8 safe; a stop token contributes ""). */
+  text: Schema.String,
+  /** How many layers ran before the head that produced it (the full depth when it did not exit early). */
+  exitLayer: Schema.Int,
+  /** That head's confidence (max softmax probability). */
+  confidence: Schema.Number,
+  finishReason: Schema.NullOr(FinishReason),
+})
+export type TokenEvent = typeof TokenEvent.Type

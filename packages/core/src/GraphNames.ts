@@ -1,0 +1,31 @@
+/**
+ * Input and output names of the staged ONNX graphs: the contract between the converter and the runner.
+ *
+ * embed:   ids [R,T] int64 → hidden [R,T,D]
+ * segment: hidden [R,T,D], positions [R,T] int64, block_table [R,MB] int64, attn_mask [R,T,MB·bs+T]
+ *          (additive: 0 visible, -1e9 hidden; keys are the MB gathered blocks, then the T new rows),
+ *          k_pool_<l>, v_pool_<l> [blocks, bs, kvHeads, headDim] for each layer l of the segment
+ *          → hidden_out [R,T,D], k_new_<l>, v_new_<l> [R,T,kvHeads,headDim]
+ * head:    hidden [N,D] → logits [N,V], max_prob, margin, entropy [N], top_token [N] int64
+ * kvfill:  hidden [R,T,D], positions [R,T] → k_new_<l>, v_new_<l> for every layer after the exit
+ */
+export const GraphNames = {
+  ids: "ids",
+  hidden: "hidden",
+  hiddenOut: "hidden_out",
+  positions: "positions",
+  blockTable: "block_table",
+  attnMask: "attn_mask",
+  kPool: (layer: number) => `k_pool_${layer}`,
+  vPool: (layer: number) => `v_pool_${layer}`,
+  kNew: (layer: number) => `k_new_${layer}`,
+  vNew: (layer: number) => `v_new_${layer}`,
+  logits: "logits",
+  maxProb: "max_prob",
+  margin: "margin",
+  entropy: "entropy",
+  topToken: "top_token",
+} as const
+
+/** The additive mask value for a key a query must not see (exp underflows to exactly 0 in float32). */
+export const MASKED = -1e9

@@ -1,0 +1,57 @@
+/**
+ * The ModelRunner service: runs the stages of a staged model (embed, segments, exit heads, kvfill) on a batch
+ * and owns the paged K/V pools. The onnxruntime implementation lives in @offramp/onnx.
+ */
+import { Context, type Effect } from "effect"
+import type { RunnerError } from "./Errors.js"
+import type { ModelSpec } from "./ModelSpec.js"
+
+/**
+ * A batch in the padded layout [rows, tokens]: row r holds `tokens` new positions (unused ones are padding,
+ * marked by slot -1). Each row attends to its cached blocks (by block table) and to its own new tokens.
+ */
+export interface RowBatch {
+  readonly rows: number
+  readonly tokens: number
+  /** [rows × tokens] absolute positions. */
+  readonly positions: BigInt64Array
+  /** [rows × maxBlocks] physical block ids (any valid id where unused: the mask hides it). */
+  readonly blockTable: BigInt64Array
+  readonly maxBlocks: number
+  /** [rows × tokens × (maxBlocks·blockSize + tokens)] additive attention mask (see GraphNames). */
+  readonly mask: Float32Array
+  /** [rows × tokens] pool slot (block·blockSize + offset) where each new K/V row is written; -1 for padding. */
+  readonly slots: Int32Array
+}
+
+/** What an exit head says about each row: logits plus the confidence statistics computed in-graph. */
+export interface HeadOutput {
+  readonly logits: Float32Array
+  readonly maxProb: Float32Array
+  readonly margin: Float32Array
+  readonly entropy: Float32Array
+  readonly topToken: BigInt64Array
+}
+
+export interface ModelRunnerShape {
+  readonly spec: ModelSpec
+  readonly blockSize: number
+  readonly numBlocks: number
+  /** ids [rows × tokens] → hidden [rows × tokens × hidden]. */
+  readonly embed: (ids: BigInt64Array, rows: number, tokens: number) => Effect.Effect<Float32Array, RunnerError>
+  /** Runs segment `index` and writes its new K/V rows into the pools at `batch.slots`; returns the hidden out. */
+  readonly segment: (index: number, hidden: Float32Array, batch: RowBatch) => Effect.Effect<Float32Array, RunnerError>
+  /** Runs the head of exit `index` (position in spec.exits) on `count` hidden rows. */
+  readonly head: (index: number, hidden: Float32Array, count: number) => Effect.Effect<HeadOutput, RunnerError>
+  /** Writes the K/V of every layer after early exit `index`, computed from the exit hidden state. */
+  readonly kvFill: (
+    index: number,
+    hidden: Float32Array,
+    positions: BigInt64Array,
+    slots: Int32Array,
+  ) => Effect.Effect<void, RunnerError>
+  /** A copy of the K and V rows of `layer` at pool `slot` (for inspection and tests). */
+  readonly readKv: (layer: number, slot: number) => { readonly k: Float32Array; readonly v: Float32Array }
+}
+
+export class ModelRunner extends Context.Tag("@offramp/core/ModelRunner")<ModelRunner, ModelRunnerShape>() {}

@@ -1,0 +1,403 @@
+/**
+ * The Sampler service: picks the next token from one row of logits (greedy, temperature, top-k, top-p), with a
+ * seeded per-sequence RNG so that a request with a seed is reproducible.
+ *
+ * `sample` runs once per token on rows of up to 32k+ logits, so it is synchronous and reuses scratch buffers: only
+ * the top-k candidates (or, for top-p alone, the tokens that can possibly be in the nucleus) are ever sorted.
+ */
+import { Context, Effect, Layer } from "effect"
+import { InvalidRequestError } from "./Errors.js"
+
+export interface SamplingParams {
+  /** 0 = greedy (argmax, ties -> lowest id). */
+  readonly temperature: number
+  /** Keep only the k most likely tokens; 0 = off. */
+  readonly topK: number
+  /** Nucleus sampling: keep the smallest set of most likely tokens with cumulative probability >= topP; 1 = off. */
+  readonly topP: number
+  /** Seed of the sequence's RNG; a random one when absent. */
+  readonly seed?: number
+}
+
+export const greedyParams: SamplingParams = { temperature: 0, topK: 0, topP: 1 }
+
+/** A small, fast PRNG; one per sequence. */
+export interface Rng {
+  readonly seed: number
+  /** Uniform in [0, 2^32). */
+  nextUint32(): number
+  /** Uniform in [0, 1) with 53 random bits. */
+  nextFloat(): number
+}
+
+// splitmix32 finalizer: spreads a seed over the 128-bit state so nearby seeds give unrelated streams.
+const mix32 = (x: number): number => {
+  let t = (x + 0x9e3779b9) | 0
+  t = Math.imul(t ^ (t >>> 16), 0x21f0aaad)
+  t = Math.imul(t ^ (t >>> 15), 0x735a2d97)
+  return (t ^ (t >>> 15)) >>> 0
+}
+
+const rotl = (x: number, k: number) => (x << k) | (x >>> (32 - k))
+
+/** xoshiro128** (Blackman & Vigna): 128-bit state, period 2^128 - 1. */
+class Xoshiro128 implements Rng {
+  private s0: number
+  private s1: number
+  private s2: number
+  private s3: number
+
+  constructor(readonly seed: number) {
+    const lo = seed >>> 0
+    const hi = Math.floor(seed / 0x1_0000_0000) >>> 0
+    this.s0 = mix32(lo)
+    this.s1 = mix32(hi ^ 0x6a09e667)
+    this.s2 = mix32(lo ^ this.s1)
+    this.s3 = mix32(hi ^ this.s0 ^ 0xbb67ae85)
+    // The all-zero state is a fixed point.
+    if ((this.s0 | this.s1 | this.s2 | this.s3) === 0) this.s0 = 1
+  }
+
+  nextUint32(): number {
+    const result = Math.imul(rotl(Math.imul(this.s1, 5), 7), 9) >>> 0
+    const t = this.s1 << 9
+    this.s2 ^= this.s0
+    this.s3 ^= this.s1
+    this.s1 ^= this.s2
+    this.s0 ^= this.s3
+    this.s2 ^= t
+    this.s3 = rotl(this.s3, 11)
+    return result
+  }
+
+  nextFloat(): number {
+    const a = this.nextUint32() >>> 5
+    const b = this.nextUint32() >>> 6
+    return (a * 67108864 + b) / 9007199254740992
+  }
+}
+
+/** A seeded RNG; without a seed, a random one (exposed as `rng.seed` so a run can be replayed). */
+export const makeRng = (seed?: number): Rng =>
+  new Xoshiro128(seed === undefined ? Math.floor(Math.random() * Number.MAX_SAFE_INTEGER) : Math.trunc(seed))
+
+// Probabilities this close below topP count as reaching it: float32 logits only pin probabilities to ~1e-7, and a
+// nucleus boundary must not depend on that noise (e.g. p = [0.5, 0.2, ...] with topP 0.7 is exactly {0, 1}).
+const NUCLEUS_EPS = 1e-6
+
+/** Argmax of logits[offset .. offset+vocab); ties -> lowest id; NaN never wins. */
+export const argmax = (logits: ArrayLike<number>, offset = 0, vocab = logits.length - offset): number => {
+  let best = 0
+  let bestValue = Number.NEGATIVE_INFINITY
+  for (let i = 0; i < vocab; i++) {
+    const v = logits[offset + i]!
+    if (v > bestValue) {
+      bestValue = v
+      best = i
+    }
+  }
+  return best
+}
+
+/** Softmax of logits / temperature, in double precision. */
+export const softmax = (logits: ArrayLike<number>, temperature = 1): Float64Array => {
+  const out = new Float64Array(logits.length)
+  let max = Number.NEGATIVE_INFINITY
+  for (let i = 0; i < logits.length; i++) if (logits[i]! > max) max = logits[i]!
+  let sum = 0
+  for (let i = 0; i < logits.length; i++) {
+    const e = Math.exp((logits[i]! - max) / temperature)
+    out[i] = e
+    sum += e
+  }
+  for (let i = 0; i < out.length; i++) out[i] = out[i]! / sum
+  return out
+}
+
+// a is a better candidate than b: larger logit, ties -> lower id.
+const better = (logits: ArrayLike<number>, offset: number, a: number, b: number): boolean => {
+  const la = logits[offset + a]!
+  const lb = logits[offset + b]!
+  return la > lb || (la === lb && a < b)
+}
+
+const sortCandidates = (logits: ArrayLike<number>, offset: number, ids: Int32Array): void => {
+  // NaN from (-inf) - (-inf) falls through to the id order.
+  ids.sort((a, b) => logits[offset + b]! - logits[offset + a]! || a - b)
+}
+
+/**
+ * Writes the ids of the k best logits into ids[0..k), best first (ties -> lowest id). A min-heap of size k keeps
+ * this O(vocab log k) with no allocation.
+ */
+const selectTopK = (logits: ArrayLike<number>, offset: number, vocab: number, k: number, ids: Int32Array): void => {
+  const siftDown = (start: number) => {
+    let i = start
+    for (;;) {
+      const l = 2 * i + 1
+      if (l >= k) return
+      const r = l + 1
+      // The root holds the worst kept candidate.
+      const worse = r < k && better(logits, offset, ids[l]!, ids[r]!) ? r : l
+      if (!better(logits, offset, ids[i]!, ids[worse]!)) return
+      const t = ids[i]!
+      ids[i] = ids[worse]!
+      ids[worse] = t
+      i = worse
+    }
+  }
+  for (let i = 0; i < k; i++) ids[i] = i
+  for (let i = (k >> 1) - 1; i >= 0; i--) siftDown(i)
+  for (let id = k; id < vocab; id++) {
+    if (better(logits, offset, id, ids[0]!)) {
+      ids[0] = id
+      siftDown(0)
+    }
+  }
+  sortCandidates(logits, offset, ids.subarray(0, k))
+}
+
+/** Ids of the k largest logits, best first (ties -> lowest id); k <= 0 or k >= length gives every id, sorted. */
+export const topKFilter = (logits: ArrayLike<number>, k: number): Int32Array => {
+  const n = logits.length
+  if (k <= 0 || k >= n) {
+    const ids = Int32Array.from({ length: n }, (_, i) => i)
+    sortCandidates(logits, 0, ids)
+    return ids
+  }
+  const ids = new Int32Array(k)
+  selectTopK(logits, 0, n, k, ids)
+  return ids
+}
+
+/**
+ * The nucleus of a probability vector: the smallest set of most likely ids (best first, ties -> lowest id) whose
+ * cumulative probability reaches topP; always at least one id. `probs` is normalized by its sum first.
+ */
+export const nucleus = (probs: ArrayLike<number>, topP: number): Int32Array => {
+  const ids = topKFilter(probs, 0)
+  let total = 0
+  for (let i = 0; i < probs.length; i++) total += probs[i]!
+  if (topP >= 1) return ids
+  let cum = 0
+  for (let j = 0; j < ids.length; j++) {
+    cum += probs[ids[j]!]!
+    if (cum >= (topP - NUCLEUS_EPS) * total) return ids.slice(0, j + 1)
+  }
+  return ids
+}
+
+/** The nucleus of softmax(logits / temperature). */
+export const topPFilter = (logits: ArrayLike<number>, topP: number, temperature = 1): Int32Array =>
+  nucleus(softmax(logits, temperature), topP)
+
+/** Every id `sample` can return for these logits and params (top-k, then top-p over the renormalized top-k). */
+export const candidateTokens = (logits: ArrayLike<number>, params: SamplingParams): Int32Array => {
+  if (params.temperature === 0) return Int32Array.of(argmax(logits))
+  const ids = topKFilter(logits, params.topK)
+  const probs = softmax(
+    Array.from(ids, (id) => logits[id]!),
+    params.temperature,
+  )
+  return Int32Array.from(nucleus(probs, params.topP), (j) => ids[j]!)
+}
+
+/** Scratch buffers reused across calls; `sample` is synchronous, so one set per sampler is enough. */
+interface Scratch {
+  ids: Int32Array
+  weights: Float64Array
+  work: Float64Array
+}
+
+const ensure = (scratch: Scratch, n: number) => {
+  if (scratch.ids.length < n) {
+    scratch.ids = new Int32Array(n)
+    scratch.weights = new Float64Array(n)
+    scratch.work = new Float64Array(n)
+  }
+}
+
+/** Inverse-CDF draw over ids[0..m) with weights w[0..m) summing to `mass`. */
+const drawFrom = (ids: Int32Array, w: Float64Array, m: number, mass: number, rng: Rng): number => {
+  let r = rng.nextFloat() * mass
+  for (let j = 0; j < m; j++) {
+    r -= w[j]!
+    if (r < 0) return ids[j]!
+  }
+  return ids[m - 1]!
+}
+
+/**
+ * Finds the nucleus boundary among the n values of `a` (which it reorders) without sorting: a quickselect that keeps
+ * the sum of everything known to lie above the range. Returns the boundary weight tau and how many values equal to tau
+ * belong to the nucleus; tau = -1 means "everything" (the target was not reached, e.g. by rounding).
+ */
+const nucleusBoundary = (a: Float64Array, n: number, target: number): { tau: number; ties: number } => {
+  let lo = 0
+  let hi = n
+  let above = 0
+  while (hi > lo) {
+    const pivot = a[lo + ((hi - lo) >> 1)]!
+    // Three-way partition of [lo, hi): > pivot, == pivot, < pivot.
+    let gt = lo
+    let i = lo
+    let lt = hi
+    while (i < lt) {
+      const v = a[i]!
+      if (v > pivot) {
+        a[i] = a[gt]!
+        a[gt++] = v
+        i++
+      } else if (v < pivot) {
+        a[i] = a[--lt]!
+        a[lt] = v
+      } else i++
+    }
+    let sumGt = 0
+    for (let j = lo; j < gt; j++) sumGt += a[j]!
+    if (above + sumGt >= target) {
+      hi = gt
+      continue
+    }
+    let cum = above + sumGt
+    for (let t = 1; t <= lt - gt; t++) {
+      cum += pivot
+      if (cum >= target) return { tau: pivot, ties: t }
+    }
+    above = cum
+    lo = lt
+  }
+  return { tau: -1, ties: 0 }
+}
+
+const sampleRow = (
+  scratch: Scratch,
+  logits: Float32Array,
+  offset: number,
+  vocab: number,
+  params: SamplingParams,
+  rng: Rng,
+): number => {
+  const { temperature, topP } = params
+  if (temperature === 0) return argmax(logits, offset, vocab)
+  ensure(scratch, vocab)
+  const { ids, weights, work } = scratch
+  const invT = 1 / temperature
+  const k = params.topK > 0 && params.topK < vocab ? params.topK : 0
+
+  if (k > 0) {
+    // Top-k (then maybe top-p): only k candidates, sorted best first, so the nucleus is a prefix.
+    selectTopK(logits, offset, vocab, k, ids)
+    const max = logits[offset + ids[0]!]!
+    if (!Number.isFinite(max)) return argmax(logits, offset, vocab)
+    let total = 0
+    for (let j = 0; j < k; j++) {
+      const e = Math.exp((logits[offset + ids[j]!]! - max) * invT)
+      weights[j] = e
+      total += e
+    }
+    if (topP >= 1) return drawFrom(ids, weights, k, total, rng)
+    const threshold = (topP - NUCLEUS_EPS) * total
+    let mass = 0
+    let m = 0
+    while (m < k) {
+      mass += weights[m++]!
+      if (mass >= threshold) break
+    }
+    return drawFrom(ids, weights, m, mass, rng)
+  }
+
+  let max = Number.NEGATIVE_INFINITY
+  for (let i = 0; i < vocab; i++) if (logits[offset + i]! > max) max = logits[offset + i]!
+  // Everything masked (or an infinite logit): nothing to weigh, fall back to the argmax.
+  if (!Number.isFinite(max)) return argmax(logits, offset, vocab)
+  let total = 0
+  for (let i = 0; i < vocab; i++) {
+    const e = Math.exp((logits[offset + i]! - max) * invT)
+    weights[i] = e
+    total += e
+  }
+  if (topP >= 1) {
+    // Plain temperature sampling: inverse CDF over the whole row, no sort.
+    let r = rng.nextFloat() * total
+    let last = 0
+    for (let i = 0; i < vocab; i++) {
+      const w = weights[i]!
+      if (w > 0) last = i
+      r -= w
+      if (r < 0) return i
+    }
+    return last
+  }
+
+  // Top-p alone: a token with probability < (1 - topP) / (vocab - 1) cannot be in the nucleus (all such tokens
+  // together have less than 1 - topP), so the rest is dropped first (llama2.c's trick). A flat row can still leave
+  // thousands of candidates, so the boundary is found by quickselect, not by sorting.
+  const cutoff = ((1 - topP) / (vocab - 1)) * total
+  let n = 0
+  for (let i = 0; i < vocab; i++) {
+    if (weights[i]! >= cutoff) {
+      ids[n] = i
+      work[n++] = weights[i]!
+    }
+  }
+  // With a tiny vocabulary and topP the cutoff can exceed every weight; then every token is a candidate.
+  if (n === 0) {
+    for (let i = 0; i < vocab; i++) {
+      ids[n] = i
+      work[n++] = weights[i]!
+    }
+  }
+  const { tau, ties } = nucleusBoundary(work, n, (topP - NUCLEUS_EPS) * total)
+  // Keep the tokens above tau, and of those equal to tau the lowest ids; ids stay in id order, which is fine to draw
+  // from.
+  let m = 0
+  let mass = 0
+  let tiesLeft = ties
+  for (let j = 0; j < n; j++) {
+    const w = weights[ids[j]!]!
+    if (w > tau || (w === tau && tiesLeft-- > 0)) {
+      ids[m] = ids[j]!
+      work[m++] = w
+      mass += w
+    }
+  }
+  return drawFrom(ids, work, m, mass, rng)
+}
+
+/** Checks params once per request, so `sample` can trust them. */
+export const validateSamplingParams = (params: SamplingParams): Effect.Effect<SamplingParams, InvalidRequestError> => {
+  const problem =
+    !Number.isFinite(params.temperature) || params.temperature < 0
+      ? `temperature must be a finite number >= 0, got ${params.temperature}`
+      : !Number.isInteger(params.topK) || params.topK < 0
+        ? `top_k must be an integer >= 0 (0 = off), got ${params.topK}`
+        : !(params.topP > 0 && params.topP <= 1)
+          ? `top_p must be in (0, 1] (1 = off), got ${params.topP}`
+          : params.seed !== undefined && !Number.isSafeInteger(params.seed)
+            ? `seed must be an integer, got ${params.seed}`
+            : undefined
+  return problem === undefined ? Effect.succeed(params) : Effect.fail(new InvalidRequestError({ message: problem }))
+}
+
+export interface SamplerShape {
+  /** Samples one token from logits[offset .. offset+vocab) (one row of a batch buffer); returns its id. */
+  readonly sample: (logits: Float32Array, offset: number, vocab: number, params: SamplingParams, rng: Rng) => number
+  /** A sequence's RNG: seeded when `seed` is given, random otherwise. */
+  readonly makeRng: (seed?: number) => Rng
+  readonly validate: (params: SamplingParams) => Effect.Effect<SamplingParams, InvalidRequestError>
+}
+
+/** A sampler with its own scratch buffers, for code that runs outside a Layer (e.g. a worker). */
+export const makeSampler = (): SamplerShape => {
+  const scratch: Scratch = { ids: new Int32Array(0), weights: new Float64Array(0), work: new Float64Array(0) }
+  return {
+    sample: (logits, offset, vocab, params, rng) => sampleRow(scratch, logits, offset, vocab, params, rng),
+    makeRng,
+    validate: validateSamplingParams,
+  }
+}
+
+export class Sampler extends Context.Tag("@offramp/core/Sampler")<Sampler, SamplerShape>() {
+  static readonly layer: Layer.Layer<Sampler> = Layer.sync(Sampler, makeSampler)
+}

@@ -1,0 +1,30 @@
+/**
+ * The Tokenizer service: text <-> token ids, and streaming detokenization.
+ * The implementation on @huggingface/tokenizers lives in @offramp/tokenizer.
+ */
+import { Context, type Effect } from "effect"
+import type { TokenizerError } from "./Errors.js"
+
+/** Turns a growing sequence of generated ids into text deltas that never split a UTF-8 character. */
+export interface DetokenizerStream {
+  /** Feeds one generated id; returns the text that became final with it (possibly ""). */
+  readonly push: (id: number) => string
+  /** Returns whatever text is still held back (an incomplete character is emitted as U+FFFD). */
+  readonly flush: () => string
+}
+
+export interface TokenizerShape {
+  readonly vocabSize: number
+  /** Encodes text; with `addSpecialTokens` the model's BOS (and template) is added as the model expects. */
+  readonly encode: (
+    text: string,
+    options?: { readonly addSpecialTokens?: boolean },
+  ) => Effect.Effect<ReadonlyArray<number>, TokenizerError>
+  /** Decodes ids to text, skipping special tokens. */
+  readonly decode: (ids: ReadonlyArray<number>) => Effect.Effect<string, TokenizerError>
+  /** Starts incremental detokenization of a continuation that follows `promptIds`. */
+  readonly detokenizer: (promptIds: ReadonlyArray<number>) => DetokenizerStream
+  readonly idToToken: (id: number) => string | undefined
+}
+
+export class Tokenizer extends Context.Tag("@offramp/core/Tokenizer")<Tokenizer, TokenizerShape>() {}

@@ -1,0 +1,62 @@
+/**
+ * Opens a staged model directory: reads and validates model.json and checks that every file it names exists.
+ */
+import { access, readFile, stat } from "node:fs/promises"
+import { join } from "node:path"
+import { ModelLoadError, ModelSpec } from "@offramp/core"
+import { Effect, ParseResult, Schema } from "effect"
+
+export interface ModelDirectory {
+  readonly path: string
+  readonly spec: ModelSpec
+  /** Every file of the model with its size in bytes. */
+  readonly files: ReadonlyArray<{ readonly name: string; readonly bytes: number }>
+}
+
+/** The files model.json refers to, each once. */
+export const modelFiles = (spec: ModelSpec): ReadonlyArray<string> => [
+  ...new Set([
+    spec.files.tokenizer,
+    spec.files.embed,
+    ...spec.segments.map((s) => s.file),
+    ...spec.exits.flatMap((e) => (e.kvfill ? [e.head, e.kvfill] : [e.head])),
+  ]),
+]
+
+export const openModelDirectory = (path: string): Effect.Effect<ModelDirectory, ModelLoadError> =>
+  Effect.gen(function* () {
+    const fail = (message: string) => new ModelLoadError({ path, message })
+    const isDir = yield* Effect.promise(() =>
+      stat(path).then(
+        (s) => s.isDirectory(),
+        () => false,
+      ),
+    )
+    if (!isDir) {
+      return yield* fail(`no model directory at ${path} (convert a checkpoint with \`offramp convert\` first)`)
+    }
+    const specPath = join(path, "model.json")
+    const text = yield* Effect.tryPromise({
+      try: () => readFile(specPath, "utf8"),
+      catch: () => fail(`${specPath} is missing: this is not an Offramp model directory`),
+    })
+    const json = yield* Effect.try({
+      try: () => JSON.parse(text) as unknown,
+      catch: (e) => fail(`${specPath} is not valid JSON (${(e as Error).message})`),
+    })
+    const spec = yield* Schema.decodeUnknown(ModelSpec)(json, { onExcessProperty: "ignore" }).pipe(
+      Effect.mapError((e) =>
+        fail(`${specPath} does not match the model format:\n${ParseResult.TreeFormatter.formatErrorSync(e)}`),
+      ),
+    )
+    const files = yield* Effect.forEach(modelFiles(spec), (name) =>
+      Effect.tryPromise({
+        try: async () => {
+          await access(join(path, name))
+          return { name, bytes: (await stat(join(path, name))).size }
+        },
+        catch: () => fail(`${name} is listed in model.json but missing from ${path}; convert the model again`),
+      }),
+    )
+    return { path, spec, files }
+  })

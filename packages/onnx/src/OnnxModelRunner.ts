@@ -1,0 +1,182 @@
+/**
+ * ModelRunner on onnxruntime-node. One InferenceSession per stage, acquired in a Scope and released with it.
+ * The K/V pools are JS-owned Float32Arrays passed as zero-copy inputs; graphs return only the new rows,
+ * which are copied into the pools here (onnxruntime copies every output, so returning whole caches is slow).
+ */
+import { join } from "node:path"
+import {
+  GraphNames as G,
+  type HeadOutput,
+  ModelLoadError,
+  ModelRunner,
+  type ModelRunnerShape,
+  type RowBatch,
+  RunnerError,
+} from "@offramp/core"
+import { Effect, Layer, type Scope } from "effect"
+import * as ort from "onnxruntime-node"
+import { openModelDirectory } from "./ModelDirectory.js"
+
+export interface RunnerOptions {
+  /** Tokens per KV block. */
+  readonly blockSize?: number
+  /** Pool size in blocks; default: as many as fit in `kvCacheBytes`. */
+  readonly numBlocks?: number
+  /** Memory budget of the K/V pools in bytes (default 64 MiB). */
+  readonly kvCacheBytes?: number
+  /**
+   * Intra-op threads per session. Measured (DESIGN.md): several sessions with 2 threads each collapse 5–10x
+   * because every session spins its own pool, so the default is 1.
+   */
+  readonly threads?: number
+}
+
+export const DEFAULT_BLOCK_SIZE = 16
+export const DEFAULT_KV_CACHE_BYTES = 64 * 1024 * 1024
+
+const sessionOptions = (threads: number): ort.InferenceSession.SessionOptions => ({
+  intraOpNumThreads: threads,
+  interOpNumThreads: 1,
+  executionMode: "sequential",
+  graphOptimizationLevel: "all",
+})
+
+const acquireSession = (dir: string, file: string, threads: number) =>
+  Effect.acquireRelease(
+    Effect.tryPromise({
+      try: () => ort.InferenceSession.create(join(dir, file), sessionOptions(threads)),
+      catch: (e) =>
+        new ModelLoadError({
+          path: join(dir, file),
+          message: `onnxruntime cannot load ${file} (${(e as Error).message.split("\n")[0]}); the file is corrupt or from an incompatible converter`,
+        }),
+    }),
+    (session) => Effect.promise(() => session.release()),
+  )
+
+const f32 = (data: Float32Array, dims: ReadonlyArray<number>) => new ort.Tensor("float32", data, dims)
+const i64 = (data: BigInt64Array, dims: ReadonlyArray<number>) => new ort.Tensor("int64", data, dims)
+
+export const makeOnnxModelRunner = (
+  modelDir: string,
+  options: RunnerOptions = {},
+): Effect.Effect<ModelRunnerShape, ModelLoadError, Scope.Scope> =>
+  Effect.gen(function* () {
+    const { spec } = yield* openModelDirectory(modelDir)
+    const { dims } = spec
+    const threads = options.threads ?? 1
+    const blockSize = options.blockSize ?? DEFAULT_BLOCK_SIZE
+    const rowFloats = dims.kvHeads * dims.headDim
+    const blockBytes = 2 * dims.layers * blockSize * rowFloats * 4
+    const numBlocks =
+      options.numBlocks ?? Math.max(1, Math.floor((options.kvCacheBytes ?? DEFAULT_KV_CACHE_BYTES) / blockBytes))
+
+    const embedSession = yield* acquireSession(modelDir, spec.files.embed, threads)
+    const segmentSessions = yield* Effect.forEach(spec.segments, (s) => acquireSession(modelDir, s.file, threads))
+    // Exits that share one head file share one session.
+    const headByFile = new Map<string, ort.InferenceSession>()
+    for (const e of spec.exits) {
+      if (!headByFile.has(e.head)) headByFile.set(e.head, yield* acquireSession(modelDir, e.head, threads))
+    }
+    const headSessions = spec.exits.map((e) => headByFile.get(e.head)!)
+    const kvFillSessions = yield* Effect.forEach(spec.exits, (e) =>
+      e.kvfill ? acquireSession(modelDir, e.kvfill, threads) : Effect.succeed(undefined),
+    )
+
+    const poolDims = [numBlocks, blockSize, dims.kvHeads, dims.headDim]
+    const kPools = Array.from({ length: dims.layers }, () => new Float32Array(numBlocks * blockSize * rowFloats))
+    const vPools = Array.from({ length: dims.layers }, () => new Float32Array(numBlocks * blockSize * rowFloats))
+    const kPoolTensors = kPools.map((p) => f32(p, poolDims))
+    const vPoolTensors = vPools.map((p) => f32(p, poolDims))
+
+    const run = (stage: string, session: ort.InferenceSession, feeds: Record<string, ort.Tensor>) =>
+      Effect.tryPromise({
+        try: () => session.run(feeds),
+        catch: (e) => new RunnerError({ stage, message: (e as Error).message }),
+      })
+
+    /** Copies new K/V rows (row-major [n, kvHeads, headDim]) into the pools at their slots. */
+    const writeRows = (layer: number, k: Float32Array, v: Float32Array, slots: Int32Array) => {
+      const kPool = kPools[layer]!
+      const vPool = vPools[layer]!
+      for (let i = 0; i < slots.length; i++) {
+        const slot = slots[i]!
+        if (slot < 0) continue
+        kPool.set(k.subarray(i * rowFloats, (i + 1) * rowFloats), slot * rowFloats)
+        vPool.set(v.subarray(i * rowFloats, (i + 1) * rowFloats), slot * rowFloats)
+      }
+    }
+
+    const embed: ModelRunnerShape["embed"] = (ids, rows, tokens) =>
+      run("embed", embedSession, { [G.ids]: i64(ids, [rows, tokens]) }).pipe(
+        Effect.map((out) => out[G.hidden]!.data as Float32Array),
+      )
+
+    const segment: ModelRunnerShape["segment"] = (index, hidden, batch: RowBatch) => {
+      const s = spec.segments[index]!
+      const { rows, tokens } = batch
+      const keys = batch.maxBlocks * blockSize + tokens
+      const feeds: Record<string, ort.Tensor> = {
+        [G.hidden]: f32(hidden, [rows, tokens, dims.hidden]),
+        [G.positions]: i64(batch.positions, [rows, tokens]),
+        [G.blockTable]: i64(batch.blockTable, [rows, batch.maxBlocks]),
+        [G.attnMask]: f32(batch.mask, [rows, tokens, keys]),
+      }
+      for (let l = s.firstLayer; l < s.endLayer; l++) {
+        feeds[G.kPool(l)] = kPoolTensors[l]!
+        feeds[G.vPool(l)] = vPoolTensors[l]!
+      }
+      return run(`segment ${index}`, segmentSessions[index]!, feeds).pipe(
+        Effect.map((out) => {
+          for (let l = s.firstLayer; l < s.endLayer; l++) {
+            writeRows(l, out[G.kNew(l)]!.data as Float32Array, out[G.vNew(l)]!.data as Float32Array, batch.slots)
+          }
+          return out[G.hiddenOut]!.data as Float32Array
+        }),
+      )
+    }
+
+    const head: ModelRunnerShape["head"] = (index, hidden, count) =>
+      run(`head of exit ${spec.exits[index]!.layer}`, headSessions[index]!, {
+        [G.hidden]: f32(hidden, [count, dims.hidden]),
+      }).pipe(
+        Effect.map(
+          (out): HeadOutput => ({
+            logits: out[G.logits]!.data as Float32Array,
+            maxProb: out[G.maxProb]!.data as Float32Array,
+            margin: out[G.margin]!.data as Float32Array,
+            entropy: out[G.entropy]!.data as Float32Array,
+            topToken: out[G.topToken]!.data as BigInt64Array,
+          }),
+        ),
+      )
+
+    const kvFill: ModelRunnerShape["kvFill"] = (index, hidden, positions, slots) => {
+      const exit = spec.exits[index]!
+      const session = kvFillSessions[index]
+      if (!session) return Effect.void
+      const n = slots.length
+      return run(`kvfill after layer ${exit.layer}`, session, {
+        [G.hidden]: f32(hidden, [1, n, dims.hidden]),
+        [G.positions]: i64(positions, [1, n]),
+      }).pipe(
+        Effect.map((out) => {
+          for (let l = exit.layer; l < dims.layers; l++) {
+            writeRows(l, out[G.kNew(l)]!.data as Float32Array, out[G.vNew(l)]!.data as Float32Array, slots)
+          }
+        }),
+      )
+    }
+
+    const readKv: ModelRunnerShape["readKv"] = (layer, slot) => ({
+      k: kPools[layer]!.slice(slot * rowFloats, (slot + 1) * rowFloats),
+      v: vPools[layer]!.slice(slot * rowFloats, (slot + 1) * rowFloats),
+    })
+
+    return { spec, blockSize, numBlocks, embed, segment, head, kvFill, readKv }
+  })
+
+export const OnnxModelRunner = {
+  layer: (modelDir: string, options: RunnerOptions = {}): Layer.Layer<ModelRunner, ModelLoadError> =>
+    Layer.scoped(ModelRunner, makeOnnxModelRunner(modelDir, options)),
+}

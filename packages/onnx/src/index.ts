@@ -1,0 +1,2 @@
+export * from "./ModelDirectory.js"
+export * from "./OnnxModelRunner.js"

@@ -1,0 +1,1 @@
+export * as HfTokenizer from "./HfTokenizer.js"
