@@ -5,7 +5,7 @@
  * a sequence's blocks belong to its stream's scope, so a finished, failed or interrupted stream returns them.
  */
 import { Context, Effect, Layer, Option, Schema, Stream } from "effect"
-import { type GenerationError, InvalidRequestError } from "./Errors.js"
+import { describeParseError, type GenerationError, InvalidRequestError } from "./Errors.js"
 import { GenerationRequest, type TokenEvent } from "./Generation.js"
 import { type HeadOutput, ModelRunner } from "./ModelRunner.js"
 import type { ModelSpec } from "./ModelSpec.js"
@@ -87,7 +87,7 @@ const makeEngine = (options: EngineOptions) =>
       Stream.unwrapScoped(
         Effect.gen(function* () {
           const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
-            Effect.mapError((e) => new InvalidRequestError({ message: e.message })),
+            Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
           )
           const sampling = yield* sampler.validate(req.sampling)
           const prompt = yield* tokenizer.encode(req.prompt)

@@ -1,7 +1,7 @@
 /**
  * Typed errors of Offramp. Every message says what went wrong and what the user can do about it.
  */
-import { Schema } from "effect"
+import { ParseResult, Schema } from "effect"
 
 /** A model directory is missing, incomplete or unreadable. */
 export class ModelLoadError extends Schema.TaggedError<ModelLoadError>()("ModelLoadError", {
@@ -38,3 +38,9 @@ export class EngineStoppedError extends Schema.TaggedError<EngineStoppedError>()
 
 /** What a generation stream can fail with. */
 export type GenerationError = InvalidRequestError | TokenizerError | RunnerError | EngineStoppedError
+
+/** A schema failure as short "path: problem" lines, instead of the whole type tree. */
+export const describeParseError = (error: ParseResult.ParseError): string =>
+  ParseResult.ArrayFormatter.formatErrorSync(error)
+    .map((issue) => (issue.path.length > 0 ? `${issue.path.join(".")}: ${issue.message}` : issue.message))
+    .join("; ")

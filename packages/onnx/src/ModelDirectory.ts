@@ -3,8 +3,8 @@
  */
 import { access, readFile, stat } from "node:fs/promises"
 import { join } from "node:path"
-import { ModelLoadError, ModelSpec } from "@offramp/core"
-import { Effect, ParseResult, Schema } from "effect"
+import { describeParseError, ModelLoadError, ModelSpec } from "@offramp/core"
+import { Effect, Schema } from "effect"
 
 export interface ModelDirectory {
   readonly path: string
@@ -45,9 +45,7 @@ export const openModelDirectory = (path: string): Effect.Effect<ModelDirectory, 
       catch: (e) => fail(`${specPath} is not valid JSON (${(e as Error).message})`),
     })
     const spec = yield* Schema.decodeUnknown(ModelSpec)(json, { onExcessProperty: "ignore" }).pipe(
-      Effect.mapError((e) =>
-        fail(`${specPath} does not match the model format:\n${ParseResult.TreeFormatter.formatErrorSync(e)}`),
-      ),
+      Effect.mapError((e) => fail(`${specPath} does not match the model format: ${describeParseError(e)}`)),
     )
     const files = yield* Effect.forEach(modelFiles(spec), (name) =>
       Effect.tryPromise({

@@ -1,0 +1,170 @@
+/**
+ * The `offramp` command end to end on stories260K: convert, then generate the reference continuation of run.c.
+ */
+import { cpSync, readFileSync, writeFileSync } from "node:fs"
+import { join } from "node:path"
+import { beforeAll, describe, expect, it } from "vitest"
+import { expectCleanFailure, runCli } from "./support/cli.js"
+import {
+  REFERENCE_CONTINUATION,
+  REFERENCE_IDS,
+  STORIES_CHECKPOINT,
+  STORIES_TOKENIZER,
+  tempDir,
+} from "./support/stories.js"
+
+let modelDir = ""
+
+beforeAll(async () => {
+  modelDir = join(tempDir("cli"), "stories260K")
+  const result = await runCli([
+    "convert",
+    "llama2c",
+    "--checkpoint",
+    STORIES_CHECKPOINT,
+    "--tokenizer",
+    STORIES_TOKENIZER,
+    "--out",
+    modelDir,
+  ])
+  expect(result.stderr).toContain("exits after 1, 2, 3, 4, 5")
+  expect(result.code).toBe(0)
+})
+
+const generate = (...args: Array<string>) => runCli(["generate", "--model", modelDir, ...args])
+
+describe("offramp convert + generate (stories260K)", () => {
+  it("greedy generation prints exactly run.c's continuation", async () => {
+    const result = await generate("--prompt", "Once upon a time", "--max-tokens", "60", "--temperature", "0")
+    expect(result.code).toBe(0)
+    expect(result.stdout).toBe(`${REFERENCE_CONTINUATION}\n`)
+  })
+
+  it("--json prints one token object per line, then a done line", async () => {
+    const result = await generate("--prompt", "Once upon a time", "--max-tokens", "60", "--temperature", "0", "--json")
+    expect(result.code).toBe(0)
+    const lines = result.stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l))
+    const tokens = lines.filter((l) => l.type === "token")
+    expect(tokens.map((t) => t.id)).toEqual(REFERENCE_IDS.slice(5))
+    expect(tokens.map((t) => t.text).join("")).toBe(REFERENCE_CONTINUATION)
+    for (const t of tokens) {
+      expect(t.exitLayer).toBe(5)
+      expect(t.confidence).toBeGreaterThan(0)
+      expect(t.confidence).toBeLessThanOrEqual(1)
+    }
+    const done = lines.at(-1)
+    expect(done).toMatchObject({ type: "done", tokens: 60, finishReason: "length" })
+    expect(done.tokensPerSecond).toBeGreaterThan(0)
+  })
+
+  it("sampling with a seed is reproducible, and another seed gives another text", async () => {
+    const sample = (seed: string) =>
+      generate("--prompt", "Once upon a time", "--max-tokens", "40", "--temperature", "1", "--seed", seed, "--json")
+    const ids = (out: string) =>
+      out
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l))
+        .filter((l) => l.type === "token")
+        .map((l) => l.id)
+    const [a, b, c] = await Promise.all([sample("7"), sample("7"), sample("8")])
+    expect(ids(a.stdout)).toEqual(ids(b.stdout))
+    expect(ids(a.stdout)).not.toEqual(ids(c.stdout))
+  })
+
+  it("inspect prints the spec", async () => {
+    const result = await runCli(["inspect", modelDir])
+    expect(result.code).toBe(0)
+    expect(result.stdout).toMatch(/layers\s+5\s+hidden 64/)
+    expect(result.stdout).toMatch(/8 query \/ 4 kv/)
+    expect(result.stdout).toContain("exits        after layers 1, 2, 3, 4, 5 (shared head)")
+  })
+})
+
+describe("bad input gets a typed, actionable error and a non-zero exit", () => {
+  const clean = { failed: true, mentions: true, stackFree: true }
+
+  it("a missing model directory", async () => {
+    const result = await runCli(["generate", "--model", join(tempDir("none"), "nope"), "--prompt", "hi"])
+    expect(expectCleanFailure(result, /does not exist|no model directory/)).toEqual(clean)
+  })
+
+  it("a directory without model.json", async () => {
+    const result = await runCli(["generate", "--model", tempDir("empty"), "--prompt", "hi"])
+    expect(expectCleanFailure(result, "model.json is missing")).toEqual(clean)
+  })
+
+  it("a model.json that fails its schema", async () => {
+    const dir = join(tempDir("schema"), "m")
+    cpSync(modelDir, dir, { recursive: true })
+    const spec = JSON.parse(readFileSync(join(dir, "model.json"), "utf8"))
+    spec.dims.layers = "five"
+    writeFileSync(join(dir, "model.json"), JSON.stringify(spec))
+    const result = await runCli(["generate", "--model", dir, "--prompt", "hi"])
+    expect(expectCleanFailure(result, "does not match the model format")).toEqual(clean)
+    expect(result.stderr).toContain("layers")
+  })
+
+  it("a corrupt ONNX file", async () => {
+    const dir = join(tempDir("corrupt"), "m")
+    cpSync(modelDir, dir, { recursive: true })
+    writeFileSync(join(dir, "segment_2.onnx"), "this is not a protobuf")
+    const result = await runCli(["generate", "--model", dir, "--prompt", "hi"])
+    expect(expectCleanFailure(result, "cannot load segment_2.onnx")).toEqual(clean)
+  })
+
+  it("a checkpoint whose size disagrees with its header", async () => {
+    const dir = tempDir("trunc")
+    const truncated = join(dir, "stories260K.bin")
+    writeFileSync(truncated, readFileSync(STORIES_CHECKPOINT).subarray(0, 500_000))
+    const result = await runCli([
+      "convert",
+      "llama2c",
+      "--checkpoint",
+      truncated,
+      "--tokenizer",
+      STORIES_TOKENIZER,
+      "--out",
+      join(dir, "out"),
+    ])
+    expect(expectCleanFailure(result, "disagrees with its header")).toEqual(clean)
+  })
+
+  it("exit layers outside the model", async () => {
+    const dir = tempDir("exits")
+    const result = await runCli([
+      "convert",
+      "llama2c",
+      "--checkpoint",
+      STORIES_CHECKPOINT,
+      "--tokenizer",
+      STORIES_TOKENIZER,
+      "--out",
+      join(dir, "out"),
+      "--exits",
+      "2,9",
+    ])
+    expect(expectCleanFailure(result, "exit layers must be integers in 1..4")).toEqual(clean)
+  })
+
+  it("a prompt longer than the context", async () => {
+    const result = await generate("--prompt", "Once upon a time ".repeat(200))
+    expect(expectCleanFailure(result, /the prompt is \d+ tokens but the model's context is 512/)).toEqual(clean)
+  })
+
+  it("--max-tokens 0 and negative", async () => {
+    for (const n of ["0", "-3"]) {
+      const result = await generate("--prompt", "hi", "--max-tokens", n)
+      expect(expectCleanFailure(result, "max tokens must be a positive integer")).toEqual(clean)
+    }
+  })
+
+  it("an unknown flag", async () => {
+    const result = await generate("--prompt", "hi", "--bogus", "1")
+    expect(result.code).not.toBe(0)
+    expect(result.stdout + result.stderr).toContain("--bogus")
+  })
+})
