@@ -7,6 +7,8 @@ import onnxProto from "onnx-proto"
 const { onnx } = onnxProto
 
 export const OPSET = 17
+/** onnxruntime's contrib operators (RotaryEmbedding); the runner is onnxruntime, so the graphs may use them. */
+export const MS_DOMAIN = "com.microsoft"
 const IR_VERSION = 8
 
 export type ElemType = "float32" | "int64"
@@ -118,11 +120,13 @@ export class GraphBuilder {
     outputCount: number,
     attrs: Readonly<Record<string, AttrValue>> = {},
     hint = op,
+    domain = "",
   ): Array<string> {
     const outputs = Array.from({ length: outputCount }, (_, i) => this.fresh(`${hint}_out${i}`))
     this.nodes.push(
       onnx.NodeProto.create({
         opType: op,
+        domain,
         name: this.fresh(`${hint}_node`),
         input: [...inputs],
         output: outputs,
@@ -137,13 +141,21 @@ export class GraphBuilder {
     return this.nodeN(op, inputs, 1, attrs, hint)[0]!
   }
 
+  /** Adds a one-output node of onnxruntime's contrib domain. */
+  contrib(op: string, inputs: ReadonlyArray<string>, attrs: Readonly<Record<string, AttrValue>> = {}): string {
+    return this.nodeN(op, inputs, 1, attrs, op, MS_DOMAIN)[0]!
+  }
+
   /** Serializes the model. */
   encode(): Uint8Array {
     const model = onnx.ModelProto.create({
       irVersion: IR_VERSION,
       producerName: "offramp",
       producerVersion: "0.1.0",
-      opsetImport: [{ domain: "", version: OPSET }],
+      opsetImport: [
+        { domain: "", version: OPSET },
+        { domain: MS_DOMAIN, version: 1 },
+      ],
       graph: {
         name: this.graphName,
         node: this.nodes,

@@ -4,7 +4,7 @@
  * refuse batched prefill with a past (DESIGN.md).
  */
 import { GraphNames as N } from "@offramp/core"
-import { GraphBuilder } from "./GraphBuilder.js"
+import { float, GraphBuilder } from "./GraphBuilder.js"
 import type { ExitHeadWeights, LlamaConfig, LlamaLayerWeights, LlamaWeights } from "./LlamaWeights.js"
 import { transpose } from "./LlamaWeights.js"
 
@@ -20,43 +20,48 @@ const fusedProjection = (mats: ReadonlyArray<Float32Array>, inDim: number): Floa
   return transpose(stacked, rows, inDim)
 }
 
-const rmsNorm = (g: GraphBuilder, x: string, weight: Float32Array, eps: number, name: string): string => {
-  const meanSquare = g.node("ReduceMean", [g.node("Mul", [x, x])], { axes: [-1], keepdims: 1 })
-  const rms = g.node("Sqrt", [g.node("Add", [meanSquare, g.scalar(eps)])])
-  return g.node("Mul", [g.node("Div", [x, rms]), g.weight(name, weight, [weight.length])])
+/** RMSNorm as onnxruntime's fused SimplifiedLayerNormalization (one kernel instead of six elementwise nodes). */
+const rmsNorm = (g: GraphBuilder, x: string, weight: Float32Array, eps: number, name: string): string =>
+  g.node("SimplifiedLayerNormalization", [x, g.weight(name, weight, [weight.length])], {
+    axis: -1,
+    epsilon: float(eps),
+  })
+
+/** RoPE tables [contextLength, headDim/2] for onnxruntime's RotaryEmbedding, shared by every layer of a graph. */
+interface Rope {
+  readonly cos: string
+  readonly sin: string
 }
 
-/** cos and sin of position × inverse frequency, shaped [R, T, 1, headDim/2] to broadcast over heads. */
-const ropeTables = (g: GraphBuilder, positions: string, invFreq: Float32Array): { cos: string; sin: string } => {
-  const pos = g.node("Unsqueeze", [g.node("Cast", [positions], { to: 1 }), g.ints([-1])])
-  const angles = g.node("Mul", [pos, g.weight("rope_inv_freq", invFreq, [invFreq.length])])
-  const shaped = (t: string) => g.node("Unsqueeze", [t, g.ints([2])])
-  return { cos: shaped(g.node("Cos", [angles])), sin: shaped(g.node("Sin", [angles])) }
+const ropeTables = (g: GraphBuilder, c: LlamaConfig, invFreq: Float32Array): Rope => {
+  const half = invFreq.length
+  const cos = new Float32Array(c.contextLength * half)
+  const sin = new Float32Array(c.contextLength * half)
+  for (let p = 0; p < c.contextLength; p++) {
+    for (let i = 0; i < half; i++) {
+      const angle = Math.fround(p * invFreq[i]!)
+      cos[p * half + i] = Math.cos(angle)
+      sin[p * half + i] = Math.sin(angle)
+    }
+  }
+  return {
+    cos: g.weight("rope_cos", cos, [c.contextLength, half]),
+    sin: g.weight("rope_sin", sin, [c.contextLength, half]),
+  }
 }
 
-/** Rotate-half RoPE on x [R, T, heads, headDim]. */
-const applyRope = (g: GraphBuilder, x: string, rope: { cos: string; sin: string }, headDim: number): string => {
-  const [x1, x2] = g.nodeN("Split", [x, g.ints([headDim / 2, headDim / 2])], 2, { axis: -1 })
-  const first = g.node("Sub", [g.node("Mul", [x1!, rope.cos]), g.node("Mul", [x2!, rope.sin])])
-  const second = g.node("Add", [g.node("Mul", [x2!, rope.cos]), g.node("Mul", [x1!, rope.sin])])
-  return g.node("Concat", [first, second], { axis: -1 })
-}
+/** Rotate-half RoPE on x [R, T, heads × headDim] at N.positions. */
+const applyRope = (g: GraphBuilder, x: string, rope: Rope, heads: number): string =>
+  g.contrib("RotaryEmbedding", [x, N.positions, rope.cos, rope.sin], { interleaved: 0, num_heads: heads })
 
 /** Pre-attention norm, fused K/V projection and RoPE of K: the part of a layer that fills its KV cache. */
-const keyValue = (
-  g: GraphBuilder,
-  c: LlamaConfig,
-  layer: number,
-  w: LlamaLayerWeights,
-  x: string,
-  rope: { cos: string; sin: string },
-) => {
+const keyValue = (g: GraphBuilder, c: LlamaConfig, layer: number, w: LlamaLayerWeights, x: string, rope: Rope) => {
   const h = rmsNorm(g, x, w.attnNorm, c.normEps, `l${layer}_attn_norm`)
   const kvDim = c.kvHeads * c.headDim
   const kv = g.node("MatMul", [h, g.weight(`l${layer}_wkv`, fusedProjection([w.wk, w.wv], c.dim), [c.dim, 2 * kvDim])])
   const [k, v] = g.nodeN("Split", [kv, g.ints([kvDim, kvDim])], 2, { axis: -1 })
   const heads = g.ints([0, 0, c.kvHeads, c.headDim])
-  return { k: applyRope(g, g.node("Reshape", [k!, heads]), rope, c.headDim), v: g.node("Reshape", [v!, heads]) }
+  return { k: g.node("Reshape", [applyRope(g, k!, rope, c.kvHeads), heads]), v: g.node("Reshape", [v!, heads]) }
 }
 
 const attentionAndMlp = (
@@ -65,7 +70,7 @@ const attentionAndMlp = (
   layer: number,
   w: LlamaLayerWeights,
   x: string,
-  rope: { cos: string; sin: string },
+  rope: Rope,
   mask5: string,
 ): string => {
   const { headDim: hd, kvHeads, heads } = c
@@ -78,8 +83,8 @@ const attentionAndMlp = (
     g.weight(`l${layer}_wqkv`, fusedProjection([w.wq, w.wk, w.wv], c.dim), [c.dim, qDim + 2 * kvDim]),
   ])
   const [qFlat, kFlat, vFlat] = g.nodeN("Split", [qkv, g.ints([qDim, kvDim, kvDim])], 3, { axis: -1 })
-  const q = applyRope(g, g.node("Reshape", [qFlat!, g.ints([0, 0, heads, hd])]), rope, hd)
-  const k = applyRope(g, g.node("Reshape", [kFlat!, g.ints([0, 0, kvHeads, hd])]), rope, hd)
+  const q = g.node("Reshape", [applyRope(g, qFlat!, rope, heads), g.ints([0, 0, heads, hd])])
+  const k = g.node("Reshape", [applyRope(g, kFlat!, rope, kvHeads), g.ints([0, 0, kvHeads, hd])])
   const v = g.node("Reshape", [vFlat!, g.ints([0, 0, kvHeads, hd])])
   g.output(N.kNew(layer), k, "float32", ["R", "T", kvHeads, hd])
   g.output(N.vNew(layer), v, "float32", ["R", "T", kvHeads, hd])
@@ -139,7 +144,7 @@ export const buildSegmentGraph = (w: LlamaWeights, first: number, end: number): 
     g.input(N.kPool(l), "float32", ["blocks", "block_size", c.kvHeads, c.headDim])
     g.input(N.vPool(l), "float32", ["blocks", "block_size", c.kvHeads, c.headDim])
   }
-  const rope = ropeTables(g, N.positions, w.invFreq)
+  const rope = ropeTables(g, c, w.invFreq)
   const mask5 = g.node("Unsqueeze", [N.attnMask, g.ints([1, 2])]) // [R,1,1,T,S]
   for (let l = first; l < end; l++) x = attentionAndMlp(g, c, l, w.layers[l]!, x, rope, mask5)
   g.output(N.hiddenOut, x, "float32", ["R", "T", c.dim])
@@ -173,7 +178,7 @@ export const buildKvFillGraph = (w: LlamaWeights, from: number): Uint8Array => {
   const g = new GraphBuilder(`kvfill_${from}`)
   g.input(N.hidden, "float32", ["R", "T", c.dim])
   g.input(N.positions, "int64", ["R", "T"])
-  const rope = ropeTables(g, N.positions, w.invFreq)
+  const rope = ropeTables(g, c, w.invFreq)
   for (let l = from; l < c.layers; l++) {
     const { k, v } = keyValue(g, c, l, w.layers[l]!, N.hidden, rope)
     g.output(N.kNew(l), k, "float32", ["R", "T", c.kvHeads, c.headDim])
