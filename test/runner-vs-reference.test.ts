@@ -130,3 +130,54 @@ describe("ONNX runner vs the TypeScript reference (stories260K)", () => {
     }).pipe(Effect.provide(OnnxModelRunner.layer(modelDir, { blockSize: BLOCK_SIZE, numBlocks: 64 }))),
   )
 })
+
+/** Reorders a row of K from run.c's interleaved RoPE pairs to the rotate-half layout the graphs use. */
+const interleavedToHalfRow = (row: Float32Array, headDim: number) => {
+  const out = new Float32Array(row.length)
+  for (let h = 0; h < row.length / headDim; h++) {
+    for (let i = 0; i < headDim / 2; i++) {
+      out[h * headDim + i] = row[h * headDim + 2 * i]!
+      out[h * headDim + i + headDim / 2] = row[h * headDim + 2 * i + 1]!
+    }
+  }
+  return out
+}
+
+describe("kvfill graphs vs the reference projection", () => {
+  it.effect(
+    "each early exit's kvfill writes norm + K/V projection + RoPE of its hidden state for every later layer",
+    () =>
+      Effect.gen(function* () {
+        const runner = yield* ModelRunner
+        const { spec } = runner
+        const { hidden: D, headDim } = spec.dims
+        const ids = REFERENCE_IDS.slice(0, 11)
+        const positions = referenceRun(ids)
+        // Run the sequence in one call to collect each exit's hidden states.
+        const row: Row = { ids, blocks: [0, 1, 2], cached: 0 }
+        const batch = buildRowBatch([{ cached: 0, count: ids.length, blocks: row.blocks }], runner.blockSize)
+        let hidden = yield* runner.embed(BigInt64Array.from(ids, BigInt), 1, ids.length)
+        let worst = 0
+        for (let s = 0; s < spec.segments.length; s++) {
+          hidden = yield* runner.segment(s, hidden, batch)
+          const exitIndex = spec.exits.findIndex((e) => e.layer === spec.segments[s]!.endLayer && e.kvfill)
+          if (exitIndex < 0) continue
+          const exitLayer = spec.exits[exitIndex]!.layer
+          // Fill into fresh blocks 10.. so the segment-written K/V cannot be mistaken for the fill.
+          const slots = Int32Array.from(ids, (_, p) => 10 * BLOCK_SIZE + p)
+          yield* runner.kvFill(exitIndex, hidden, batch.positions, slots)
+          for (let p = 0; p < ids.length; p++) {
+            const exitHidden = Float32Array.from(hidden.subarray(p * D, (p + 1) * D))
+            expect(maxAbsDiff(exitHidden, positions[p]!.hidden[exitLayer - 1]!)).toBeLessThan(TOLERANCE)
+            for (let l = exitLayer; l < spec.dims.layers; l++) {
+              const want = reference.projectKv(l, exitHidden, p)
+              const got = runner.readKv(l, slots[p]!)
+              worst = Math.max(worst, maxAbsDiff(got.k, interleavedToHalfRow(want.k, headDim)))
+              worst = Math.max(worst, maxAbsDiff(got.v, want.v))
+            }
+          }
+        }
+        expect(worst).toBeLessThan(TOLERANCE)
+      }).pipe(Effect.provide(OnnxModelRunner.layer(modelDir, { blockSize: BLOCK_SIZE, numBlocks: 64 }))),
+  )
+})

@@ -97,6 +97,11 @@ export interface ReferenceModel {
   readonly forward: (token: number, pos: number) => PositionResult
   /** Results of the positions run so far, indexed by position. */
   readonly history: ReadonlyArray<PositionResult>
+  /**
+   * The K/V rows that `layer` would write for a token whose residual stream entering that layer is `hidden`
+   * (pre-attention RMSNorm, K/V projections, RoPE on K): what a skipped layer's KV fill must produce.
+   */
+  readonly projectKv: (layer: number, hidden: Float32Array, pos: number) => { k: Float32Array; v: Float32Array }
   /** Clears the KV cache and history. */
   readonly reset: () => void
   /** Runs ids from position 0 (after a reset) and returns every position's result. */
@@ -294,6 +299,18 @@ export const makeReferenceModel = (weights: ReferenceWeights, options?: Referenc
     return logits
   }
 
+  const projectKv = (layer: number, hidden: Float32Array, pos: number) => {
+    const w = weights.layers[layer]!
+    const normed = new Float32Array(dim)
+    rmsNorm(normed, hidden, w.rmsAtt, normEps)
+    const k = new Float32Array(kvDim)
+    const v = new Float32Array(kvDim)
+    matmul(k, normed, w.wk, dim, kvDim)
+    matmul(v, normed, w.wv, dim, kvDim)
+    rope(k, kvDim, pos)
+    return { k, v }
+  }
+
   const forward = (token: number, pos: number): PositionResult => {
     if (!Number.isInteger(token) || token < 0 || token >= vocabSize) throw new Error(`token ${token} out of range`)
     if (!Number.isInteger(pos) || pos < 0 || pos >= seqLen || pos > history.length) {
@@ -391,5 +408,5 @@ export const makeReferenceModel = (weights: ReferenceWeights, options?: Referenc
     return seq
   }
 
-  return { config, weights, ropeStyle, headSize, kvDim, forward, history, reset, run, greedy }
+  return { config, weights, ropeStyle, headSize, kvDim, forward, history, projectKv, reset, run, greedy }
 }
