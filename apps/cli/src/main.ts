@@ -4,6 +4,7 @@
 import { Command } from "@effect/cli"
 import { NodeContext, NodeRuntime } from "@effect/platform-node"
 import { Effect } from "effect"
+import { bench } from "./commands/bench.js"
 import { convert } from "./commands/convert.js"
 import { generate } from "./commands/generate.js"
 import { inspect } from "./commands/inspect.js"
@@ -11,7 +12,7 @@ import { reportFailure } from "./report.js"
 
 const offramp = Command.make("offramp").pipe(
   Command.withDescription("an inference engine for early-exit language models"),
-  Command.withSubcommands([convert, generate, inspect]),
+  Command.withSubcommands([convert, generate, inspect, bench]),
 )
 
 const cli = Command.run(offramp, { name: "offramp", version: "0.1.0" })

@@ -17,6 +17,10 @@ export const GenerationRequest = Schema.Struct({
   prompt: Schema.String,
   maxTokens: Schema.Int.pipe(Schema.positive({ message: () => "max tokens must be a positive integer (at least 1)" })),
   sampling: SamplingParamsSchema,
+  /** Independent samples of the prompt; they share the prompt's KV blocks. */
+  n: Schema.optionalWith(Schema.Int.pipe(Schema.between(1, 64, { message: () => "n must be an integer in 1..64" })), {
+    exact: true,
+  }),
 })
 export type GenerationRequest = typeof GenerationRequest.Type
 
@@ -25,7 +29,9 @@ export type FinishReason = typeof FinishReason.Type
 
 /** One generated token. The last event of a stream carries the finish reason. */
 export const TokenEvent = Schema.Struct({
-  /** 0-based index of the token in the continuation. */
+  /** Which of the request's n samples this token belongs to (0 when n = 1). */
+  sample: Schema.Int,
+  /** 0-based index of the token in its sample's continuation. */
   index: Schema.Int,
   id: Schema.Int,
   /** The text this token completes (UTF-8 safe; a stop token contributes ""). */

@@ -50,6 +50,10 @@ export interface ModelRunnerShape {
     positions: BigInt64Array,
     slots: Int32Array,
   ) => Effect.Effect<void, RunnerError>
+  /** Copies block `from` to block `to` in every layer's K and V pools (copy-on-write of a shared block). */
+  readonly copyBlock: (from: number, to: number) => void
+  /** Bytes of K/V one block holds across all layers. */
+  readonly bytesPerBlock: number
   /** A copy of the K and V rows of `layer` at pool `slot` (for inspection and tests). */
   readonly readKv: (layer: number, slot: number) => { readonly k: Float32Array; readonly v: Float32Array }
 }

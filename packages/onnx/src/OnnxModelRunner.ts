@@ -173,7 +173,25 @@ export const makeOnnxModelRunner = (
       v: vPools[layer]!.slice(slot * rowFloats, (slot + 1) * rowFloats),
     })
 
-    return { spec, blockSize, numBlocks, embed, segment, head, kvFill, readKv }
+    const blockFloats = blockSize * rowFloats
+    const copyBlock: ModelRunnerShape["copyBlock"] = (from, to) => {
+      for (const pool of [...kPools, ...vPools]) {
+        pool.copyWithin(to * blockFloats, from * blockFloats, (from + 1) * blockFloats)
+      }
+    }
+
+    return {
+      spec,
+      blockSize,
+      numBlocks,
+      bytesPerBlock: blockBytes,
+      embed,
+      segment,
+      head,
+      kvFill,
+      copyBlock,
+      readKv,
+    }
   })
 
 export const OnnxModelRunner = {

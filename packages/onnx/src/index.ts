@@ -1,2 +1,3 @@
 export * from "./ModelDirectory.js"
+export * from "./OnnxEngine.js"
 export * from "./OnnxModelRunner.js"

@@ -1,0 +1,180 @@
+/**
+ * The Scheduler service: iteration-level batching over the paged KV cache (vLLM's policy, on a CPU budget).
+ *
+ * Every engine step asks for one batch. Running sequences come first, oldest admission first: each gets its next
+ * prefill chunk or its one decode token under the step's token budget. Then waiting sequences are admitted in
+ * arrival order while their blocks fit (first come, first served: a waiting sequence that does not fit blocks the
+ * ones behind it). When a running sequence needs a block and the pool has none, the most recently admitted
+ * sequence is preempted: its blocks are freed and it waits at the front of the queue to be recomputed.
+ */
+import { Context, Effect, Layer } from "effect"
+import { KvCache, type SequenceBlocks } from "./KvCache.js"
+
+export interface SchedulerOptions {
+  /** Most new tokens (prefill + decode) in one step. */
+  readonly tokenBudget?: number
+  /** Most sequences running at once. */
+  readonly maxRunning?: number
+}
+
+export const DEFAULT_TOKEN_BUDGET = 512
+export const DEFAULT_MAX_RUNNING = 64
+
+/** What the scheduler needs to know of a sequence; the engine keeps the rest (sampling, streams). */
+export interface ScheduledSequence {
+  readonly id: number
+  /** Prompt + generated tokens. The last one has no K/V yet once the sequence has sampled. */
+  readonly tokens: Array<number>
+  /** Positions whose K/V are in the cache. */
+  computed: number
+  blocks: SequenceBlocks | undefined
+  /** Set when the sequence's stream is gone; it is dropped at the next step. */
+  cancelled: boolean
+}
+
+export interface BatchRow<S extends ScheduledSequence = ScheduledSequence> {
+  readonly seq: S
+  /** New positions computed for this row in this step: [seq.computed, seq.computed + count). */
+  readonly count: number
+}
+
+export interface ScheduleResult<S extends ScheduledSequence = ScheduledSequence> {
+  readonly rows: ReadonlyArray<BatchRow<S>>
+  /** Sequences preempted in this step (their blocks are freed; they wait for recomputation). */
+  readonly preempted: ReadonlyArray<S>
+  /** Sequences that can never proceed: alone in the engine and still out of blocks. */
+  readonly starved: ReadonlyArray<S>
+}
+
+export interface SchedulerShape<S extends ScheduledSequence = ScheduledSequence> {
+  /** Queues a new sequence (at the back) for admission. */
+  readonly submit: (seq: S) => void
+  /** Plans the next step; drops cancelled sequences first (freeing their blocks). */
+  readonly schedule: () => ScheduleResult<S>
+  /** Starts `child` as a running copy of `parent` that shares its blocks (another sample of one prompt). */
+  readonly adopt: (parent: S, child: S) => void
+  /** Removes a sequence that finished or failed, freeing its blocks. */
+  readonly finish: (seq: S) => void
+  /** Removes every sequence (engine shutdown), freeing their blocks; returns them. */
+  readonly drain: () => ReadonlyArray<S>
+  readonly waiting: () => number
+  readonly running: () => number
+  readonly preemptions: () => number
+}
+
+export const makeScheduler = <S extends ScheduledSequence>(
+  kv: typeof KvCache.Service,
+  options: SchedulerOptions = {},
+): SchedulerShape<S> => {
+  const tokenBudget = options.tokenBudget ?? DEFAULT_TOKEN_BUDGET
+  const maxRunning = options.maxRunning ?? DEFAULT_MAX_RUNNING
+  let waiting: Array<S> = []
+  /** In admission order: the last is the first to be preempted. */
+  let running: Array<S> = []
+  let preemptions = 0
+
+  const release = (seq: S) => {
+    if (seq.blocks) kv.free(seq.blocks)
+    seq.blocks = undefined
+  }
+
+  const preempt = (seq: S) => {
+    release(seq)
+    seq.computed = 0
+    running = running.filter((s) => s !== seq)
+    preemptions++
+  }
+
+  const schedule = (): ScheduleResult<S> => {
+    for (const seq of running) if (seq.cancelled) release(seq)
+    running = running.filter((s) => !s.cancelled)
+    waiting = waiting.filter((s) => !s.cancelled)
+
+    const rows: Array<BatchRow<S>> = []
+    const preempted: Array<S> = []
+    const starved: Array<S> = []
+    let budget = tokenBudget
+
+    // Running sequences, oldest first; a preempted victim is taken from the newest end.
+    for (let i = 0; i < running.length && budget > 0; i++) {
+      const seq = running[i]!
+      const count = Math.min(seq.tokens.length - seq.computed, budget)
+      if (count <= 0) continue
+      const blocks = seq.blocks!
+      const missing = seq.computed + count - blocks.reserved
+      let reserved = missing <= 0 || kv.reserve(blocks, missing)
+      while (!reserved) {
+        const victim = running[running.length - 1]!
+        if (victim === seq) break
+        preempt(victim)
+        preempted.push(victim)
+        reserved = kv.reserve(blocks, missing)
+      }
+      if (!reserved) {
+        if (running.length === 1 && rows.length === 0) {
+          // Alone and still short of blocks: the pool can never hold this sequence's next position.
+          release(seq)
+          running = []
+          starved.push(seq)
+        } else {
+          preempt(seq)
+          preempted.push(seq)
+        }
+        break
+      }
+      rows.push({ seq, count })
+      budget -= count
+    }
+    // Preempted sequences go back to the front of the queue, oldest first.
+    waiting = [...preempted.reverse(), ...waiting]
+
+    // Admission, first come first served.
+    while (waiting.length > 0 && running.length < maxRunning && budget > 0 && preempted.length === 0) {
+      const seq = waiting[0]!
+      const blocks = kv.open(seq.tokens)
+      if (!blocks) break
+      waiting.shift()
+      seq.blocks = blocks
+      seq.computed = blocks.cachedPrefix
+      running.push(seq)
+      const count = Math.min(seq.tokens.length - seq.computed, budget)
+      rows.push({ seq, count })
+      budget -= count
+    }
+    return { rows, preempted, starved }
+  }
+
+  return {
+    submit: (seq) => {
+      waiting.push(seq)
+    },
+    schedule,
+    adopt: (parent, child) => {
+      child.blocks = kv.fork(parent.blocks!)
+      running.push(child)
+    },
+    finish: (seq) => {
+      release(seq)
+      running = running.filter((s) => s !== seq)
+      waiting = waiting.filter((s) => s !== seq)
+    },
+    drain: () => {
+      const all = [...running, ...waiting]
+      for (const seq of all) release(seq)
+      running = []
+      waiting = []
+      return all
+    },
+    waiting: () => waiting.length,
+    running: () => running.length,
+    preemptions: () => preemptions,
+  }
+}
+
+export class Scheduler extends Context.Tag("@offramp/core/Scheduler")<Scheduler, SchedulerShape>() {
+  static readonly layer = (options: SchedulerOptions = {}) =>
+    Layer.effect(
+      Scheduler,
+      Effect.map(KvCache, (kv) => makeScheduler(kv, options)),
+    )
+}
