@@ -75,6 +75,63 @@ describe("offramp convert + generate (stories260K)", () => {
     expect(ids(a.stdout)).not.toEqual(ids(c.stdout))
   })
 
+  it("several prompts run concurrently; --json lines carry their request index", async () => {
+    const prompts = ["Once upon a time", "Tom and his dog went to the park", "The sun was shining"]
+    const result = await generate(
+      ...prompts.flatMap((p) => ["--prompt", p]),
+      "--max-tokens",
+      "60",
+      "--temperature",
+      "0",
+      "--json",
+    )
+    expect(result.code).toBe(0)
+    const lines = result.stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l))
+    const ofRequest = (i: number) => lines.filter((l) => l.type === "token" && l.request === i)
+    expect(ofRequest(0).map((t) => t.id)).toEqual(REFERENCE_IDS.slice(5))
+    for (const i of [1, 2]) {
+      const alone = await generate("--prompt", prompts[i]!, "--max-tokens", "60", "--temperature", "0", "--json")
+      const aloneIds = alone.stdout
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l))
+        .filter((l) => l.type === "token")
+        .map((l) => l.id)
+      expect(ofRequest(i).map((t) => t.id)).toEqual(aloneIds)
+    }
+    expect(
+      lines
+        .filter((l) => l.type === "done")
+        .map((l) => l.request)
+        .sort(),
+    ).toEqual([0, 1, 2])
+  })
+
+  it("bench --json reports decode throughput per stream count", async () => {
+    const result = await runCli([
+      "bench",
+      "--model",
+      modelDir,
+      "--streams",
+      "1,3",
+      "--max-tokens",
+      "8",
+      "--repeats",
+      "1",
+      "--json",
+    ])
+    expect(result.code).toBe(0)
+    const doc = JSON.parse(result.stdout)
+    expect(doc.runs.map((r: { streams: number }) => r.streams)).toEqual([1, 3])
+    for (const run of doc.runs) {
+      expect(run.decodeTokensPerSecond).toBeGreaterThan(0)
+      expect(run.runs[0].tokens).toBe(run.streams * 8)
+    }
+  })
+
   it("inspect prints the spec", async () => {
     const result = await runCli(["inspect", modelDir])
     expect(result.code).toBe(0)
