@@ -2,26 +2,33 @@
  * The Engine service: `generate(request)` returns a Stream of token events; requests from any number of fibers
  * are batched together at every step by a background loop that the Engine layer owns.
  *
+ * Each step runs prefill chunks at full depth and decode rows through the segments one at a time; after a segment
+ * that ends at an exit, the exit head scores the rows and confident rows take their token there (per-sequence, or
+ * all together under the `all` policy) while the rest go on in a compacted batch. The K/V of layers a token
+ * skipped are filled from its exit hidden state, or recomputed by pushing the token through them with the
+ * sequence's next token (see DecodeRow).
+ *
  * The loop is the only fiber that touches the scheduler and the KV cache. A stream that is interrupted marks its
  * sequences cancelled; the next step drops them and frees their blocks. When the layer's scope closes, the loop
  * stops and every stream still open ends with EngineStoppedError.
  */
 import { Context, Effect, Exit, Layer, Mailbox, Queue, Schema, Stream } from "effect"
-import {
-  describeParseError,
-  EngineStoppedError,
-  type GenerationError,
-  InvalidRequestError,
-  type RunnerError,
-} from "./Errors.js"
+import { ConfidenceEvaluator } from "./ConfidenceEvaluator.js"
+import { type EarlyExitParams, FULL_DEPTH, type ResolvedEarlyExit, resolveEarlyExit, thresholdAt } from "./EarlyExit.js"
+import { describeParseError, EngineStoppedError, type GenerationError, InvalidRequestError } from "./Errors.js"
 import { GenerationRequest, type TokenEvent } from "./Generation.js"
-import { KvCache } from "./KvCache.js"
-import { ModelRunner } from "./ModelRunner.js"
+import { KvCache, type KvCacheStats } from "./KvCache.js"
+import { type HeadOutput, ModelRunner } from "./ModelRunner.js"
 import type { ModelSpec } from "./ModelSpec.js"
 import { buildRowBatch } from "./RowBatch.js"
 import { type Rng, Sampler, type SamplingParams } from "./Sampler.js"
 import { type BatchRow, type ScheduledSequence, Scheduler } from "./Scheduler.js"
 import { type DetokenizerStream, Tokenizer } from "./Tokenizer.js"
+
+export interface EngineOptions {
+  /** Early-exit settings of requests that do not set their own (default: full depth). */
+  readonly earlyExit?: EarlyExitParams
+}
 
 export interface EngineStats {
   readonly steps: number
@@ -30,21 +37,37 @@ export interface EngineStats {
   readonly running: number
   readonly waiting: number
   readonly preemptions: number
-  readonly kv: ReturnType<typeof KvCache.Service.stats>
+  /** Generated tokens by the layer count of the exit that produced them. */
+  readonly exitHistogram: Readonly<Record<number, number>>
+  /** Mean layers run per generated token. */
+  readonly meanExitDepth: number
+  /** Layers skipped by early exits, summed over generated tokens. */
+  readonly layersSkipped: number
+  /** Time in intermediate exit heads (and classifiers), and in KV fill of skipped layers. */
+  readonly headMs: number
+  readonly kvFillMs: number
+  readonly kv: KvCacheStats
 }
 
 export interface EngineShape {
   readonly spec: ModelSpec
+  readonly defaults: EarlyExitParams
   readonly generate: (request: GenerationRequest) => Stream.Stream<TokenEvent, GenerationError>
   readonly stats: Effect.Effect<EngineStats>
 }
 
 export class Engine extends Context.Tag("@offramp/core/Engine")<Engine, EngineShape>() {
-  static readonly layer: Layer.Layer<Engine, never, ModelRunner | Tokenizer | Sampler | KvCache | Scheduler> =
-    Layer.scoped(
-      Engine,
-      Effect.suspend(() => makeEngine),
-    )
+  static readonly layer = (
+    options: EngineOptions = {},
+  ): Layer.Layer<Engine, never, ModelRunner | Tokenizer | Sampler | KvCache | Scheduler | ConfidenceEvaluator> =>
+    Layer.scoped(Engine, makeEngine(options))
+}
+
+/** A token whose K/V are missing from layer `layer` on (recompute strategy); `hidden` is its state there. */
+interface Pending {
+  readonly position: number
+  readonly hidden: Float32Array
+  readonly layer: number
 }
 
 /** One sample of a request, as the engine loop sees it. */
@@ -54,247 +77,478 @@ interface Sequence extends ScheduledSequence {
   readonly rng: Rng
   readonly detokenizer: DetokenizerStream
   generated: number
+  /** Tokens skipped past layers whose K/V wait for recomputation, oldest first (exit layers non-increasing). */
+  pending: Array<Pending>
+  /** Positions [0, exact) have K/V equal to a full-depth computation; only those enter the prefix cache. */
+  exact: number
 }
 
 interface RequestState {
   readonly promptLength: number
   readonly maxTokens: number
   readonly sampling: SamplingParams
+  readonly exit: ResolvedEarlyExit
   readonly mailbox: Mailbox.Mailbox<TokenEvent, GenerationError>
   /** Samples 1..n-1, started by forking sample 0 once the prompt is computed. */
   readonly forks: Array<() => Sequence>
   live: number
 }
 
-const makeEngine = Effect.gen(function* () {
-  const runner = yield* ModelRunner
-  const tokenizer = yield* Tokenizer
-  const sampler = yield* Sampler
-  const kv = yield* KvCache
-  const scheduler = yield* Scheduler
-  const { spec } = runner
-  const { dims } = spec
-  const finalExit = spec.exits.length - 1
-  const exitLayer = spec.exits[finalExit]!.layer
-  const stopIds = new Set(spec.tokens.stop)
-  const wake = yield* Queue.sliding<void>(1)
-  const sequences = new Map<number, Sequence>()
-  let nextId = 0
-  let stopped = false
-  const counters = { steps: 0, prefillTokens: 0, decodeTokens: 0 }
+/** A decode row on its way through the segments: its pending tokens that joined, then its current token. */
+interface DecodeRow {
+  readonly seq: Sequence
+  /** Positions in this row, consecutive, the current token last. */
+  positions: Array<number>
+  /** [positions × hidden] states entering the next segment. */
+  hidden: Float32Array
+  /** The current token's state at the previous exit (saturation measure). */
+  previous: Float32Array
+}
 
-  const end = (seq: Sequence, exit: Exit.Exit<void, GenerationError>) => {
-    scheduler.finish(seq)
-    sequences.delete(seq.id)
-    seq.request.live--
-    if (Exit.isFailure(exit) || seq.request.live === 0) seq.request.mailbox.unsafeDone(exit)
-  }
+/** A row that is done with the network this step: it samples from `logits` row `row`. */
+interface Finished {
+  readonly seq: Sequence
+  readonly head: HeadOutput
+  readonly row: number
+  readonly exitLayer: number
+  readonly confidence: number
+}
 
-  /** Samples the next token of `seq` from `logits` row `row`, emits it, and ends the sequence when it is done. */
-  const emit = (seq: Sequence, logits: Float32Array, row: number, confidence: number) => {
-    const { request } = seq
-    const id = sampler.sample(logits, row * dims.vocab, dims.vocab, request.sampling, seq.rng)
-    const stop = stopIds.has(id)
-    seq.generated++
-    const full = seq.generated >= request.maxTokens || seq.tokens.length + 1 > dims.contextLength
-    const finishReason = stop ? "stop" : full ? "length" : null
-    let text = stop ? "" : seq.detokenizer.push(id)
-    if (finishReason !== null) text += seq.detokenizer.flush()
-    request.mailbox.unsafeOffer({
-      sample: seq.sample,
-      index: seq.generated - 1,
-      id,
-      text,
-      exitLayer,
-      confidence,
-      finishReason,
-    })
-    if (finishReason !== null) end(seq, Exit.void)
-    else seq.tokens.push(id)
-  }
+const makeEngine = (options: EngineOptions) =>
+  Effect.gen(function* () {
+    const runner = yield* ModelRunner
+    const tokenizer = yield* Tokenizer
+    const sampler = yield* Sampler
+    const kv = yield* KvCache
+    const scheduler = yield* Scheduler
+    const evaluator = yield* ConfidenceEvaluator
+    const { spec } = runner
+    const { dims } = spec
+    const D = dims.hidden
+    const finalExit = spec.exits.length - 1
+    const exitAfterSegment = spec.segments.map((s) => spec.exits.findIndex((e) => e.layer === s.endLayer))
+    const stopIds = new Set(spec.tokens.stop)
+    const defaults = options.earlyExit ?? FULL_DEPTH
+    const wake = yield* Queue.sliding<void>(1)
+    const sequences = new Map<number, Sequence>()
+    let nextId = 0
+    let stopped = false
+    const counters = { steps: 0, prefillTokens: 0, decodeTokens: 0, layersSkipped: 0, headMs: 0, kvFillMs: 0 }
+    const exitHistogram: Record<number, number> = {}
 
-  /** Runs rows through the full depth; returns the last hidden state of each row that reaches its end. */
-  const forward = (rows: ReadonlyArray<BatchRow>) =>
-    Effect.gen(function* () {
-      const batch = buildRowBatch(
-        rows.map(({ seq, count }) => ({ cached: seq.computed, count, blocks: seq.blocks!.blocks })),
-        runner.blockSize,
-      )
-      const ids = new BigInt64Array(batch.rows * batch.tokens)
-      rows.forEach(({ seq, count }, r) => {
-        for (let t = 0; t < count; t++) ids[r * batch.tokens + t] = BigInt(seq.tokens[seq.computed + t]!)
+    const end = (seq: Sequence, exit: Exit.Exit<void, GenerationError>) => {
+      scheduler.finish(seq)
+      sequences.delete(seq.id)
+      seq.request.live--
+      if (Exit.isFailure(exit) || seq.request.live === 0) seq.request.mailbox.unsafeDone(exit)
+    }
+
+    const fail = (seqs: Iterable<Sequence>, error: GenerationError) => {
+      for (const seq of seqs) if (sequences.has(seq.id)) end(seq, Exit.fail(error))
+    }
+
+    const timed = <A, E>(counter: "headMs" | "kvFillMs", effect: Effect.Effect<A, E>) =>
+      Effect.suspend(() => {
+        const start = performance.now()
+        return Effect.ensuring(
+          effect,
+          Effect.sync(() => {
+            counters[counter] += performance.now() - start
+          }),
+        )
       })
-      let hidden = yield* runner.embed(ids, batch.rows, batch.tokens)
-      for (let s = 0; s < spec.segments.length; s++) hidden = yield* runner.segment(s, hidden, batch)
-      const last: Array<{ seq: Sequence; hidden: Float32Array }> = []
-      rows.forEach(({ seq, count }, r) => {
-        if (seq.computed + count === seq.tokens.length) {
-          const i = r * batch.tokens + count - 1
-          last.push({ seq: seq as Sequence, hidden: hidden.subarray(i * dims.hidden, (i + 1) * dims.hidden) })
+
+    /** Samples the next token of a finished row, emits it, and ends the sequence when it is done. */
+    const emit = ({ seq, head, row, exitLayer, confidence }: Finished) => {
+      const { request } = seq
+      const id = sampler.sample(head.logits, row * dims.vocab, dims.vocab, request.sampling, seq.rng)
+      const stop = stopIds.has(id)
+      seq.generated++
+      exitHistogram[exitLayer] = (exitHistogram[exitLayer] ?? 0) + 1
+      counters.layersSkipped += dims.layers - exitLayer
+      const full = seq.generated >= request.maxTokens || seq.tokens.length + 1 > dims.contextLength
+      const finishReason = stop ? "stop" : full ? "length" : null
+      let text = stop ? "" : seq.detokenizer.push(id)
+      if (finishReason !== null) text += seq.detokenizer.flush()
+      request.mailbox.unsafeOffer({
+        sample: seq.sample,
+        index: seq.generated - 1,
+        id,
+        text,
+        exitLayer,
+        confidence,
+        finishReason,
+      })
+      if (finishReason !== null) end(seq, Exit.void)
+      else seq.tokens.push(id)
+    }
+
+    /** Publishes what is exact of a sequence in the prefix cache. */
+    const commit = (seq: Sequence) => {
+      seq.exact = Math.min(seq.computed, seq.pending[0]?.position ?? seq.computed, seq.exact)
+      kv.commit(seq.blocks!, seq.tokens, seq.exact)
+    }
+
+    /** Prefill chunks at full depth, one call each; returns the rows that reached their last token. */
+    const prefill = (rows: ReadonlyArray<BatchRow>) =>
+      Effect.gen(function* () {
+        const done: Array<{ seq: Sequence; hidden: Float32Array }> = []
+        for (const { seq: s, count } of rows) {
+          const seq = s as Sequence
+          seq.pending = []
+          if (seq.computed === 0) seq.exact = 0
+          const batch = buildRowBatch([{ cached: seq.computed, count, blocks: seq.blocks!.blocks }], runner.blockSize)
+          const ids = BigInt64Array.from(seq.tokens.slice(seq.computed, seq.computed + count), BigInt)
+          const result = yield* Effect.either(
+            Effect.gen(function* () {
+              let hidden = yield* runner.embed(ids, 1, count)
+              for (let s = 0; s < spec.segments.length; s++) hidden = yield* runner.segment(s, hidden, batch)
+              return hidden
+            }),
+          )
+          if (result._tag === "Left") {
+            fail([seq], result.left)
+            continue
+          }
+          counters.prefillTokens += count
+          seq.computed += count
+          seq.exact = seq.computed
+          commit(seq)
+          if (seq.computed === seq.tokens.length) {
+            done.push({ seq, hidden: result.right.slice((count - 1) * D, count * D) })
+          }
+        }
+        return done
+      })
+
+    /** Runs one segment for decode rows, each with its joined pending tokens and its current token. */
+    const runSegment = (index: number, rows: ReadonlyArray<DecodeRow>) =>
+      Effect.gen(function* () {
+        const { firstLayer, endLayer } = spec.segments[index]!
+        for (const row of rows) {
+          // Pending tokens stopped at this segment's first layer join ahead of the row's tokens.
+          const joiners = row.seq.pending.filter((p) => p.layer === firstLayer)
+          if (joiners.length === 0) continue
+          const hidden = new Float32Array((joiners.length + row.positions.length) * D)
+          joiners.forEach((p, i) => hidden.set(p.hidden, i * D))
+          hidden.set(row.hidden, joiners.length * D)
+          row.positions = [...joiners.map((p) => p.position), ...row.positions]
+          row.hidden = hidden
+          row.seq.pending = row.seq.pending.filter((p) => p.layer !== firstLayer)
+        }
+        const batch = buildRowBatch(
+          rows.map((r) => ({ cached: r.positions[0]!, count: r.positions.length, blocks: r.seq.blocks!.blocks })),
+          runner.blockSize,
+        )
+        const input = new Float32Array(batch.rows * batch.tokens * D)
+        rows.forEach((r, i) => input.set(r.hidden, i * batch.tokens * D))
+        const output = yield* runner.segment(index, input, batch)
+        rows.forEach((r, i) => {
+          r.hidden = output.slice(i * batch.tokens * D, (i * batch.tokens + r.positions.length) * D)
+          const upTo = r.positions.at(-1)! + 1
+          for (let l = firstLayer; l < endLayer; l++) kv.markFilled(r.seq.blocks!, l, upTo)
+        })
+      })
+
+    const current = (row: DecodeRow) => row.hidden.subarray((row.positions.length - 1) * D)
+
+    /** Scores the rows at early exit `exitIndex` and returns the indices of those that exit there. */
+    const decideExits = (exitIndex: number, rows: ReadonlyArray<DecodeRow>) =>
+      Effect.gen(function* () {
+        const thresholds = rows.map((r) =>
+          thresholdAt(r.seq.request.exit, exitIndex, r.seq.generated, r.seq.request.maxTokens),
+        )
+        const scored = rows.flatMap((_, i) => (thresholds[i]! <= 1 ? [i] : []))
+        if (scored.length === 0) return { exiting: [] as Array<number>, head: undefined, confidences: [] }
+        const hidden = new Float32Array(scored.length * D)
+        scored.forEach((r, i) => hidden.set(current(rows[r]!), i * D))
+        const { head, classifier } = yield* timed(
+          "headMs",
+          Effect.all({
+            head: runner.head(exitIndex, hidden, scored.length),
+            classifier: scored.some((r) => rows[r]!.seq.request.exit.params.measure === "classifier")
+              ? runner.classify(exitIndex, hidden, scored.length)
+              : Effect.succeed(undefined),
+          }),
+        )
+        const confidences = new Map<number, { confidence: number; row: number }>()
+        scored.forEach((r, i) => {
+          const row = rows[r]!
+          const confidence = evaluator.confidence({
+            measure: row.seq.request.exit.params.measure,
+            exitIndex,
+            head,
+            row: i,
+            hidden: current(row),
+            previousHidden: row.previous,
+            vocab: dims.vocab,
+            ...(classifier ? { classifier: classifier[i]! } : {}),
+          })
+          confidences.set(r, { confidence, row: i })
+        })
+        const confident = (r: number) => (confidences.get(r)?.confidence ?? -1) >= thresholds[r]!
+        // The paper's policy: rows under `all` leave together, when the least confident of them is confident.
+        const allRows = rows.flatMap((row, r) => (row.seq.request.exit.params.policy === "all" ? [r] : []))
+        const allExit = allRows.length > 0 && allRows.every(confident)
+        const exiting = rows.flatMap((row, r) =>
+          (row.seq.request.exit.params.policy === "all" ? allExit : confident(r)) ? [r] : [],
+        )
+        return { exiting, head, confidences }
+      })
+
+    /** K/V of the skipped layers for rows that exited at `exitIndex`: filled now, or left pending. */
+    const skipLayers = (exitIndex: number, rows: ReadonlyArray<DecodeRow>) =>
+      Effect.gen(function* () {
+        const exitLayer = spec.exits[exitIndex]!.layer
+        const fill = rows.filter((r) => r.seq.request.exit.params.kv === "fill")
+        for (const row of rows) {
+          if (row.seq.request.exit.params.kv !== "recompute") continue
+          const stopped = row.positions.map((position, i) => ({
+            position,
+            hidden: row.hidden.slice(i * D, (i + 1) * D),
+            layer: exitLayer,
+          }))
+          row.seq.pending = [...row.seq.pending, ...stopped].sort((a, b) => a.position - b.position)
+        }
+        if (fill.length === 0) return
+        const count = fill.reduce((n, r) => n + r.positions.length, 0)
+        const hidden = new Float32Array(count * D)
+        const positions = new BigInt64Array(count)
+        const slots = new Int32Array(count)
+        let i = 0
+        for (const row of fill) {
+          hidden.set(row.hidden, i * D)
+          for (const position of row.positions) {
+            positions[i] = BigInt(position)
+            slots[i++] = kv.slot(row.seq.blocks!, position)
+          }
+        }
+        yield* timed("kvFillMs", runner.kvFill(exitIndex, hidden, positions, slots))
+        for (const row of fill) {
+          const upTo = row.positions.at(-1)! + 1
+          for (let l = exitLayer; l < dims.layers; l++) kv.markFilled(row.seq.blocks!, l, upTo)
+          // Filled K/V approximate the full-depth ones: nothing from here on enters the prefix cache.
+          row.seq.exact = Math.min(row.seq.exact, row.positions[0]!)
         }
       })
-      return last
-    })
 
-  /** Decode rows share one call; each prefill chunk runs in its own, so short rows are not padded to long ones. */
-  const groupRows = (rows: ReadonlyArray<BatchRow>): Array<ReadonlyArray<BatchRow>> => {
-    const decode = rows.filter((r) => r.count === 1)
-    const prefill = rows.filter((r) => r.count > 1).map((r) => [r])
-    return decode.length > 0 ? [decode, ...prefill] : prefill
-  }
-
-  const fail = (seqs: ReadonlyArray<Sequence>, error: GenerationError) => {
-    for (const seq of seqs) if (sequences.has(seq.id)) end(seq, Exit.fail(error))
-  }
-
-  const step = Effect.gen(function* () {
-    const plan = scheduler.schedule()
-    counters.steps++
-    fail(
-      plan.starved.map((s) => s as Sequence),
-      new InvalidRequestError({
-        message: `the KV cache (${kv.numBlocks} blocks of ${kv.blockSize} tokens) cannot hold this sequence's next position; raise the KV cache budget`,
-      }),
-    )
-    const ready: Array<{ seq: Sequence; hidden: Float32Array }> = []
-    for (const group of groupRows(plan.rows)) {
-      const result = yield* Effect.either(forward(group))
-      if (result._tag === "Left") {
-        fail(
-          group.map((r) => r.seq as Sequence),
-          result.left as RunnerError,
-        )
-        continue
-      }
-      for (const { seq, count } of group) {
-        if (count === 1 && seq.computed === seq.tokens.length - 1) counters.decodeTokens++
-        else counters.prefillTokens += count
-        seq.computed += count
-        kv.commit(seq.blocks!, seq.tokens, seq.computed)
-      }
-      ready.push(...result.right)
-    }
-    if (ready.length === 0) return
-    const hidden = new Float32Array(ready.length * dims.hidden)
-    ready.forEach((r, i) => hidden.set(r.hidden, i * dims.hidden))
-    const head = yield* Effect.either(runner.head(finalExit, hidden, ready.length))
-    if (head._tag === "Left")
-      return fail(
-        ready.map((r) => r.seq),
-        head.left,
-      )
-    ready.forEach(({ seq }, row) => {
-      // The other samples of the request start from the same prompt blocks and the same logits.
-      const forks = seq.request.forks.splice(0).map((start) => start())
-      for (const s of [seq, ...forks]) emit(s, head.right.logits, row, head.right.maxProb[row]!)
-    })
-  })
-
-  const loop = Effect.gen(function* () {
-    while (true) {
-      if (scheduler.running() + scheduler.waiting() === 0) yield* Queue.take(wake)
-      yield* step
-      // Let request fibers run between steps (their submissions and cancellations).
-      yield* Effect.yieldNow()
-    }
-  })
-
-  yield* Effect.addFinalizer(() =>
-    Effect.sync(() => {
-      stopped = true
-      const error = new EngineStoppedError({ message: "the engine shut down while the request was in flight" })
-      for (const seq of scheduler.drain()) {
-        sequences.delete(seq.id)
-        ;(seq as Sequence).request.mailbox.unsafeDone(Exit.fail(error))
-      }
-    }),
-  )
-  yield* Effect.forkScoped(loop)
-
-  const newSequence = (request: RequestState, tokens: Array<number>, sample: number, prompt: ReadonlyArray<number>) => {
-    const seq: Sequence = {
-      id: nextId++,
-      tokens,
-      computed: 0,
-      blocks: undefined,
-      cancelled: false,
-      request,
-      sample,
-      rng: sampler.makeRng(request.sampling.seed === undefined ? undefined : request.sampling.seed + sample),
-      detokenizer: tokenizer.detokenizer(prompt),
-      generated: 0,
-    }
-    sequences.set(seq.id, seq)
-    return seq
-  }
-
-  const admit = (request: GenerationRequest) =>
-    Effect.gen(function* () {
-      if (stopped) return yield* new EngineStoppedError({ message: "the engine has shut down" })
-      const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
-        Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
-      )
-      const sampling = yield* sampler.validate(req.sampling)
-      const prompt = yield* tokenizer.encode(req.prompt)
-      if (prompt.length >= dims.contextLength) {
-        return yield* new InvalidRequestError({
-          message: `the prompt is ${prompt.length} tokens but the model's context is ${dims.contextLength}; shorten the prompt`,
-        })
-      }
-      if (kv.blocksFor(prompt.length + 1) > kv.numBlocks) {
-        return yield* new InvalidRequestError({
-          message: `the prompt is ${prompt.length} tokens but the KV cache holds ${kv.numBlocks * kv.blockSize}; shorten the prompt or raise the KV cache budget`,
-        })
-      }
-      const mailbox = yield* Mailbox.make<TokenEvent, GenerationError>()
-      const n = req.n ?? 1
-      const state: RequestState = {
-        promptLength: prompt.length,
-        maxTokens: req.maxTokens,
-        sampling,
-        mailbox,
-        forks: [],
-        live: n,
-      }
-      const first = newSequence(state, [...prompt], 0, prompt)
-      for (let sample = 1; sample < n; sample++) {
-        state.forks.push(() => {
-          const seq = newSequence(state, [...first.tokens], sample, prompt)
-          seq.computed = first.computed
-          scheduler.adopt(first, seq)
-          return seq
-        })
-      }
-      scheduler.submit(first)
-      yield* Queue.offer(wake, undefined)
-      return { state, mailbox }
-    })
-
-  const cancel = (state: RequestState) =>
-    Effect.gen(function* () {
-      for (const seq of sequences.values()) if (seq.request === state) seq.cancelled = true
-      state.forks.length = 0
-      yield* Queue.offer(wake, undefined)
-    })
-
-  const generate = (request: GenerationRequest): Stream.Stream<TokenEvent, GenerationError> =>
-    Stream.unwrapScoped(
+    /** Decode rows through the segments with early exits; returns the rows that finished, with their heads. */
+    const decode = (rows: ReadonlyArray<BatchRow>) =>
       Effect.gen(function* () {
-        const { state, mailbox } = yield* admit(request)
-        yield* Effect.addFinalizer(() => cancel(state))
-        return Mailbox.toStream(mailbox)
+        const finished: Array<Finished> = []
+        if (rows.length === 0) return { finished, atEnd: [] as Array<DecodeRow> }
+        const ids = BigInt64Array.from(rows, (r) => BigInt(r.seq.tokens[r.seq.computed]!))
+        const embedded = yield* runner.embed(ids, rows.length, 1)
+        let active: Array<DecodeRow> = rows.map(({ seq }, i) => ({
+          seq: seq as Sequence,
+          positions: [seq.computed],
+          hidden: embedded.slice(i * D, (i + 1) * D),
+          previous: embedded.slice(i * D, (i + 1) * D),
+        }))
+        for (const row of active) {
+          row.seq.computed += 1
+          counters.decodeTokens++
+        }
+        for (let s = 0; s < spec.segments.length && active.length > 0; s++) {
+          yield* runSegment(s, active)
+          const exitIndex = exitAfterSegment[s]!
+          if (exitIndex < 0 || exitIndex === finalExit) continue
+          const { exiting, head, confidences } = yield* decideExits(exitIndex, active)
+          if (exiting.length > 0 && head) {
+            const leaving = exiting.map((r) => active[r]!)
+            yield* skipLayers(exitIndex, leaving)
+            for (const r of exiting) {
+              const { confidence, row } = confidences.get(r)!
+              finished.push({ seq: active[r]!.seq, head, row, exitLayer: spec.exits[exitIndex]!.layer, confidence })
+            }
+            const gone = new Set(exiting)
+            active = active.filter((_, r) => !gone.has(r))
+          }
+          for (const row of active) row.previous = current(row).slice()
+        }
+        return { finished, atEnd: active }
+      })
+
+    const step = Effect.gen(function* () {
+      const plan = scheduler.schedule()
+      counters.steps++
+      // A preempted sequence is recomputed from scratch: what it had pending went with its blocks.
+      for (const seq of plan.preempted as ReadonlyArray<Sequence>) {
+        seq.pending = []
+        seq.exact = 0
+      }
+      fail(
+        plan.starved as ReadonlyArray<Sequence>,
+        new InvalidRequestError({
+          message: `the KV cache (${kv.numBlocks} blocks of ${kv.blockSize} tokens) cannot hold this sequence's next position; raise the KV cache budget`,
+        }),
+      )
+      // A row with one new token whose earlier tokens are all computed is a decode row; anything else prefills.
+      const isDecode = (r: BatchRow) => r.count === 1 && r.seq.computed > 0
+      const decodeRows = plan.rows.filter(isDecode)
+      const prefilled = yield* prefill(plan.rows.filter((r) => !isDecode(r)))
+      const decoded = yield* Effect.either(decode(decodeRows))
+      if (decoded._tag === "Left")
+        fail(
+          decodeRows.map((r) => r.seq as Sequence),
+          decoded.left,
+        )
+      const { finished, atEnd } = decoded._tag === "Right" ? decoded.right : { finished: [], atEnd: [] }
+
+      // Everything that ran the whole depth shares one call of the final head.
+      const deep = [...prefilled, ...atEnd.map((row) => ({ seq: row.seq, hidden: current(row) }))]
+      if (deep.length > 0) {
+        const hidden = new Float32Array(deep.length * D)
+        deep.forEach((r, i) => hidden.set(r.hidden, i * D))
+        const head = yield* Effect.either(runner.head(finalExit, hidden, deep.length))
+        if (head._tag === "Left")
+          fail(
+            deep.map((r) => r.seq),
+            head.left,
+          )
+        else {
+          for (const row of atEnd) row.seq.pending = []
+          deep.forEach(({ seq }, row) => {
+            const out = { head: head.right, row, exitLayer: dims.layers, confidence: head.right.maxProb[row]! }
+            // The other samples of the request start from the same prompt blocks and the same logits.
+            const forks = seq.request.forks.splice(0).map((start) => start())
+            finished.push(...[seq, ...forks].map((s) => ({ ...out, seq: s })))
+          })
+        }
+      }
+      for (const f of finished) {
+        if (!sequences.has(f.seq.id)) continue
+        if (f.seq.blocks) commit(f.seq)
+        emit(f)
+      }
+    })
+
+    const loop = Effect.gen(function* () {
+      while (true) {
+        if (scheduler.running() + scheduler.waiting() === 0) yield* Queue.take(wake)
+        yield* step
+        // Let request fibers run between steps (their submissions and cancellations).
+        yield* Effect.yieldNow()
+      }
+    })
+
+    yield* Effect.addFinalizer(() =>
+      Effect.sync(() => {
+        stopped = true
+        const error = new EngineStoppedError({ message: "the engine shut down while the request was in flight" })
+        for (const seq of scheduler.drain()) {
+          sequences.delete(seq.id)
+          ;(seq as Sequence).request.mailbox.unsafeDone(Exit.fail(error))
+        }
       }),
     )
+    yield* Effect.forkScoped(loop)
 
-  const stats = Effect.sync(
-    (): EngineStats => ({
-      ...counters,
-      running: scheduler.running(),
-      waiting: scheduler.waiting(),
-      preemptions: scheduler.preemptions(),
-      kv: kv.stats(),
-    }),
-  )
+    const newSequence = (
+      request: RequestState,
+      tokens: Array<number>,
+      sample: number,
+      prompt: ReadonlyArray<number>,
+    ) => {
+      const seed = request.sampling.seed
+      const seq: Sequence = {
+        id: nextId++,
+        tokens,
+        computed: 0,
+        blocks: undefined,
+        cancelled: false,
+        request,
+        sample,
+        rng: sampler.makeRng(seed === undefined ? undefined : seed + sample),
+        detokenizer: tokenizer.detokenizer(prompt),
+        generated: 0,
+        pending: [],
+        exact: 0,
+      }
+      sequences.set(seq.id, seq)
+      return seq
+    }
 
-  return { spec, generate, stats } satisfies EngineShape
-})
+    const admit = (request: GenerationRequest) =>
+      Effect.gen(function* () {
+        if (stopped) return yield* new EngineStoppedError({ message: "the engine has shut down" })
+        const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
+          Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
+        )
+        const sampling = yield* sampler.validate(req.sampling)
+        const prompt = yield* tokenizer.encode(req.prompt)
+        if (prompt.length >= dims.contextLength) {
+          return yield* new InvalidRequestError({
+            message: `the prompt is ${prompt.length} tokens but the model's context is ${dims.contextLength}; shorten the prompt`,
+          })
+        }
+        if (kv.blocksFor(prompt.length + 1) > kv.numBlocks) {
+          return yield* new InvalidRequestError({
+            message: `the prompt is ${prompt.length} tokens but the KV cache holds ${kv.numBlocks * kv.blockSize}; shorten the prompt or raise the KV cache budget`,
+          })
+        }
+        const exitParams = { ...defaults, ...req.earlyExit }
+        if (exitParams.measure === "classifier" && !spec.exits.some((e) => e.classifier)) {
+          return yield* new InvalidRequestError({
+            message:
+              "the classifier measure needs exit classifiers, and this model has none; use softmax, margin, entropy or saturation",
+          })
+        }
+        const mailbox = yield* Mailbox.make<TokenEvent, GenerationError>()
+        const n = req.n ?? 1
+        const state: RequestState = {
+          promptLength: prompt.length,
+          maxTokens: req.maxTokens,
+          sampling,
+          exit: resolveEarlyExit(spec, exitParams),
+          mailbox,
+          forks: [],
+          live: n,
+        }
+        const first = newSequence(state, [...prompt], 0, prompt)
+        for (let sample = 1; sample < n; sample++) {
+          state.forks.push(() => {
+            const seq = newSequence(state, [...first.tokens], sample, prompt)
+            seq.computed = first.computed
+            seq.exact = first.exact
+            scheduler.adopt(first, seq)
+            return seq
+          })
+        }
+        scheduler.submit(first)
+        yield* Queue.offer(wake, undefined)
+        return state
+      })
+
+    const cancel = (state: RequestState) =>
+      Effect.gen(function* () {
+        for (const seq of sequences.values()) if (seq.request === state) seq.cancelled = true
+        state.forks.length = 0
+        yield* Queue.offer(wake, undefined)
+      })
+
+    const generate = (request: GenerationRequest): Stream.Stream<TokenEvent, GenerationError> =>
+      Stream.unwrapScoped(
+        Effect.gen(function* () {
+          const state = yield* admit(request)
+          yield* Effect.addFinalizer(() => cancel(state))
+          return Mailbox.toStream(state.mailbox)
+        }),
+      )
+
+    const stats = Effect.sync((): EngineStats => {
+      const generated = Object.values(exitHistogram).reduce((a, b) => a + b, 0)
+      const depth = Object.entries(exitHistogram).reduce((sum, [layer, n]) => sum + Number(layer) * n, 0)
+      return {
+        ...counters,
+        running: scheduler.running(),
+        waiting: scheduler.waiting(),
+        preemptions: scheduler.preemptions(),
+        exitHistogram: { ...exitHistogram },
+        meanExitDepth: generated === 0 ? 0 : depth / generated,
+        kv: kv.stats(),
+      }
+    })
+
+    return { spec, defaults, generate, stats } satisfies EngineShape
+  })

@@ -2,6 +2,7 @@
  * The domain schemas of a generation: what a request asks for and what its stream carries.
  */
 import { Schema } from "effect"
+import { EarlyExitRequest } from "./EarlyExit.js"
 
 export const SamplingParamsSchema = Schema.Struct({
   /** 0 = greedy. */
@@ -17,6 +18,8 @@ export const GenerationRequest = Schema.Struct({
   prompt: Schema.String,
   maxTokens: Schema.Int.pipe(Schema.positive({ message: () => "max tokens must be a positive integer (at least 1)" })),
   sampling: SamplingParamsSchema,
+  /** Early-exit settings over the engine's defaults. */
+  earlyExit: Schema.optionalWith(EarlyExitRequest, { exact: true }),
   /** Independent samples of the prompt; they share the prompt's KV blocks. */
   n: Schema.optionalWith(Schema.Int.pipe(Schema.between(1, 64, { message: () => "n must be an integer in 1..64" })), {
     exact: true,

@@ -8,6 +8,7 @@
  *          → hidden_out [R,T,D], k_new_<l>, v_new_<l> [R,T,kvHeads,headDim]
  * head:    hidden [N,D] → logits [N,V], max_prob, margin, entropy [N], top_token [N] int64
  * kvfill:  hidden [R,T,D], positions [R,T] → k_new_<l>, v_new_<l> for every layer after the exit
+ * classifier (optional, per exit): hidden [N,D] → exit_prob [N], the probability that exiting is safe
  */
 export const GraphNames = {
   ids: "ids",
@@ -25,6 +26,7 @@ export const GraphNames = {
   margin: "margin",
   entropy: "entropy",
   topToken: "top_token",
+  exitProb: "exit_prob",
 } as const
 
 /** The additive mask value for a key a query must not see (exp underflows to exactly 0 in float32). */

@@ -43,6 +43,12 @@ export interface ModelRunnerShape {
   readonly segment: (index: number, hidden: Float32Array, batch: RowBatch) => Effect.Effect<Float32Array, RunnerError>
   /** Runs the head of exit `index` (position in spec.exits) on `count` hidden rows. */
   readonly head: (index: number, hidden: Float32Array, count: number) => Effect.Effect<HeadOutput, RunnerError>
+  /** The exit classifier of exit `index` on `count` hidden rows; undefined when the model has none there. */
+  readonly classify: (
+    index: number,
+    hidden: Float32Array,
+    count: number,
+  ) => Effect.Effect<Float32Array | undefined, RunnerError>
   /** Writes the K/V of every layer after early exit `index`, computed from the exit hidden state. */
   readonly kvFill: (
     index: number,

@@ -36,6 +36,8 @@ export const ExitSpec = Schema.Struct({
   layer: PositiveInt,
   head: Schema.String,
   kvfill: Schema.optional(Schema.String),
+  /** A learned exit classifier: hidden [N,D] → exit_prob [N] (optional). */
+  classifier: Schema.optional(Schema.String),
 })
 export type ExitSpec = typeof ExitSpec.Type
 

@@ -1,3 +1,5 @@
+export * from "./ConfidenceEvaluator.js"
+export * from "./EarlyExit.js"
 export * from "./Engine.js"
 export * from "./Errors.js"
 export * from "./Generation.js"

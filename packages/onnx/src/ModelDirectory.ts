@@ -19,7 +19,7 @@ export const modelFiles = (spec: ModelSpec): ReadonlyArray<string> => [
     spec.files.tokenizer,
     spec.files.embed,
     ...spec.segments.map((s) => s.file),
-    ...spec.exits.flatMap((e) => (e.kvfill ? [e.head, e.kvfill] : [e.head])),
+    ...spec.exits.flatMap((e) => [e.head, ...(e.kvfill ? [e.kvfill] : []), ...(e.classifier ? [e.classifier] : [])]),
   ]),
 ]
 

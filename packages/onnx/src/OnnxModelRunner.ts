@@ -83,6 +83,10 @@ export const makeOnnxModelRunner = (
       e.kvfill ? acquireSession(modelDir, e.kvfill, threads) : Effect.succeed(undefined),
     )
 
+    const classifierSessions = yield* Effect.forEach(spec.exits, (e) =>
+      e.classifier ? acquireSession(modelDir, e.classifier, threads) : Effect.succeed(undefined),
+    )
+
     const poolDims = [numBlocks, blockSize, dims.kvHeads, dims.headDim]
     const kPools = Array.from({ length: dims.layers }, () => new Float32Array(numBlocks * blockSize * rowFloats))
     const vPools = Array.from({ length: dims.layers }, () => new Float32Array(numBlocks * blockSize * rowFloats))
@@ -151,6 +155,14 @@ export const makeOnnxModelRunner = (
         ),
       )
 
+    const classify: ModelRunnerShape["classify"] = (index, hidden, count) => {
+      const session = classifierSessions[index]
+      if (!session) return Effect.succeed(undefined)
+      return run(`classifier of exit ${spec.exits[index]!.layer}`, session, {
+        [G.hidden]: f32(hidden, [count, dims.hidden]),
+      }).pipe(Effect.map((out) => out[G.exitProb]!.data as Float32Array))
+    }
+
     const kvFill: ModelRunnerShape["kvFill"] = (index, hidden, positions, slots) => {
       const exit = spec.exits[index]!
       const session = kvFillSessions[index]
@@ -188,6 +200,7 @@ export const makeOnnxModelRunner = (
       embed,
       segment,
       head,
+      classify,
       kvFill,
       copyBlock,
       readKv,
