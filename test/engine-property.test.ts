@@ -1,5 +1,6 @@
 /**
- * A property test of the engine over random arrivals, lengths, samples, cancellations and small pools:
+ * A property test of the engine over random arrivals, lengths, samples, cancellations, early-exit settings
+ * (every policy, KV strategy and measure) and small pools:
  * every request completes or fails with a typed error, and once the engine is idle no block is held
  * (cached blocks evict to zero).
  */
@@ -26,6 +27,13 @@ const arrival = fc.record({
   maxTokens: fc.integer({ min: 1, max: 40 }),
   n: fc.integer({ min: 1, max: 3 }),
   temperature: fc.constantFrom(0, 0.8),
+  earlyExit: fc.record({
+    threshold: fc.constantFrom(0, 0.5, 0.9, 2),
+    minExitLayer: fc.integer({ min: 1, max: 5 }),
+    policy: fc.constantFrom("per-sequence" as const, "all" as const),
+    kv: fc.constantFrom("fill" as const, "recompute" as const),
+    measure: fc.constantFrom("softmax" as const, "margin" as const, "entropy" as const, "saturation" as const),
+  }),
   /** Interrupt the stream after this many events (none: let it finish). */
   cancelAfter: fc.option(fc.integer({ min: 0, max: 20 }), { nil: undefined }),
 })
@@ -43,6 +51,7 @@ const run = (arrivals: ReadonlyArray<typeof arrival extends fc.Arbitrary<infer A
         maxTokens: a.maxTokens,
         sampling: { temperature: a.temperature, topK: 0, topP: 1, seed: a.delayMs },
         n: a.n,
+        earlyExit: a.earlyExit,
       }
       const stream =
         a.cancelAfter === undefined
@@ -98,7 +107,7 @@ describe("engine under random load (stories260K, small pools)", () => {
           expect(result.after.freeBlocks).toBe(numBlocks)
         },
       ),
-      { numRuns: 25 },
+      { numRuns: 40 },
     )
   })
 })

@@ -1,0 +1,239 @@
+/**
+ * Early exit on stories260K (an exit after every layer, the shared final head): thresholds, both batch policies,
+ * and the K/V of skipped layers under fill and recompute, against the plain-TypeScript reference.
+ */
+
+import { describe, expect, it } from "@effect/vitest"
+import {
+  type EarlyExitRequest,
+  Engine,
+  type GenerationRequest,
+  type KvStrategy,
+  ModelRunner,
+  type TokenEvent,
+} from "@offramp/core"
+import { onnxEngineLayer } from "@offramp/onnx"
+import { Chunk, Deferred, Effect, Fiber, Stream } from "effect"
+import { beforeAll } from "vitest"
+import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
+import { loadLlama2cReference } from "./support/reference-llama.js"
+import { convertStories, STORIES_CHECKPOINT, tempDir } from "./support/stories.js"
+
+let modelDir = ""
+beforeAll(async () => {
+  modelDir = tempDir("early-exit")
+  await convertStories(modelDir)
+})
+
+const BLOCK_SIZE = 16
+const withEngine = () => Effect.provide(onnxEngineLayer(modelDir, { runner: { blockSize: BLOCK_SIZE } }))
+
+const request = (prompt: string, maxTokens: number, earlyExit?: EarlyExitRequest): GenerationRequest => ({
+  prompt,
+  maxTokens,
+  sampling: { temperature: 0, topK: 0, topP: 1 },
+  ...(earlyExit ? { earlyExit } : {}),
+})
+
+const collect = (r: GenerationRequest) =>
+  Effect.flatMap(Engine, (engine) => Stream.runCollect(engine.generate(r))).pipe(Effect.map(Chunk.toArray))
+
+const ids = (events: ReadonlyArray<TokenEvent>) => events.map((e) => e.id)
+
+const STRATEGIES = [
+  { policy: "per-sequence", kv: "fill" },
+  { policy: "per-sequence", kv: "recompute" },
+  { policy: "all", kv: "fill" },
+  { policy: "all", kv: "recompute" },
+] as const
+
+describe("thresholds", () => {
+  it.effect("a threshold above 1 never exits: output identical to full depth under every policy and strategy", () =>
+    Effect.gen(function* () {
+      const full = yield* collect(request(BENCH_PROMPTS[0]!, 40))
+      for (const strategy of STRATEGIES) {
+        const early = yield* collect(request(BENCH_PROMPTS[0]!, 40, { ...strategy, threshold: 1.5 }))
+        expect(ids(early)).toEqual(ids(full))
+        expect(early.every((e) => e.exitLayer === 5)).toBe(true)
+      }
+      const stats = yield* Effect.flatMap(Engine, (e) => e.stats)
+      expect(stats.headMs).toBe(0) // no intermediate head ran
+    }).pipe(withEngine()),
+  )
+
+  it.effect("a threshold of 0 exits every generated token at the first allowed exit", () =>
+    Effect.gen(function* () {
+      for (const strategy of STRATEGIES) {
+        for (const minExitLayer of [1, 3]) {
+          const events = yield* collect(request(BENCH_PROMPTS[1]!, 12, { ...strategy, threshold: 0, minExitLayer }))
+          // The first token comes from the prompt's prefill, which always runs the whole depth.
+          expect(events[0]!.exitLayer).toBe(5)
+          expect(events.slice(1).map((e) => e.exitLayer)).toEqual(Array(11).fill(minExitLayer))
+        }
+      }
+      const stats = yield* Effect.flatMap(Engine, (e) => e.stats)
+      expect(Object.values(stats.exitHistogram).reduce((a, b) => a + b, 0)).toBe(4 * 2 * 12)
+      expect(stats.layersSkipped).toBe(4 * (11 * 4 + 11 * 2))
+    }).pipe(withEngine()),
+  )
+
+  it.effect("per-exit thresholds and the measures order exits as configured", () =>
+    Effect.gen(function* () {
+      // Exit 1 and 2 closed, 3 always open: every decode token exits at layer 3.
+      const events = yield* collect(
+        request(BENCH_PROMPTS[2]!, 10, { threshold: 0, thresholds: { "1": 2, "2": 2 }, measure: "entropy" }),
+      )
+      expect(events.slice(1).every((e) => e.exitLayer === 3)).toBe(true)
+      for (const measure of ["softmax", "margin", "entropy", "saturation"] as const) {
+        const out = yield* collect(request(BENCH_PROMPTS[2]!, 10, { threshold: 0.5, measure }))
+        for (const e of out) {
+          expect(e.confidence).toBeGreaterThanOrEqual(0)
+          expect(e.confidence).toBeLessThanOrEqual(1)
+          if (e.exitLayer < 5) expect(e.confidence).toBeGreaterThanOrEqual(0.5)
+        }
+      }
+    }).pipe(withEngine()),
+  )
+})
+
+const reference = loadLlama2cReference(STORIES_CHECKPOINT)
+
+/** Reorders a row of K from run.c's interleaved RoPE pairs to the rotate-half layout the graphs use. */
+const toHalf = (row: Float32Array, headDim: number) => {
+  const out = new Float32Array(row.length)
+  for (let h = 0; h < row.length / headDim; h++) {
+    for (let i = 0; i < headDim / 2; i++) {
+      out[h * headDim + i] = row[h * headDim + 2 * i]!
+      out[h * headDim + i + headDim / 2] = row[h * headDim + 2 * i + 1]!
+    }
+  }
+  return out
+}
+
+const maxDiff = (a: ArrayLike<number>, b: ArrayLike<number>) => {
+  let worst = 0
+  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!))
+  return worst
+}
+
+/**
+ * Runs one request alone on a fresh engine, whose cache hands out blocks 0, 1, 2, … in order, so position p
+ * sits in pool slot p; returns the whole token sequence and the runner to read the pools.
+ */
+const alone = (prompt: string, maxTokens: number, kv: KvStrategy, threshold: number, minExitLayer = 1) =>
+  Effect.gen(function* () {
+    const runner = yield* ModelRunner
+    const events = yield* collect(request(prompt, maxTokens, { threshold, kv, measure: "softmax", minExitLayer }))
+    return { events, runner }
+  })
+
+describe("K/V of skipped layers", () => {
+  it.effect("fill writes the reference projection of the exit hidden state into every skipped layer", () =>
+    Effect.gen(function* () {
+      const { events, runner } = yield* alone(BENCH_PROMPTS[0]!, 24, "fill", 0)
+      const { headDim } = runner.spec.dims
+      const prompt = [1, 403, 407, 261, 378] // "Once upon a time"
+      const tokens = [...prompt, ...ids(events)]
+      const positions = reference.run(tokens.slice(0, -1))
+      // The prompt went full depth: its K at the last layer matches the reference (and confirms slot = position).
+      for (let p = 0; p < prompt.length; p++) {
+        expect(maxDiff(runner.readKv(4, p).k, toHalf(positions[p]!.k[4]!, headDim))).toBeLessThan(1e-4)
+      }
+      // Every generated token exited after layer 1; layer 0 is exact, layers 1..4 are filled from hidden[0].
+      let worst = 0
+      for (let p = prompt.length; p < tokens.length - 1; p++) {
+        const exitHidden = positions[p]!.hidden[0]!
+        worst = Math.max(worst, maxDiff(runner.readKv(0, p).k, toHalf(positions[p]!.k[0]!, headDim)))
+        for (let l = 1; l < 5; l++) {
+          const want = reference.projectKv(l, exitHidden, p)
+          worst = Math.max(worst, maxDiff(runner.readKv(l, p).k, toHalf(want.k, headDim)))
+          worst = Math.max(worst, maxDiff(runner.readKv(l, p).v, want.v))
+        }
+      }
+      expect(worst).toBeLessThan(1e-4)
+    }).pipe(withEngine()),
+  )
+
+  it.effect("recompute: once a pending token is processed, its K/V in every layer equal the full-depth K/V", () =>
+    Effect.gen(function* () {
+      // stories260K was not trained for early exit: its shallow exits are overconfident, so exits start at 3 here,
+      // which mixes tokens pending from layer 3 and from layer 4.
+      const { events, runner } = yield* alone(BENCH_PROMPTS[0]!, 60, "recompute", 0.9, 3)
+      const { headDim } = runner.spec.dims
+      const prompt = [1, 403, 407, 261, 378]
+      const tokens = [...prompt, ...ids(events)]
+      const exits = events.map((e) => e.exitLayer)
+      expect(exits.includes(3) && exits.includes(4)).toBe(true)
+      // The last token that went full depth was fed at position prompt + j - 1: everything up to it is resolved.
+      const j = exits.lastIndexOf(5)
+      expect(j).toBeGreaterThan(5)
+      const resolved = prompt.length + j - 1
+      const positions = reference.run(tokens.slice(0, resolved + 1))
+      let worst = 0
+      for (let p = 0; p <= resolved; p++) {
+        for (let l = 0; l < 5; l++) {
+          worst = Math.max(worst, maxDiff(runner.readKv(l, p).k, toHalf(positions[p]!.k[l]!, headDim)))
+          worst = Math.max(worst, maxDiff(runner.readKv(l, p).v, positions[p]!.v[l]!))
+        }
+      }
+      expect(worst).toBeLessThan(1e-4)
+    }).pipe(withEngine()),
+  )
+})
+
+describe("batch exit policies", () => {
+  it.effect("per-sequence: a sequence's output is the same alone and inside a batch of 16 mixed requests", () =>
+    Effect.gen(function* () {
+      for (const kv of ["fill", "recompute"] as const) {
+        const target = request(BENCH_PROMPTS[3]!, 40, { threshold: 0.7, kv, minExitLayer: 3 })
+        const soloRun = yield* collect(target).pipe(withEngine())
+        const others = Array.from({ length: 15 }, (_, i) =>
+          request(BENCH_PROMPTS[i % BENCH_PROMPTS.length]!, 10 + i * 3, {
+            threshold: [0.3, 0.8, 2][i % 3]!,
+            kv: i % 2 ? "fill" : "recompute",
+            minExitLayer: 1 + (i % 4),
+          }),
+        )
+        const batched = yield* Effect.forEach([target, ...others], collect, { concurrency: "unbounded" }).pipe(
+          withEngine(),
+        )
+        expect(ids(batched[0]!)).toEqual(ids(soloRun))
+        expect(batched[0]!.map((e) => e.exitLayer)).toEqual(soloRun.map((e) => e.exitLayer))
+        expect(soloRun.some((e) => e.exitLayer < 5) && soloRun.some((e) => e.exitLayer === 5)).toBe(true)
+      }
+    }),
+  )
+
+  it.effect("all: rows exit together only when the least confident row is confident", () =>
+    Effect.gen(function* () {
+      const engine = yield* Engine
+      /** Runs `eager` while a never-confident request is decoding beside it. */
+      const beside = (policy: "all" | "per-sequence") =>
+        Effect.gen(function* () {
+          const started = yield* Deferred.make<void>()
+          const never = request(BENCH_PROMPTS[1]!, 60, { threshold: 2, policy })
+          const other = yield* Effect.fork(
+            engine.generate(never).pipe(
+              Stream.tap(() => Deferred.succeed(started, undefined)),
+              Stream.runCollect,
+            ),
+          )
+          yield* Deferred.await(started)
+          const eager = yield* collect(request(BENCH_PROMPTS[0]!, 30, { threshold: 0, policy }))
+          const rest = yield* Fiber.join(other)
+          return { eager: eager.map((e) => e.exitLayer), never: Chunk.toArray(rest).map((e) => e.exitLayer) }
+        })
+      // Under `all`, the minimum over rows decides: the eager request never exits early beside the other one.
+      const together = yield* beside("all")
+      expect(together.never.every((l) => l === 5)).toBe(true)
+      expect(together.eager).toEqual(Array(30).fill(5))
+      // Under `per-sequence`, the same pair exits independently.
+      const independent = yield* beside("per-sequence")
+      expect(independent.never.every((l) => l === 5)).toBe(true)
+      expect(independent.eager.slice(1)).toEqual(Array(29).fill(1))
+      // Alone, the eager request exits every decode token at the first exit under either policy.
+      const soloRun = yield* collect(request(BENCH_PROMPTS[0]!, 30, { threshold: 0, policy: "all" }))
+      expect(soloRun.slice(1).every((e) => e.exitLayer === 1)).toBe(true)
+    }).pipe(withEngine()),
+  )
+})
