@@ -132,6 +132,79 @@ describe("offramp convert + generate (stories260K)", () => {
     }
   })
 
+  it("bench --thresholds compares full depth with early exit, with quality figures and a chart", async () => {
+    const chart = join(tempDir("chart"), "chart.svg")
+    const result = await runCli([
+      "bench",
+      "--model",
+      modelDir,
+      "--streams",
+      "2",
+      "--max-tokens",
+      "8",
+      "--repeats",
+      "1",
+      "--thresholds",
+      "0,2",
+      "--policies",
+      "per-sequence,all",
+      "--kv",
+      "fill",
+      "--chart",
+      chart,
+      "--json",
+    ])
+    expect(result.code).toBe(0)
+    const { runs } = JSON.parse(result.stdout)
+    expect(
+      runs.map((r: { mode: string; policy: string; threshold: number }) => [r.mode, r.policy, r.threshold]),
+    ).toEqual([
+      ["full", null, null],
+      ["early", "per-sequence", 0],
+      ["early", "per-sequence", 2],
+      ["early", "all", 0],
+      ["early", "all", 2],
+    ])
+    const [full, eager, never] = runs
+    expect(full.meanExitDepth).toBe(5)
+    expect(never.meanExitDepth).toBe(5)
+    expect(never.perplexity).toBe(full.perplexity)
+    expect(never.agreement).toEqual({ tokenMatch: 1, rougeL: 1 })
+    expect(eager.meanExitDepth).toBe(1)
+    expect(eager.idealSpeedup).toBe(5)
+    expect(eager.kv).toBe("fill")
+    expect(eager.perplexity).toBeGreaterThan(full.perplexity)
+    expect(readFileSync(chart, "utf8")).toMatch(/^<svg[\s\S]*per-sequence\/fill @ 2 streams[\s\S]*<\/svg>$/)
+  })
+
+  it("generate's early-exit flags reach the engine", async () => {
+    const result = await generate(
+      "--prompt",
+      "Once upon a time",
+      "--max-tokens",
+      "10",
+      "--temperature",
+      "0",
+      "--threshold",
+      "0",
+      "--min-exit-layer",
+      "2",
+      "--kv",
+      "recompute",
+      "--json",
+    )
+    expect(result.code).toBe(0)
+    const lines = result.stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l))
+    expect(lines.filter((l) => l.type === "token").map((l) => l.exitLayer)).toEqual([5, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+    expect(lines.at(-1)).toMatchObject({ type: "done", meanExitDepth: 2.3, layersSkipped: 27 })
+    const bad = await generate("--prompt", "hi", "--policy", "sideways")
+    expect(bad.code).not.toBe(0)
+    expect(bad.stdout + bad.stderr).toContain("Expected one of the following cases: per-sequence, all")
+  })
+
   it("inspect prints the spec", async () => {
     const result = await runCli(["inspect", modelDir])
     expect(result.code).toBe(0)

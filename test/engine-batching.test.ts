@@ -9,7 +9,8 @@ import { type OnnxEngineConfig, onnxEngineLayer } from "@offramp/onnx"
 import { Chunk, Context, Effect, Either, Exit, Fiber, Layer, Scope, Stream } from "effect"
 import { beforeAll } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
-import { convertStories, tempDir } from "./support/stories.js"
+import { loadLlama2cReference } from "./support/reference-llama.js"
+import { convertStories, REFERENCE_IDS, STORIES_CHECKPOINT, tempDir } from "./support/stories.js"
 
 let modelDir = ""
 beforeAll(async () => {
@@ -148,6 +149,25 @@ describe("continuous batching (stories260K)", () => {
       const cache = yield* KvCache
       cache.evictCached()
       expect(cache.stats().freeBlocks).toBe(cache.stats().totalBlocks)
+    }).pipe(withEngine()),
+  )
+})
+
+describe("teacher forcing", () => {
+  it.effect("forced tokens are emitted in order with the reference's log-probabilities", () =>
+    Effect.gen(function* () {
+      const forced = REFERENCE_IDS.slice(5, 30)
+      const events = yield* collect({ ...greedy("Once upon a time", 100), forcedTokens: [...forced].reverse() })
+      expect(ids(events)).toEqual([...forced].reverse())
+      expect(events.at(-1)!.finishReason).toBe("length")
+      const reference = loadLlama2cReference(STORIES_CHECKPOINT)
+      const positions = reference.run([...REFERENCE_IDS.slice(0, 5), ...[...forced].reverse()])
+      events.forEach((event, i) => {
+        const logits = positions[4 + i]!.logits
+        const max = Math.max(...logits)
+        const logSum = Math.log(logits.reduce((sum, v) => sum + Math.exp(v - max), 0))
+        expect(Math.abs(event.logprob - (logits[event.id]! - max - logSum))).toBeLessThan(1e-4)
+      })
     }).pipe(withEngine()),
   )
 })

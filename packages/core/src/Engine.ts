@@ -86,6 +86,7 @@ interface Sequence extends ScheduledSequence {
 interface RequestState {
   readonly promptLength: number
   readonly maxTokens: number
+  readonly forcedTokens: ReadonlyArray<number> | undefined
   readonly sampling: SamplingParams
   readonly exit: ResolvedEarlyExit
   readonly mailbox: Mailbox.Mailbox<TokenEvent, GenerationError>
@@ -112,6 +113,15 @@ interface Finished {
   readonly row: number
   readonly exitLayer: number
   readonly confidence: number
+}
+
+/** log softmax(logits)[id] over one row, computed stably. */
+const logProbability = (logits: Float32Array, offset: number, vocab: number, id: number) => {
+  let max = Number.NEGATIVE_INFINITY
+  for (let i = 0; i < vocab; i++) max = Math.max(max, logits[offset + i]!)
+  let sum = 0
+  for (let i = 0; i < vocab; i++) sum += Math.exp(logits[offset + i]! - max)
+  return logits[offset + id]! - max - Math.log(sum)
 }
 
 const makeEngine = (options: EngineOptions) =>
@@ -158,11 +168,13 @@ const makeEngine = (options: EngineOptions) =>
         )
       })
 
-    /** Samples the next token of a finished row, emits it, and ends the sequence when it is done. */
+    /** Samples (or takes the forced) next token of a finished row, emits it, and ends the sequence when done. */
     const emit = ({ seq, head, row, exitLayer, confidence }: Finished) => {
       const { request } = seq
-      const id = sampler.sample(head.logits, row * dims.vocab, dims.vocab, request.sampling, seq.rng)
-      const stop = stopIds.has(id)
+      const offset = row * dims.vocab
+      const forced = request.forcedTokens?.[seq.generated]
+      const id = forced ?? sampler.sample(head.logits, offset, dims.vocab, request.sampling, seq.rng)
+      const stop = forced === undefined && stopIds.has(id)
       seq.generated++
       exitHistogram[exitLayer] = (exitHistogram[exitLayer] ?? 0) + 1
       counters.layersSkipped += dims.layers - exitLayer
@@ -177,6 +189,7 @@ const makeEngine = (options: EngineOptions) =>
         text,
         exitLayer,
         confidence,
+        logprob: logProbability(head.logits, offset, dims.vocab, id),
         finishReason,
       })
       if (finishReason !== null) end(seq, Exit.void)
@@ -496,9 +509,14 @@ const makeEngine = (options: EngineOptions) =>
         }
         const mailbox = yield* Mailbox.make<TokenEvent, GenerationError>()
         const n = req.n ?? 1
+        const forcedTokens = req.forcedTokens
+        if (forcedTokens?.some((id) => id >= dims.vocab)) {
+          return yield* new InvalidRequestError({ message: `forced tokens must be ids below the vocabulary size ${dims.vocab}` })
+        }
         const state: RequestState = {
           promptLength: prompt.length,
-          maxTokens: req.maxTokens,
+          maxTokens: forcedTokens ? Math.min(req.maxTokens, forcedTokens.length) : req.maxTokens,
+          forcedTokens,
           sampling,
           exit: resolveEarlyExit(spec, exitParams),
           mailbox,

@@ -20,6 +20,11 @@ export const GenerationRequest = Schema.Struct({
   sampling: SamplingParamsSchema,
   /** Early-exit settings over the engine's defaults. */
   earlyExit: Schema.optionalWith(EarlyExitRequest, { exact: true }),
+  /**
+   * Teacher forcing: emit these tokens in order instead of sampling (each event still reports the model's
+   * log-probability of it, the exit it was scored at and that exit's confidence); used to score a text.
+   */
+  forcedTokens: Schema.optionalWith(Schema.Array(Schema.Int.pipe(Schema.nonNegative())), { exact: true }),
   /** Independent samples of the prompt; they share the prompt's KV blocks. */
   n: Schema.optionalWith(Schema.Int.pipe(Schema.between(1, 64, { message: () => "n must be an integer in 1..64" })), {
     exact: true,
@@ -41,8 +46,10 @@ export const TokenEvent = Schema.Struct({
   text: Schema.String,
   /** How many layers ran before the head that produced it (the full depth when it did not exit early). */
   exitLayer: Schema.Int,
-  /** That head's confidence (max softmax probability). */
+  /** That head's confidence, by the request's confidence measure (max probability at full depth). */
   confidence: Schema.Number,
+  /** Natural-log probability of the token under the head that produced it (before temperature and filters). */
+  logprob: Schema.Number,
   finishReason: Schema.NullOr(FinishReason),
 })
 export type TokenEvent = typeof TokenEvent.Type

@@ -1,3 +1,4 @@
+export * from "./Calibration.js"
 export * from "./ConfidenceEvaluator.js"
 export * from "./EarlyExit.js"
 export * from "./Engine.js"

@@ -3,7 +3,13 @@
  */
 import { readFile } from "node:fs/promises"
 import { Command, Options } from "@effect/cli"
-import { Engine, InvalidRequestError, type TokenEvent } from "@offramp/core"
+import {
+  type EarlyExitParams,
+  type EarlyExitRequest,
+  Engine,
+  InvalidRequestError,
+  type TokenEvent,
+} from "@offramp/core"
 import { onnxEngineLayer } from "@offramp/onnx"
 import { Console, Effect, Option, Stream } from "effect"
 
@@ -34,6 +40,45 @@ const seed = Options.integer("seed").pipe(
   Options.optional,
 )
 const json = Options.boolean("json").pipe(Options.withDescription("print one JSON object per line"))
+const threshold = Options.float("threshold").pipe(
+  Options.withDescription("early exit when the exit head's confidence reaches this (above 1: never)"),
+  Options.optional,
+)
+const measure = Options.choice("measure", ["softmax", "margin", "entropy", "saturation", "classifier"]).pipe(
+  Options.withDescription("confidence measure of the exit heads"),
+  Options.optional,
+)
+const policy = Options.choice("policy", ["per-sequence", "all"]).pipe(
+  Options.withDescription("batch exit policy: rows exit alone, or all together"),
+  Options.optional,
+)
+const kv = Options.choice("kv", ["fill", "recompute"]).pipe(
+  Options.withDescription("K/V of skipped layers: fill from the exit state, or recompute with the next token"),
+  Options.optional,
+)
+const minExitLayer = Options.integer("min-exit-layer").pipe(
+  Options.withDescription("no exit before this many layers"),
+  Options.optional,
+)
+
+/** The early-exit flags that were given, over the engine defaults (calibration.json, else full depth). */
+const earlyExitFlags = (flags: {
+  threshold: Option.Option<number>
+  measure: Option.Option<EarlyExitParams["measure"]>
+  policy: Option.Option<EarlyExitParams["policy"]>
+  kv: Option.Option<EarlyExitParams["kv"]>
+  minExitLayer: Option.Option<number>
+}): EarlyExitRequest | undefined => {
+  const options: Record<string, Option.Option<unknown>> = flags
+  const given = Object.fromEntries(
+    Object.entries(options).flatMap(([key, value]) => (Option.isSome(value) ? [[key, value.value]] : [])),
+  )
+  return Object.keys(given).length > 0 ? (given as EarlyExitRequest) : undefined
+}
+
+/** Dims a token by how early it exited (ANSI faint for the shallowest exits), on a terminal only. */
+const shade = (text: string, exitLayer: number, layers: number) =>
+  exitLayer >= layers || text === "" ? text : `\x1b[${exitLayer <= layers / 2 ? 2 : 36}m${text}\x1b[0m`
 
 const write = (text: string) => Effect.sync(() => process.stdout.write(text))
 
@@ -51,12 +96,30 @@ const readPrompts = (flags: ReadonlyArray<string>, file: Option.Option<string>) 
 
 export const generate = Command.make(
   "generate",
-  { model, prompt, promptsFile, maxTokens, temperature, topP, topK, seed, json },
+  {
+    model,
+    prompt,
+    promptsFile,
+    maxTokens,
+    temperature,
+    topP,
+    topK,
+    seed,
+    json,
+    threshold,
+    measure,
+    policy,
+    kv,
+    minExitLayer,
+  },
   (args) =>
     Effect.gen(function* () {
       const engine = yield* Engine
       const prompts = yield* readPrompts(args.prompt, args.promptsFile)
       const single = prompts.length === 1
+      const earlyExit = earlyExitFlags(args)
+      const layers = engine.spec.dims.layers
+      const colour = single && !args.json && process.stdout.isTTY
       const run = (text: string, request: number) =>
         Effect.gen(function* () {
           const started = performance.now()
@@ -64,6 +127,7 @@ export const generate = Command.make(
           let last: TokenEvent | undefined
           let count = 0
           let output = ""
+          let depth = 0
           const stream = engine.generate({
             prompt: text,
             maxTokens: args.maxTokens,
@@ -73,15 +137,17 @@ export const generate = Command.make(
               topK: args.topK,
               ...(Option.isSome(args.seed) ? { seed: args.seed.value } : {}),
             },
+            ...(earlyExit ? { earlyExit } : {}),
           })
           yield* Stream.runForEach(stream, (event) => {
             if (count++ === 0) firstAt = performance.now()
             last = event
+            depth += event.exitLayer
             if (args.json) {
               const line = { type: "token", ...(single ? {} : { request }), id: event.id, text: event.text }
               return write(`${JSON.stringify({ ...line, exitLayer: event.exitLayer, confidence: event.confidence })}\n`)
             }
-            if (single) return write(event.text)
+            if (single) return write(colour ? shade(event.text, event.exitLayer, layers) : event.text)
             output += event.text
             return Effect.void
           })
@@ -95,12 +161,16 @@ export const generate = Command.make(
             finishReason: last?.finishReason ?? "length",
             tokensPerSecond,
             timeToFirstTokenMs: firstAt - started,
+            meanExitDepth: count > 0 ? depth / count : 0,
+            layersSkipped: count * layers - depth,
           }
           if (args.json) return yield* write(`${JSON.stringify(summary)}\n`)
           if (!single) yield* write(`[${request}] ${text}${output}\n`)
           else yield* write("\n")
           yield* Console.error(
-            `[${single ? "" : `request ${request}: `}${count} tokens, ${tokensPerSecond.toFixed(0)} tokens/s, first token after ${summary.timeToFirstTokenMs.toFixed(1)} ms, finish: ${summary.finishReason}]`,
+            `[${single ? "" : `request ${request}: `}${count} tokens, ${tokensPerSecond.toFixed(0)} tokens/s, ` +
+              `first token after ${summary.timeToFirstTokenMs.toFixed(1)} ms, mean exit depth ` +
+              `${summary.meanExitDepth.toFixed(2)}/${layers} (${summary.layersSkipped} layers skipped), finish: ${summary.finishReason}]`,
           )
         })
       yield* Effect.forEach(prompts, run, { concurrency: "unbounded" })

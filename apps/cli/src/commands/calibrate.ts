@@ -1,0 +1,141 @@
+/**
+ * `offramp calibrate`: finds per-exit thresholds that keep early-exit tokens in agreement with full depth at a
+ * target rate on a text, and writes them to the model directory's calibration.json, which the engine reads as its
+ * early-exit defaults (so `generate` and `serve` pick them up).
+ */
+import { readFile, writeFile } from "node:fs/promises"
+import { basename, join } from "node:path"
+import { Command, Options } from "@effect/cli"
+import {
+  CALIBRATION_WINDOW,
+  ConfidenceEvaluator,
+  calibratedEarlyExit,
+  calibrationWindow,
+  collectExitStatistics,
+  type ExitCalibration,
+  InvalidRequestError,
+  ModelLoadError,
+  ModelRunner,
+  Tokenizer,
+  thresholdsForTarget,
+} from "@offramp/core"
+import {
+  CALIBRATION_FILE,
+  type CalibrationFile,
+  DEFAULT_BLOCK_SIZE,
+  OnnxModelRunner,
+  openModelDirectory,
+} from "@offramp/onnx"
+import { HfTokenizer } from "@offramp/tokenizer"
+import { Console, Effect, Layer } from "effect"
+
+/** Fewer positions than this cannot resolve an agreement rate worth writing down. */
+export const MIN_CALIBRATION_TOKENS = 100
+
+const model = Options.directory("model").pipe(Options.withDescription("a staged model directory"))
+const text = Options.file("text").pipe(
+  Options.withDescription("a text in the model's domain; its tokens are run teacher-forced at full depth"),
+)
+const target = Options.float("target").pipe(
+  Options.withDescription("agreement rate with full depth that early-exit tokens must keep, in (0, 1]"),
+  Options.withDefault(0.99),
+)
+const measure = Options.choice("measure", ["softmax", "margin", "entropy", "saturation"]).pipe(
+  Options.withDescription("the confidence measure the thresholds are for"),
+  Options.withDefault("softmax"),
+)
+const policy = Options.choice("policy", ["per-sequence", "all"]).pipe(
+  Options.withDescription("batch exit policy written with the thresholds"),
+  Options.withDefault("per-sequence"),
+)
+const kv = Options.choice("kv", ["fill", "recompute"]).pipe(
+  Options.withDescription("KV strategy for skipped layers written with the thresholds"),
+  Options.withDefault("fill"),
+)
+const maxTokens = Options.integer("max-tokens").pipe(
+  Options.withDescription("most text tokens to use"),
+  Options.withDefault(20000),
+)
+
+const readText = (path: string) =>
+  Effect.gen(function* () {
+    const content = yield* Effect.tryPromise({
+      try: () => readFile(path, "utf8"),
+      catch: (e) =>
+        new InvalidRequestError({
+          message: `cannot read the calibration text ${path} (${(e as NodeJS.ErrnoException).code ?? "error"}); check the path`,
+        }),
+    })
+    if (content.trim() === "") {
+      return yield* new InvalidRequestError({ message: `the calibration text ${path} is empty` })
+    }
+    return content
+  })
+
+const percent = (x: number) => `${(100 * x).toFixed(1)} %`
+
+const table = (exits: ReadonlyArray<ExitCalibration>) =>
+  [
+    "layer  threshold  coverage  agreement",
+    ...exits.map((e) =>
+      e.threshold <= 1
+        ? `${String(e.layer).padStart(5)}  ${e.threshold.toFixed(4).padStart(9)}  ${percent(e.coverage).padStart(8)}  ${percent(e.agreement).padStart(9)}`
+        : `${String(e.layer).padStart(5)}  ${"closed".padStart(9)}  ${percent(0).padStart(8)}  ${"-".padStart(9)}`,
+    ),
+  ].join("\n")
+
+export const calibrate = Command.make("calibrate", { model, text, target, measure, policy, kv, maxTokens }, (args) =>
+  Effect.gen(function* () {
+    if (!(args.target > 0 && args.target <= 1)) {
+      return yield* new InvalidRequestError({ message: `--target is an agreement rate in (0, 1], got ${args.target}` })
+    }
+    if (args.maxTokens < 1) {
+      return yield* new InvalidRequestError({ message: `--max-tokens must be positive, got ${args.maxTokens}` })
+    }
+    const { spec } = yield* openModelDirectory(args.model)
+    const content = yield* readText(args.text)
+    const window = calibrationWindow(spec.dims.contextLength, CALIBRATION_WINDOW)
+    const services = Layer.mergeAll(
+      OnnxModelRunner.layer(args.model, {
+        blockSize: DEFAULT_BLOCK_SIZE,
+        numBlocks: Math.ceil(window / DEFAULT_BLOCK_SIZE),
+      }),
+      HfTokenizer.layer(join(args.model, spec.files.tokenizer)),
+      ConfidenceEvaluator.layer,
+    )
+    const { exits, tokens } = yield* Effect.gen(function* () {
+      const runner = yield* ModelRunner
+      const tokenizer = yield* Tokenizer
+      const evaluator = yield* ConfidenceEvaluator
+      const all = yield* tokenizer.encode(content, { addSpecialTokens: false })
+      const tokens = all.slice(0, args.maxTokens)
+      if (tokens.length < MIN_CALIBRATION_TOKENS) {
+        return yield* new InvalidRequestError({
+          message: `the calibration text is too short: ${tokens.length} tokens, at least ${MIN_CALIBRATION_TOKENS} are needed (give a longer text, or raise --max-tokens)`,
+        })
+      }
+      const statistics = yield* collectExitStatistics(runner, evaluator, tokens, { measure: args.measure, window })
+      return { exits: thresholdsForTarget(statistics, args.target), tokens: tokens.length }
+    }).pipe(Effect.provide(services))
+
+    const file: typeof CalibrationFile.Type = {
+      earlyExit: calibratedEarlyExit(exits, { measure: args.measure, policy: args.policy, kv: args.kv }),
+      calibration: {
+        target: args.target,
+        text: basename(args.text),
+        tokens,
+        measure: args.measure,
+        exits,
+      },
+    }
+    const path = join(args.model, CALIBRATION_FILE)
+    yield* Effect.tryPromise({
+      try: () => writeFile(path, `${JSON.stringify(file, null, 2)}\n`),
+      catch: (e) => new ModelLoadError({ path, message: `cannot write calibration: ${(e as Error).message}` }),
+    })
+    yield* Console.log(table(exits))
+    yield* Console.error(
+      `[${tokens} tokens of ${basename(args.text)}, target ${percent(args.target)}, measure ${args.measure}; wrote ${path}]`,
+    )
+  }),
+).pipe(Command.withDescription("find per-exit thresholds that keep early-exit tokens in agreement with full depth"))
