@@ -3,7 +3,10 @@
  * and the K/V of skipped layers under fill and recompute, against the plain-TypeScript reference.
  */
 
+import { cpSync, readFileSync, writeFileSync } from "node:fs"
+import { join } from "node:path"
 import { describe, expect, it } from "@effect/vitest"
+import { buildExitClassifierGraph } from "@offramp/convert"
 import {
   type EarlyExitRequest,
   Engine,
@@ -13,7 +16,7 @@ import {
   type TokenEvent,
 } from "@offramp/core"
 import { onnxEngineLayer } from "@offramp/onnx"
-import { Chunk, Deferred, Effect, Fiber, Stream } from "effect"
+import { Chunk, Deferred, Effect, Either, Fiber, Stream } from "effect"
 import { beforeAll } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
 import { loadLlama2cReference } from "./support/reference-llama.js"
@@ -234,6 +237,31 @@ describe("batch exit policies", () => {
       // Alone, the eager request exits every decode token at the first exit under either policy.
       const soloRun = yield* collect(request(BENCH_PROMPTS[0]!, 30, { threshold: 0, policy: "all" }))
       expect(soloRun.slice(1).every((e) => e.exitLayer === 1)).toBe(true)
+    }).pipe(withEngine()),
+  )
+})
+
+describe("learned exit classifiers", () => {
+  it.effect("the classifier measure uses the model's exit classifier graphs", () =>
+    Effect.gen(function* () {
+      // Exit 1: a classifier that never says "exit" (bias −20); exit 2: one that always does (bias +20).
+      const dir = tempDir("classifier")
+      cpSync(modelDir, dir, { recursive: true })
+      const dim = 64
+      writeFileSync(join(dir, "classifier_2.onnx"), buildExitClassifierGraph(dim, new Float32Array(dim), 20))
+      writeFileSync(join(dir, "classifier_1.onnx"), buildExitClassifierGraph(dim, new Float32Array(dim), -20))
+      const spec = JSON.parse(readFileSync(join(dir, "model.json"), "utf8"))
+      spec.exits[0].classifier = "classifier_1.onnx"
+      spec.exits[1].classifier = "classifier_2.onnx"
+      writeFileSync(join(dir, "model.json"), JSON.stringify(spec))
+      const events = yield* collect(request(BENCH_PROMPTS[0]!, 8, { measure: "classifier", threshold: 0.5 })).pipe(
+        Effect.provide(onnxEngineLayer(dir)),
+      )
+      expect(events.slice(1).map((e) => e.exitLayer)).toEqual(Array(7).fill(2))
+      expect(events[1]!.confidence).toBeCloseTo(1, 6)
+      // A model without classifiers refuses the measure with a typed error.
+      const refused = yield* Effect.either(collect(request(BENCH_PROMPTS[0]!, 8, { measure: "classifier" })))
+      expect(Either.isLeft(refused) && refused.left.message).toMatch(/needs exit classifiers/)
     }).pipe(withEngine()),
   )
 })

@@ -186,3 +186,13 @@ export const buildKvFillGraph = (w: LlamaWeights, from: number): Uint8Array => {
   }
   return g.encode()
 }
+
+/** A learned exit classifier (logistic regression on the exit hidden state): hidden [N,D] → exit_prob [N]. */
+export const buildExitClassifierGraph = (dim: number, weights: Float32Array, bias: number): Uint8Array => {
+  const g = new GraphBuilder("exit_classifier")
+  g.input(N.hidden, "float32", ["N", dim])
+  const logit = g.node("Add", [g.node("MatMul", [N.hidden, g.weight("w", weights, [dim, 1])]), g.scalar(bias)])
+  const prob = g.node("Squeeze", [g.node("Sigmoid", [logit]), g.ints([-1])])
+  g.output(N.exitProb, prob, "float32", ["N"])
+  return g.encode()
+}

@@ -67,7 +67,9 @@ export const collectExitStatistics = (
     const { hidden: D, vocab } = spec.dims
     const window = calibrationWindow(spec.dims.contextLength, options.window)
     if (!Number.isInteger(window) || window < 2) {
-      return yield* new InvalidRequestError({ message: `a calibration window needs at least 2 positions, got ${window}` })
+      return yield* new InvalidRequestError({
+        message: `a calibration window needs at least 2 positions, got ${window}`,
+      })
     }
     const blocksNeeded = Math.ceil(window / runner.blockSize)
     if (blocksNeeded > runner.numBlocks) {
@@ -97,7 +99,8 @@ export const collectExitStatistics = (
           heads.push({ head, confidence: new Float64Array(0) })
           break
         }
-        const classifier = options.measure === "classifier" ? yield* runner.classify(exitIndex, hidden, count) : undefined
+        const classifier =
+          options.measure === "classifier" ? yield* runner.classify(exitIndex, hidden, count) : undefined
         if (options.measure === "classifier" && classifier === undefined) {
           return yield* new InvalidRequestError({
             message: `the model has no exit classifier at layer ${spec.exits[exitIndex]!.layer}; choose another measure`,

@@ -511,7 +511,9 @@ const makeEngine = (options: EngineOptions) =>
         const n = req.n ?? 1
         const forcedTokens = req.forcedTokens
         if (forcedTokens?.some((id) => id >= dims.vocab)) {
-          return yield* new InvalidRequestError({ message: `forced tokens must be ids below the vocabulary size ${dims.vocab}` })
+          return yield* new InvalidRequestError({
+            message: `forced tokens must be ids below the vocabulary size ${dims.vocab}`,
+          })
         }
         const state: RequestState = {
           promptLength: prompt.length,
