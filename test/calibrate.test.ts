@@ -22,29 +22,31 @@ import { argmax, loadLlama2cReference } from "./support/reference-llama.js"
 import { convertStories, REFERENCE_IDS, STORIES_CHECKPOINT, tempDir } from "./support/stories.js"
 
 /** Simple stories in the register of TinyStories, written for this test. */
-const STORY_TEXT = `Once upon a time, there was a little boy named Tim. Tim had a small red car. He liked to play with his car \
-every day. One day, Tim took his car to the park. The sun was warm and the sky was blue. Tim saw a big tree and \
-a little bird. The bird sang a happy song. Tim smiled and said, "Hello, bird!" The bird flew down and sat on his car.
+const STORY_TEXT = `\
+Once upon a time, there was a little boy named Tim. Tim had a small red car. He liked to play with his car \
+every day. One day, Tim took his car to the park. The sun was warm and the sky was blue. Tim saw a big tree \
+and a little bird. The bird sang a happy song. Tim smiled and said, "Hello, bird!" The bird flew down and sat \
+on his car.
 
-Tim and the bird played all day. They went around the tree and up the hill. Then Tim felt tired. He sat down on \
-the grass. His mom came to the park and said, "Tim, it is time to go home." Tim said goodbye to the bird. He was \
-sad, but his mom gave him a hug. They walked home together, and Tim was happy again.
+Tim and the bird played all day. They went around the tree and up the hill. Then Tim felt tired. He sat down \
+on the grass. His mom came to the park and said, "Tim, it is time to go home." Tim said goodbye to the bird. \
+He was sad, but his mom gave him a hug. They walked home together, and Tim was happy again.
 
 Lily was a kind girl who loved her cat, Max. Max was soft and gray. One morning, Lily could not find Max. She \
-looked under the bed and in the box. She looked in the garden and by the door. "Max, where are you?" she called. \
-Lily was very sad. Her dad helped her look. They walked to the big pond. There was Max, sitting next to a duck! \
-The duck and Max were friends. Lily laughed and picked up Max. She said, "I am so glad you are safe." Lily gave \
-Max some milk, and Max purred. That night, Max slept on Lily's bed.
+looked under the bed and in the box. She looked in the garden and by the door. "Max, where are you?" she \
+called. Lily was very sad. Her dad helped her look. They walked to the big pond. There was Max, sitting next \
+to a duck! The duck and Max were friends. Lily laughed and picked up Max. She said, "I am so glad you are \
+safe." Lily gave Max some milk, and Max purred. That night, Max slept on Lily's bed.
 
-One day, Sam and Sue wanted to bake a cake for their mom. They got flour, eggs and sugar. Sam mixed the eggs and \
-Sue poured the milk. The kitchen was a big mess, but they did not mind. They put the cake in the oven and waited. \
-Soon the house smelled sweet. When Mom came home, she saw the cake and smiled. "Thank you, my dear children," she \
-said. They all ate the cake together. It was the best day ever.
+One day, Sam and Sue wanted to bake a cake for their mom. They got flour, eggs and sugar. Sam mixed the eggs \
+and Sue poured the milk. The kitchen was a big mess, but they did not mind. They put the cake in the oven and \
+waited. Soon the house smelled sweet. When Mom came home, she saw the cake and smiled. "Thank you, my dear \
+children," she said. They all ate the cake together. It was the best day ever.
 
-Ben had a blue ball. He threw the ball high in the sky. The ball went over the fence and into the yard of an old \
-man. Ben was scared to ask for it. He knocked on the door. The old man opened it and gave Ben the ball. "Be \
-careful," he said with a smile. Ben said thank you. From that day, Ben and the old man were good friends. Every \
-day, Ben came to say hello, and the old man told him a story.
+Ben had a blue ball. He threw the ball high in the sky. The ball went over the fence and into the yard of an \
+old man. Ben was scared to ask for it. He knocked on the door. The old man opened it and gave Ben the ball. \
+"Be careful," he said with a smile. Ben said thank you. From that day, Ben and the old man were good friends. \
+Every day, Ben came to say hello, and the old man told him a story.
 `
 
 const TARGET = 0.95

@@ -4,7 +4,7 @@
 import { cpSync, readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { beforeAll, describe, expect, it } from "vitest"
-import { expectCleanFailure, runCli } from "./support/cli.js"
+import { expectCleanFailure, jsonLines, runCli } from "./support/cli.js"
 import {
   REFERENCE_CONTINUATION,
   REFERENCE_IDS,
@@ -43,10 +43,7 @@ describe("offramp convert + generate (stories260K)", () => {
   it("--json prints one token object per line, then a done line", async () => {
     const result = await generate("--prompt", "Once upon a time", "--max-tokens", "60", "--temperature", "0", "--json")
     expect(result.code).toBe(0)
-    const lines = result.stdout
-      .trim()
-      .split("\n")
-      .map((l) => JSON.parse(l))
+    const lines = jsonLines(result.stdout)
     const tokens = lines.filter((l) => l.type === "token")
     expect(tokens.map((t) => t.id)).toEqual(REFERENCE_IDS.slice(5))
     expect(tokens.map((t) => t.text).join("")).toBe(REFERENCE_CONTINUATION)
@@ -86,18 +83,12 @@ describe("offramp convert + generate (stories260K)", () => {
       "--json",
     )
     expect(result.code).toBe(0)
-    const lines = result.stdout
-      .trim()
-      .split("\n")
-      .map((l) => JSON.parse(l))
+    const lines = jsonLines(result.stdout)
     const ofRequest = (i: number) => lines.filter((l) => l.type === "token" && l.request === i)
     expect(ofRequest(0).map((t) => t.id)).toEqual(REFERENCE_IDS.slice(5))
     for (const i of [1, 2]) {
       const alone = await generate("--prompt", prompts[i]!, "--max-tokens", "60", "--temperature", "0", "--json")
-      const aloneIds = alone.stdout
-        .trim()
-        .split("\n")
-        .map((l) => JSON.parse(l))
+      const aloneIds = jsonLines(alone.stdout)
         .filter((l) => l.type === "token")
         .map((l) => l.id)
       expect(ofRequest(i).map((t) => t.id)).toEqual(aloneIds)
@@ -194,10 +185,7 @@ describe("offramp convert + generate (stories260K)", () => {
       "--json",
     )
     expect(result.code).toBe(0)
-    const lines = result.stdout
-      .trim()
-      .split("\n")
-      .map((l) => JSON.parse(l))
+    const lines = jsonLines(result.stdout)
     expect(lines.filter((l) => l.type === "token").map((l) => l.exitLayer)).toEqual([5, 2, 2, 2, 2, 2, 2, 2, 2, 2])
     expect(lines.at(-1)).toMatchObject({ type: "done", meanExitDepth: 2.3, layersSkipped: 27 })
     const bad = await generate("--prompt", "hi", "--policy", "sideways")

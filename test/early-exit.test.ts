@@ -19,7 +19,7 @@ import { onnxEngineLayer } from "@offramp/onnx"
 import { Chunk, Deferred, Effect, Either, Fiber, Stream } from "effect"
 import { beforeAll } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
-import { loadLlama2cReference } from "./support/reference-llama.js"
+import { interleavedToHalfRow, loadLlama2cReference } from "./support/reference-llama.js"
 import { convertStories, STORIES_CHECKPOINT, tempDir } from "./support/stories.js"
 
 let modelDir = ""
@@ -101,18 +101,6 @@ describe("thresholds", () => {
 
 const reference = loadLlama2cReference(STORIES_CHECKPOINT)
 
-/** Reorders a row of K from run.c's interleaved RoPE pairs to the rotate-half layout the graphs use. */
-const toHalf = (row: Float32Array, headDim: number) => {
-  const out = new Float32Array(row.length)
-  for (let h = 0; h < row.length / headDim; h++) {
-    for (let i = 0; i < headDim / 2; i++) {
-      out[h * headDim + i] = row[h * headDim + 2 * i]!
-      out[h * headDim + i + headDim / 2] = row[h * headDim + 2 * i + 1]!
-    }
-  }
-  return out
-}
-
 const maxDiff = (a: ArrayLike<number>, b: ArrayLike<number>) => {
   let worst = 0
   for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!))
@@ -140,16 +128,16 @@ describe("K/V of skipped layers", () => {
       const positions = reference.run(tokens.slice(0, -1))
       // The prompt went full depth: its K at the last layer matches the reference (and confirms slot = position).
       for (let p = 0; p < prompt.length; p++) {
-        expect(maxDiff(runner.readKv(4, p).k, toHalf(positions[p]!.k[4]!, headDim))).toBeLessThan(1e-4)
+        expect(maxDiff(runner.readKv(4, p).k, interleavedToHalfRow(positions[p]!.k[4]!, headDim))).toBeLessThan(1e-4)
       }
       // Every generated token exited after layer 1; layer 0 is exact, layers 1..4 are filled from hidden[0].
       let worst = 0
       for (let p = prompt.length; p < tokens.length - 1; p++) {
         const exitHidden = positions[p]!.hidden[0]!
-        worst = Math.max(worst, maxDiff(runner.readKv(0, p).k, toHalf(positions[p]!.k[0]!, headDim)))
+        worst = Math.max(worst, maxDiff(runner.readKv(0, p).k, interleavedToHalfRow(positions[p]!.k[0]!, headDim)))
         for (let l = 1; l < 5; l++) {
           const want = reference.projectKv(l, exitHidden, p)
-          worst = Math.max(worst, maxDiff(runner.readKv(l, p).k, toHalf(want.k, headDim)))
+          worst = Math.max(worst, maxDiff(runner.readKv(l, p).k, interleavedToHalfRow(want.k, headDim)))
           worst = Math.max(worst, maxDiff(runner.readKv(l, p).v, want.v))
         }
       }
@@ -175,7 +163,7 @@ describe("K/V of skipped layers", () => {
       let worst = 0
       for (let p = 0; p <= resolved; p++) {
         for (let l = 0; l < 5; l++) {
-          worst = Math.max(worst, maxDiff(runner.readKv(l, p).k, toHalf(positions[p]!.k[l]!, headDim)))
+          worst = Math.max(worst, maxDiff(runner.readKv(l, p).k, interleavedToHalfRow(positions[p]!.k[l]!, headDim)))
           worst = Math.max(worst, maxDiff(runner.readKv(l, p).v, positions[p]!.v[l]!))
         }
       }

@@ -9,7 +9,7 @@ import { buildRowBatch, ModelRunner, type RowInput } from "@offramp/core"
 import { OnnxModelRunner } from "@offramp/onnx"
 import { Effect } from "effect"
 import { beforeAll } from "vitest"
-import { loadLlama2cReference, type PositionResult } from "./support/reference-llama.js"
+import { interleavedToHalfRow, loadLlama2cReference, type PositionResult } from "./support/reference-llama.js"
 import { convertStories, REFERENCE_IDS, STORIES_CHECKPOINT, tempDir } from "./support/stories.js"
 
 const TOLERANCE = 1e-4
@@ -130,18 +130,6 @@ describe("ONNX runner vs the TypeScript reference (stories260K)", () => {
     }).pipe(Effect.provide(OnnxModelRunner.layer(modelDir, { blockSize: BLOCK_SIZE, numBlocks: 64 }))),
   )
 })
-
-/** Reorders a row of K from run.c's interleaved RoPE pairs to the rotate-half layout the graphs use. */
-const interleavedToHalfRow = (row: Float32Array, headDim: number) => {
-  const out = new Float32Array(row.length)
-  for (let h = 0; h < row.length / headDim; h++) {
-    for (let i = 0; i < headDim / 2; i++) {
-      out[h * headDim + i] = row[h * headDim + 2 * i]!
-      out[h * headDim + i + headDim / 2] = row[h * headDim + 2 * i + 1]!
-    }
-  }
-  return out
-}
 
 describe("kvfill graphs vs the reference projection", () => {
   it.effect(

@@ -32,3 +32,11 @@ export const expectCleanFailure = (result: CliResult, fragment: string | RegExp)
   mentions: typeof fragment === "string" ? result.stderr.includes(fragment) : fragment.test(result.stderr),
   stackFree: !/^\s+at .+:\d+:\d+\)?$/m.test(result.stderr),
 })
+
+/** The JSON objects of a `--json` output, one per line. */
+// biome-ignore lint/suspicious/noExplicitAny: test output is inspected field by field
+export const jsonLines = (stdout: string): Array<any> =>
+  stdout
+    .trim()
+    .split("\n")
+    .map((line) => JSON.parse(line))

@@ -410,3 +410,15 @@ export const makeReferenceModel = (weights: ReferenceWeights, options?: Referenc
 
   return { config, weights, ropeStyle, headSize, kvDim, forward, history, projectKv, reset, run, greedy }
 }
+
+/** Reorders a row of K from run.c's interleaved RoPE pairs to the rotate-half layout of the staged graphs. */
+export const interleavedToHalfRow = (row: Float32Array, headDim: number): Float32Array => {
+  const out = new Float32Array(row.length)
+  for (let h = 0; h < row.length / headDim; h++) {
+    for (let i = 0; i < headDim / 2; i++) {
+      out[h * headDim + i] = row[h * headDim + 2 * i]!
+      out[h * headDim + i + headDim / 2] = row[h * headDim + 2 * i + 1]!
+    }
+  }
+  return out
+}

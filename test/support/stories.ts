@@ -22,6 +22,9 @@ export const REFERENCE_CONTINUATION =
   ", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball. " +
   "She wanted to play with it, but it was too high.\nLily"
 
+/** run.c's whole greedy output for "Once upon a time": the prompt and its continuation. */
+export const REFERENCE_TEXT = `Once upon a time${REFERENCE_CONTINUATION}`
+
 /** run.c's whole greedy sequence for "Once upon a time" (BOS, 4 prompt ids, 60 generated). */
 export const REFERENCE_IDS = [
   1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419,

@@ -1,29 +1,17 @@
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { fileURLToPath } from "node:url"
 import { describe, expect, it } from "@effect/vitest"
 import { Tokenizer } from "@huggingface/tokenizers"
 import { Effect } from "effect"
 import * as fc from "fast-check"
+import { REFERENCE_IDS, REFERENCE_TEXT, STORIES_TOKENIZER as tokPath } from "../../../test/support/stories.js"
 import {
   LLAMA2C_TOKENIZER_CONFIG,
   parseLlama2cTokenizer,
   readLlama2cTokenizer,
   toHuggingFaceTokenizerJson,
 } from "../src/Llama2cTokenizer.js"
-
-const modelDir = fileURLToPath(new URL("../../../../shared/models/stories260K/", import.meta.url))
-const tokPath = join(modelDir, "tok512.bin")
-
-const REFERENCE_IDS = [
-  1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419,
-  292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394, 261, 370, 432, 352, 266, 268, 388, 426, 338, 391,
-  266, 267, 337, 335, 312, 432, 398, 312, 286, 267, 414, 270, 333, 415, 426, 13, 438, 310,
-]
-const REFERENCE_TEXT =
-  "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a " +
-  "big, red ball. She wanted to play with it, but it was too high.\nLily"
 
 /**
  * llama2.c run.c's `encode`, written independently of the converter: its own file parser, BOS, dummy-prefix " ",

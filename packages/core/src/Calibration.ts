@@ -74,7 +74,9 @@ export const collectExitStatistics = (
     const blocksNeeded = Math.ceil(window / runner.blockSize)
     if (blocksNeeded > runner.numBlocks) {
       return yield* new InvalidRequestError({
-        message: `a calibration window of ${window} positions needs ${blocksNeeded} KV blocks; the runner has ${runner.numBlocks}`,
+        message:
+          `a calibration window of ${window} positions needs ${blocksNeeded} KV blocks; ` +
+          `the runner has ${runner.numBlocks}`,
       })
     }
     const blocks = Array.from({ length: blocksNeeded }, (_, b) => b)
@@ -103,7 +105,7 @@ export const collectExitStatistics = (
           options.measure === "classifier" ? yield* runner.classify(exitIndex, hidden, count) : undefined
         if (options.measure === "classifier" && classifier === undefined) {
           return yield* new InvalidRequestError({
-            message: `the model has no exit classifier at layer ${spec.exits[exitIndex]!.layer}; choose another measure`,
+            message: `no exit classifier after layer ${spec.exits[exitIndex]!.layer}; use another measure`,
           })
         }
         const confidence = new Float64Array(count)

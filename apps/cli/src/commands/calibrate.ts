@@ -61,10 +61,12 @@ const readText = (path: string) =>
   Effect.gen(function* () {
     const content = yield* Effect.tryPromise({
       try: () => readFile(path, "utf8"),
-      catch: (e) =>
-        new InvalidRequestError({
-          message: `cannot read the calibration text ${path} (${(e as NodeJS.ErrnoException).code ?? "error"}); check the path`,
-        }),
+      catch: (e) => {
+        const code = (e as NodeJS.ErrnoException).code ?? "error"
+        return new InvalidRequestError({
+          message: `cannot read the calibration text ${path} (${code}); check the path`,
+        })
+      },
     })
     if (content.trim() === "") {
       return yield* new InvalidRequestError({ message: `the calibration text ${path} is empty` })
@@ -74,13 +76,16 @@ const readText = (path: string) =>
 
 const percent = (x: number) => `${(100 * x).toFixed(1)} %`
 
+const row = (layer: string, threshold: string, coverage: string, agreement: string) =>
+  `${layer.padStart(5)}  ${threshold.padStart(9)}  ${coverage.padStart(8)}  ${agreement.padStart(9)}`
+
 const table = (exits: ReadonlyArray<ExitCalibration>) =>
   [
     "layer  threshold  coverage  agreement",
     ...exits.map((e) =>
       e.threshold <= 1
-        ? `${String(e.layer).padStart(5)}  ${e.threshold.toFixed(4).padStart(9)}  ${percent(e.coverage).padStart(8)}  ${percent(e.agreement).padStart(9)}`
-        : `${String(e.layer).padStart(5)}  ${"closed".padStart(9)}  ${percent(0).padStart(8)}  ${"-".padStart(9)}`,
+        ? row(String(e.layer), e.threshold.toFixed(4), percent(e.coverage), percent(e.agreement))
+        : row(String(e.layer), "closed", percent(0), "-"),
     ),
   ].join("\n")
 
@@ -111,7 +116,9 @@ export const calibrate = Command.make("calibrate", { model, text, target, measur
       const tokens = all.slice(0, args.maxTokens)
       if (tokens.length < MIN_CALIBRATION_TOKENS) {
         return yield* new InvalidRequestError({
-          message: `the calibration text is too short: ${tokens.length} tokens, at least ${MIN_CALIBRATION_TOKENS} are needed (give a longer text, or raise --max-tokens)`,
+          message:
+            `the calibration text is too short: ${tokens.length} tokens, at least ${MIN_CALIBRATION_TOKENS} ` +
+            "are needed (give a longer text, or raise --max-tokens)",
         })
       }
       const statistics = yield* collectExitStatistics(runner, evaluator, tokens, { measure: args.measure, window })
@@ -135,7 +142,8 @@ export const calibrate = Command.make("calibrate", { model, text, target, measur
     })
     yield* Console.log(table(exits))
     yield* Console.error(
-      `[${tokens} tokens of ${basename(args.text)}, target ${percent(args.target)}, measure ${args.measure}; wrote ${path}]`,
+      `[${tokens} tokens of ${basename(args.text)}, target ${percent(args.target)}, measure ${args.measure}; ` +
+        `wrote ${path}]`,
     )
   }),
 ).pipe(Command.withDescription("find per-exit thresholds that keep early-exit tokens in agreement with full depth"))
