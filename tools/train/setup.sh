@@ -2,9 +2,10 @@
 # Installs the Debian packages the Offramp training recipe needs (idempotent).
 # Debian bookworm: python3-torch 1.13 imports only under /usr/bin/python3.
 # python3-safetensors / python3-tokenizers do not exist in bookworm; the recipe
-# writes safetensors and trains the BPE tokenizer itself.
+# writes safetensors and trains the BPE tokenizer itself. python3-regex gives the
+# exact GPT-2 pre-tokenizer pattern (\p{L}, \p{N}); tokenizer.py falls back to re.
 set -euo pipefail
-PKGS=(python3-torch python3-numpy libopenblas0-pthread)
+PKGS=(python3-torch python3-numpy libopenblas0-pthread python3-regex)
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 missing=()

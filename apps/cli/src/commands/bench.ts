@@ -93,7 +93,7 @@ export interface BenchRun {
   readonly meanExitDepth: number
   /** layers ÷ meanExitDepth: the speedup if time were proportional to layers run. */
   readonly idealSpeedup: number
-  /** decodeTokensPerSecond ÷ the full-depth figure at the same stream count. */
+  /** Median over rounds of decodeTokensPerSecond ÷ the full-depth figure of the same round and stream count. */
   readonly speedup: number
   readonly achievedOverIdeal: number
   /** Teacher-forced perplexity of the early-exit decoder on the held-out text, at this stream count. */
@@ -243,61 +243,63 @@ export const bench = Command.make(
               ].join("  "),
             )
 
+      type Settings = { policy: ExitPolicy | null; kv: KvStrategy | null; threshold: number | null }
+      const configs: Array<{ settings: Settings; earlyExit: EarlyExitRequest | undefined }> = [
+        { settings: { policy: null, kv: null, threshold: null }, earlyExit: undefined },
+        ...policyList.flatMap((policy) =>
+          kvList.flatMap((kv) =>
+            sweep.map((threshold) => ({
+              settings: { policy, kv, threshold },
+              earlyExit: { policy, kv, threshold, measure: args.measure, minExitLayer: args.minExitLayer },
+            })),
+          ),
+        ),
+      ]
       for (const count of counts) {
-        const point = (earlyExit: EarlyExitRequest | undefined) =>
-          Effect.gen(function* () {
-            const results = []
-            for (let r = 0; r < args.repeats; r++) results.push(yield* throughput(count, args.maxTokens, earlyExit))
-            return { results, perplexity: yield* heldoutPerplexity(heldoutIds, count, earlyExit) }
-          })
-        const full = yield* point(undefined)
-        const fullTps = median(full.results.map((r) => r.decodeTokensPerSecond))
-        const fullOutputs = full.results[0]!.outputs
-        const summarize = (
-          mode: "full" | "early",
-          settings: { policy: ExitPolicy | null; kv: KvStrategy | null; threshold: number | null },
-          measured: typeof full,
-        ): BenchRun => {
-          const decodeTokensPerSecond = median(measured.results.map((r) => r.decodeTokensPerSecond))
-          const meanExitDepth = median(measured.results.map((r) => r.meanExitDepth))
-          const outputs = measured.results[0]!.outputs
+        // Rounds interleave every configuration, so machine noise hits full depth and early exit alike;
+        // a speedup is the median of the per-round ratios.
+        const results = configs.map(() => [] as Array<Effect.Effect.Success<ReturnType<typeof throughput>>>)
+        for (let round = 0; round < args.repeats; round++) {
+          for (const [i, config] of configs.entries()) {
+            results[i]!.push(yield* throughput(count, args.maxTokens, config.earlyExit))
+          }
+        }
+        const perplexities = yield* Effect.forEach(configs, (c) => heldoutPerplexity(heldoutIds, count, c.earlyExit))
+        const full = results[0]!
+        const fullOutputs = full[0]!.outputs
+        for (const [i, config] of configs.entries()) {
+          const measured = results[i]!
+          const meanExitDepth = median(measured.map((r) => r.meanExitDepth))
+          const outputs = measured[0]!.outputs
           const idealSpeedup = layers / meanExitDepth
-          const speedup = decodeTokensPerSecond / fullTps
-          return {
-            mode,
-            ...settings,
+          const speedup = median(
+            measured.map((r, round) => r.decodeTokensPerSecond / full[round]!.decodeTokensPerSecond),
+          )
+          runs.push({
+            mode: i === 0 ? "full" : "early",
+            ...config.settings,
             streams: count,
-            decodeTokensPerSecond,
-            tokensPerSecond: median(measured.results.map((r) => r.tokensPerSecond)),
-            timeToFirstTokenMs: median(measured.results.flatMap((r) => r.firsts)),
+            decodeTokensPerSecond: median(measured.map((r) => r.decodeTokensPerSecond)),
+            tokensPerSecond: median(measured.map((r) => r.tokensPerSecond)),
+            timeToFirstTokenMs: median(measured.flatMap((r) => r.firsts)),
             meanExitDepth,
             idealSpeedup,
             speedup,
             achievedOverIdeal: speedup / idealSpeedup,
-            perplexity: measured.perplexity,
-            perplexityIncreasePct: (measured.perplexity / full.perplexity - 1) * 100,
+            perplexity: perplexities[i]!,
+            perplexityIncreasePct: (perplexities[i]! / perplexities[0]! - 1) * 100,
             agreement: {
-              tokenMatch: median(outputs.map((o, i) => tokenMatchRate(fullOutputs[i]!, o))),
-              rougeL: median(outputs.map((o, i) => rougeL(fullOutputs[i]!, o).f1)),
+              tokenMatch: median(outputs.map((o, s) => tokenMatchRate(fullOutputs[s]!, o))),
+              rougeL: median(outputs.map((o, s) => rougeL(fullOutputs[s]!, o).f1)),
             },
             repeats: args.repeats,
-            runs: measured.results.map(({ decodeTokensPerSecond, tokens, wallMs }) => ({
+            runs: measured.map(({ decodeTokensPerSecond, tokens, wallMs }) => ({
               decodeTokensPerSecond,
               tokens,
               wallMs,
             })),
-          }
-        }
-        runs.push(summarize("full", { policy: null, kv: null, threshold: null }, full))
-        yield* report(runs.at(-1)!)
-        for (const policy of policyList) {
-          for (const kv of kvList) {
-            for (const threshold of sweep) {
-              const earlyExit = { policy, kv, threshold, measure: args.measure, minExitLayer: args.minExitLayer }
-              runs.push(summarize("early", { policy, kv, threshold }, yield* point(earlyExit)))
-              yield* report(runs.at(-1)!)
-            }
-          }
+          })
+          yield* report(runs.at(-1)!)
         }
       }
 
