@@ -61,7 +61,7 @@ beforeAll(async () => {
 
 const stats = (layer: number, samples: ReadonlyArray<readonly [number, boolean]>): ExitStatistics => ({
   layer,
-  samples: samples.map(([confidence, agrees]) => ({ confidence, agrees })),
+  samples: samples.map(([confidence, agrees]) => ({ confidence, agrees, logprob: Number.NaN })),
 })
 
 describe("thresholdsForTarget", () => {

@@ -7,13 +7,14 @@ import { Effect } from "effect"
 import { bench } from "./commands/bench.js"
 import { calibrate } from "./commands/calibrate.js"
 import { convert } from "./commands/convert.js"
+import { evaluate } from "./commands/evaluate.js"
 import { generate } from "./commands/generate.js"
 import { inspect } from "./commands/inspect.js"
 import { reportFailure } from "./report.js"
 
 const offramp = Command.make("offramp").pipe(
   Command.withDescription("an inference engine for early-exit language models"),
-  Command.withSubcommands([convert, generate, inspect, bench, calibrate]),
+  Command.withSubcommands([convert, generate, inspect, bench, calibrate, evaluate]),
 )
 
 const cli = Command.run(offramp, { name: "offramp", version: "0.1.0" })

@@ -9,6 +9,7 @@ import type { ConfidenceMeasure, EarlyExitParams, ExitPolicy, KvStrategy } from 
 import { InvalidRequestError, type RunnerError } from "./Errors.js"
 import type { HeadOutput, ModelRunnerShape } from "./ModelRunner.js"
 import { buildRowBatch } from "./RowBatch.js"
+import { logProbability } from "./Sampler.js"
 
 /** Positions per calibration window (BOS included) unless the context is shorter. */
 export const CALIBRATION_WINDOW = 256
@@ -21,6 +22,8 @@ export interface ExitSample {
   readonly confidence: number
   /** The exit head's top token equals the full-depth head's top token at this position. */
   readonly agrees: boolean
+  /** Natural-log probability the exit head gives the text's next token (NaN at a window's last position). */
+  readonly logprob: number
 }
 
 /** The scored positions of one early exit. */
@@ -45,6 +48,8 @@ export interface CollectOptions {
   readonly measure: ConfidenceMeasure
   /** Positions per window, BOS included (default CALIBRATION_WINDOW, at most the context length). */
   readonly window?: number
+  /** Also return the full-depth exit's statistics, as the last entry (for evaluation). */
+  readonly includeFinal?: boolean
 }
 
 /** The window length used for a model: positions per prefill call, BOS included. */
@@ -81,7 +86,7 @@ export const collectExitStatistics = (
     }
     const blocks = Array.from({ length: blocksNeeded }, (_, b) => b)
     const finalExit = spec.exits.length - 1
-    const earlyExits = spec.exits.slice(0, finalExit)
+    const earlyExits = options.includeFinal ? spec.exits : spec.exits.slice(0, finalExit)
     const samples: Array<Array<ExitSample>> = earlyExits.map(() => [])
 
     for (let start = 0; start < tokens.length; start += window - 1) {
@@ -98,7 +103,7 @@ export const collectExitStatistics = (
         if (exitIndex < 0) continue
         const head = yield* runner.head(exitIndex, hidden, count)
         if (exitIndex === finalExit) {
-          heads.push({ head, confidence: new Float64Array(0) })
+          heads.push({ head, confidence: Float64Array.from(head.maxProb) })
           break
         }
         const classifier =
@@ -127,14 +132,29 @@ export const collectExitStatistics = (
         previous = hidden
       }
       const final = heads.at(-1)!.head
-      heads.slice(0, -1).forEach(({ head, confidence }, e) => {
+      heads.slice(0, earlyExits.length).forEach(({ head, confidence }, e) => {
         for (let p = 0; p < count; p++) {
-          samples[e]!.push({ confidence: confidence[p]!, agrees: head.topToken[p] === final.topToken[p] })
+          samples[e]!.push({
+            confidence: confidence[p]!,
+            agrees: head.topToken[p] === final.topToken[p],
+            logprob: p + 1 < count ? logProbability(head.logits, p * vocab, vocab, ids[p + 1]!) : Number.NaN,
+          })
         }
       })
     }
     return earlyExits.map((exit, e) => ({ layer: exit.layer, samples: samples[e]! }))
   })
+
+/** Perplexity and top-1 agreement with the full-depth head of one exit, over its scored positions. Pure. */
+export const exitQuality = (statistics: ExitStatistics) => {
+  const logprobs = statistics.samples.map((s) => s.logprob).filter((l) => !Number.isNaN(l))
+  return {
+    layer: statistics.layer,
+    perplexity: Math.exp(-logprobs.reduce((a, b) => a + b, 0) / logprobs.length),
+    agreement: statistics.samples.filter((s) => s.agrees).length / statistics.samples.length,
+    positions: statistics.samples.length,
+  }
+}
 
 /**
  * The threshold of one exit: positions sorted by confidence descending, the largest prefix whose agreement rate

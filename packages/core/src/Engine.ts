@@ -21,7 +21,7 @@ import { KvCache, type KvCacheStats } from "./KvCache.js"
 import { type HeadOutput, ModelRunner } from "./ModelRunner.js"
 import type { ModelSpec } from "./ModelSpec.js"
 import { buildRowBatch } from "./RowBatch.js"
-import { type Rng, Sampler, type SamplingParams } from "./Sampler.js"
+import { logProbability, type Rng, Sampler, type SamplingParams } from "./Sampler.js"
 import { type BatchRow, type ScheduledSequence, Scheduler } from "./Scheduler.js"
 import { type DetokenizerStream, Tokenizer } from "./Tokenizer.js"
 
@@ -113,15 +113,6 @@ interface Finished {
   readonly row: number
   readonly exitLayer: number
   readonly confidence: number
-}
-
-/** log softmax(logits)[id] over one row, computed stably. */
-const logProbability = (logits: Float32Array, offset: number, vocab: number, id: number) => {
-  let max = Number.NEGATIVE_INFINITY
-  for (let i = 0; i < vocab; i++) max = Math.max(max, logits[offset + i]!)
-  let sum = 0
-  for (let i = 0; i < vocab; i++) sum += Math.exp(logits[offset + i]! - max)
-  return logits[offset + id]! - max - Math.log(sum)
 }
 
 const makeEngine = (options: EngineOptions) =>

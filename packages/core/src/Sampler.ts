@@ -365,6 +365,15 @@ const sampleRow = (
   return drawFrom(ids, work, m, mass, rng)
 }
 
+/** log softmax(logits[offset .. offset+vocab))[id], computed stably (a token's log-probability). */
+export const logProbability = (logits: ArrayLike<number>, offset: number, vocab: number, id: number): number => {
+  let max = Number.NEGATIVE_INFINITY
+  for (let i = 0; i < vocab; i++) max = Math.max(max, logits[offset + i]!)
+  let sum = 0
+  for (let i = 0; i < vocab; i++) sum += Math.exp(logits[offset + i]! - max)
+  return logits[offset + id]! - max - Math.log(sum)
+}
+
 /** Checks params once per request, so `sample` can trust them. */
 export const validateSamplingParams = (params: SamplingParams): Effect.Effect<SamplingParams, InvalidRequestError> => {
   const problem =

@@ -9,6 +9,7 @@ import { Command, Options } from "@effect/cli"
 import {
   CALIBRATION_WINDOW,
   ConfidenceEvaluator,
+  type ConfidenceMeasure,
   calibratedEarlyExit,
   calibrationWindow,
   collectExitStatistics,
@@ -57,7 +58,7 @@ const maxTokens = Options.integer("max-tokens").pipe(
   Options.withDefault(20000),
 )
 
-const readText = (path: string) =>
+export const readText = (path: string) =>
   Effect.gen(function* () {
     const content = yield* Effect.tryPromise({
       try: () => readFile(path, "utf8"),
@@ -72,6 +73,50 @@ const readText = (path: string) =>
       return yield* new InvalidRequestError({ message: `the calibration text ${path} is empty` })
     }
     return content
+  })
+
+/**
+ * Runs a text teacher-forced through a model on a runner of its own and scores every position at every exit
+ * (with `includeFinal`, the full-depth exit too).
+ */
+export const textExitStatistics = (
+  modelDir: string,
+  textPath: string,
+  maxTokens: number,
+  measure: ConfidenceMeasure,
+  includeFinal = false,
+) =>
+  Effect.gen(function* () {
+    if (maxTokens < 1) {
+      return yield* new InvalidRequestError({ message: `--max-tokens must be positive, got ${maxTokens}` })
+    }
+    const { spec } = yield* openModelDirectory(modelDir)
+    const content = yield* readText(textPath)
+    const window = calibrationWindow(spec.dims.contextLength, CALIBRATION_WINDOW)
+    const services = Layer.mergeAll(
+      OnnxModelRunner.layer(modelDir, {
+        blockSize: DEFAULT_BLOCK_SIZE,
+        numBlocks: Math.ceil(window / DEFAULT_BLOCK_SIZE),
+      }),
+      HfTokenizer.layer(join(modelDir, spec.files.tokenizer)),
+      ConfidenceEvaluator.layer,
+    )
+    return yield* Effect.gen(function* () {
+      const runner = yield* ModelRunner
+      const tokenizer = yield* Tokenizer
+      const evaluator = yield* ConfidenceEvaluator
+      const all = yield* tokenizer.encode(content, { addSpecialTokens: false })
+      const tokens = all.slice(0, maxTokens)
+      if (tokens.length < MIN_CALIBRATION_TOKENS) {
+        return yield* new InvalidRequestError({
+          message:
+            `the text is too short: ${tokens.length} tokens, at least ${MIN_CALIBRATION_TOKENS} ` +
+            "are needed (give a longer text, or raise --max-tokens)",
+        })
+      }
+      const statistics = yield* collectExitStatistics(runner, evaluator, tokens, { measure, window, includeFinal })
+      return { statistics, tokens: tokens.length }
+    }).pipe(Effect.provide(services))
   })
 
 const percent = (x: number) => `${(100 * x).toFixed(1)} %`
@@ -94,36 +139,8 @@ export const calibrate = Command.make("calibrate", { model, text, target, measur
     if (!(args.target > 0 && args.target <= 1)) {
       return yield* new InvalidRequestError({ message: `--target is an agreement rate in (0, 1], got ${args.target}` })
     }
-    if (args.maxTokens < 1) {
-      return yield* new InvalidRequestError({ message: `--max-tokens must be positive, got ${args.maxTokens}` })
-    }
-    const { spec } = yield* openModelDirectory(args.model)
-    const content = yield* readText(args.text)
-    const window = calibrationWindow(spec.dims.contextLength, CALIBRATION_WINDOW)
-    const services = Layer.mergeAll(
-      OnnxModelRunner.layer(args.model, {
-        blockSize: DEFAULT_BLOCK_SIZE,
-        numBlocks: Math.ceil(window / DEFAULT_BLOCK_SIZE),
-      }),
-      HfTokenizer.layer(join(args.model, spec.files.tokenizer)),
-      ConfidenceEvaluator.layer,
-    )
-    const { exits, tokens } = yield* Effect.gen(function* () {
-      const runner = yield* ModelRunner
-      const tokenizer = yield* Tokenizer
-      const evaluator = yield* ConfidenceEvaluator
-      const all = yield* tokenizer.encode(content, { addSpecialTokens: false })
-      const tokens = all.slice(0, args.maxTokens)
-      if (tokens.length < MIN_CALIBRATION_TOKENS) {
-        return yield* new InvalidRequestError({
-          message:
-            `the calibration text is too short: ${tokens.length} tokens, at least ${MIN_CALIBRATION_TOKENS} ` +
-            "are needed (give a longer text, or raise --max-tokens)",
-        })
-      }
-      const statistics = yield* collectExitStatistics(runner, evaluator, tokens, { measure: args.measure, window })
-      return { exits: thresholdsForTarget(statistics, args.target), tokens: tokens.length }
-    }).pipe(Effect.provide(services))
+    const { statistics, tokens } = yield* textExitStatistics(args.model, args.text, args.maxTokens, args.measure)
+    const exits = thresholdsForTarget(statistics, args.target)
 
     const file: typeof CalibrationFile.Type = {
       earlyExit: calibratedEarlyExit(exits, { measure: args.measure, policy: args.policy, kv: args.kv }),
