@@ -15,9 +15,10 @@ import {
   Tokenizer,
 } from "@offramp/core"
 import { onnxEngineLayer } from "@offramp/onnx"
-import { Chunk, Console, Effect, Option, Stream } from "effect"
+import { Chunk, Console, Effect, Layer, Option, Stream } from "effect"
 import { type ChartPoint, speedupQualityChart } from "../bench/chart.js"
 import { median, perplexity, rougeL, tokenMatchRate } from "../bench/quality.js"
+import { engineConfig, kvCacheMb, threads } from "../engineOptions.js"
 
 /** Story openings in the register of TinyStories; a stream takes prompt i mod length. */
 export const BENCH_PROMPTS = [
@@ -210,6 +211,8 @@ export const bench = Command.make(
     heldout,
     chart,
     json,
+    kvCacheMb,
+    threads,
   },
   (args) =>
     Effect.gen(function* () {
@@ -332,7 +335,11 @@ export const bench = Command.make(
           JSON.stringify({ model: engine.spec.name, command, node: process.version, layers, runs }, null, 2),
         )
       }
-    }).pipe(Effect.provide(onnxEngineLayer(args.model))),
+    }).pipe(
+      Effect.provide(
+        Layer.unwrapEffect(Effect.map(engineConfig(args), (config) => onnxEngineLayer(args.model, config))),
+      ),
+    ),
 ).pipe(
   Command.withDescription(
     "measure decode throughput at several stream counts, full depth against early exit, with its quality cost",

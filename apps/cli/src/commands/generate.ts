@@ -11,7 +11,8 @@ import {
   type TokenEvent,
 } from "@offramp/core"
 import { onnxEngineLayer } from "@offramp/onnx"
-import { Console, Effect, Option, Stream } from "effect"
+import { Console, Effect, Layer, Option, Stream } from "effect"
+import { engineConfig, kvCacheMb, threads } from "../engineOptions.js"
 
 const model = Options.directory("model").pipe(Options.withDescription("a staged model directory"))
 const prompt = Options.text("prompt").pipe(
@@ -111,6 +112,8 @@ export const generate = Command.make(
     policy,
     kv,
     minExitLayer,
+    kvCacheMb,
+    threads,
   },
   (args) =>
     Effect.gen(function* () {
@@ -174,5 +177,9 @@ export const generate = Command.make(
           )
         })
       yield* Effect.forEach(prompts, run, { concurrency: "unbounded" })
-    }).pipe(Effect.provide(onnxEngineLayer(args.model))),
+    }).pipe(
+      Effect.provide(
+        Layer.unwrapEffect(Effect.map(engineConfig(args), (config) => onnxEngineLayer(args.model, config))),
+      ),
+    ),
 ).pipe(Command.withDescription("generate continuations of prompts"))
