@@ -57,6 +57,8 @@ def parse_args():
     g.add_argument("--clip", type=float, default=1.0)
     g.add_argument("--exit-weights", default="depth", help="'depth' (w_l proportional to l) or a "
                    "comma list, one per exit incl. the last; normalised to sum 1")
+    g.add_argument("--exit-frac", type=float, default=0.25, help="fraction of token positions (random each "
+                   "step) on which the early exits' loss is computed; the final exit always uses all (1 = all)")
     g.add_argument("--distill", type=float, default=0.0, help="alpha: early-exit loss = (1-a)*CE + "
                    "a*KL(final || exit), final detached (0 = off)")
     g.add_argument("--seed", type=int, default=1337)
@@ -72,7 +74,7 @@ def parse_args():
     g.add_argument("--resume", default="", help="path of a train-state.pt to resume from")
     g.add_argument("--eval-every-min", type=float, default=5.0)
     g.add_argument("--ckpt-every-min", type=float, default=10.0)
-    g.add_argument("--eval-tokens", type=int, default=65536, help="max held-out tokens per eval")
+    g.add_argument("--eval-tokens", type=int, default=32768, help="max held-out tokens per eval")
     g.add_argument("--print-every", type=int, default=20)
     return ap.parse_args()
 
@@ -402,7 +404,7 @@ def main():
     budget = stop_at - t_start
     log(f"params {n_params} ({n_params - cfg['vocab_size'] * args.hidden} non-embedding), "
         f"train {len(train)} tok, heldout {len(held)} tok, exits {all_exits} weights {[round(v, 3) for v in w]}, "
-        f"distill {args.distill}, threads {torch.get_num_threads()}, budget {budget / 60:.1f} min "
+        f"exit-frac {args.exit_frac}, distill {args.distill}, threads {torch.get_num_threads()}, budget {budget / 60:.1f} min "
         f"(stop {dt.datetime.utcfromtimestamp(stop_at).isoformat()}Z)")
     append_jsonl(args.log, {"type": "start", "time": dt.datetime.utcnow().isoformat() + "Z", "config": cfg,
                             "args": vars(args), "params": n_params, "train_tokens": int(len(train)),
@@ -456,12 +458,21 @@ def main():
         hs = model(x)
         loss = 0.0
         final_logp = None
+        # early exits: CE on a random subset of positions (same for all exits) to save LM-head compute
+        k = max(1, int(round(args.exit_frac * T)))
+        sub = torch.randperm(T)[:k] if k < T else None
         for e in reversed(all_exits):
-            lg = model.head(hs[e]).reshape(-1, cfg["vocab_size"])
-            ce = F.cross_entropy(lg, y.reshape(-1))
+            h, yy = hs[e], y
+            if e != last_exit and sub is not None:
+                h, yy = h[:, sub], y[:, sub]
+            lg = model.head(h).reshape(-1, cfg["vocab_size"])
+            ce = F.cross_entropy(lg, yy.reshape(-1))
             acc[e] += ce.item()
             if e == last_exit:
-                final_logp = F.log_softmax(lg.detach(), -1)
+                final_logp = F.log_softmax(lg.detach(), -1).view(B, T, -1)
+                if sub is not None:
+                    final_logp = final_logp[:, sub]
+                final_logp = final_logp.reshape(-1, cfg["vocab_size"])
                 term = ce
             elif args.distill > 0:
                 kl = F.kl_div(F.log_softmax(lg, -1), final_logp, log_target=True, reduction="batchmean")
