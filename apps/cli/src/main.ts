@@ -10,11 +10,12 @@ import { convert } from "./commands/convert.js"
 import { evaluate } from "./commands/evaluate.js"
 import { generate } from "./commands/generate.js"
 import { inspect } from "./commands/inspect.js"
+import { serve } from "./commands/serve.js"
 import { reportFailure } from "./report.js"
 
 const offramp = Command.make("offramp").pipe(
   Command.withDescription("an inference engine for early-exit language models"),
-  Command.withSubcommands([convert, generate, inspect, bench, calibrate, evaluate]),
+  Command.withSubcommands([convert, generate, inspect, bench, calibrate, evaluate, serve]),
 )
 
 const cli = Command.run(offramp, { name: "offramp", version: "0.1.0" })

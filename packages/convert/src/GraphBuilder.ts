@@ -12,6 +12,8 @@ export const MS_DOMAIN = "com.microsoft"
 const IR_VERSION = 8
 
 export type ElemType = "float32" | "int64"
+/** Element types of initializers: float16 for halved weight files, uint8 for quantized blocks. */
+export type TensorType = ElemType | "float16" | "uint8" | "int8"
 /** A dimension: a number, or a symbolic name shared by inputs and outputs ("R", "T", ...). */
 export type Dim = number | string
 
@@ -19,8 +21,16 @@ export type Dim = number | string
 export type AttrValue = number | ReadonlyArray<number> | string | { readonly float: number }
 export const float = (value: number): { readonly float: number } => ({ float: value })
 
-const elemTypeCode = (t: ElemType) =>
-  t === "float32" ? onnx.TensorProto.DataType.FLOAT : onnx.TensorProto.DataType.INT64
+const tensorTypeCodes: Record<TensorType, number> = {
+  float32: onnx.TensorProto.DataType.FLOAT,
+  int64: onnx.TensorProto.DataType.INT64,
+  float16: onnx.TensorProto.DataType.FLOAT16,
+  uint8: onnx.TensorProto.DataType.UINT8,
+  int8: onnx.TensorProto.DataType.INT8,
+}
+const elemTypeCode = (t: TensorType) => tensorTypeCodes[t]
+
+const bytesOf = (data: ArrayBufferView) => new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
 
 const valueInfo = (name: string, type: ElemType, dims: ReadonlyArray<Dim>) =>
   onnx.ValueInfoProto.create({
@@ -74,17 +84,19 @@ export class GraphBuilder {
   }
 
   weight(name: string, data: Float32Array, dims: ReadonlyArray<number>): string {
+    return this.initializer(name, "float32", data, dims)
+  }
+
+  /** An initializer of any element type; `data` holds exactly the tensor's values (raw little-endian bytes). */
+  initializer(name: string, type: TensorType, data: ArrayBufferView, dims: ReadonlyArray<number>): string {
     const size = dims.reduce((a, b) => a * b, 1)
-    if (size !== data.length) throw new Error(`weight ${name}: ${data.length} values for shape [${dims}]`)
+    const width = type === "int64" ? 8 : type === "float32" ? 4 : type === "float16" ? 2 : 1
+    if (size * width !== data.byteLength) {
+      throw new Error(`initializer ${name}: ${data.byteLength} bytes for ${type} [${dims}]`)
+    }
     const unique = this.fresh(name)
-    const raw = new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
     this.initializers.push(
-      onnx.TensorProto.create({
-        name: unique,
-        dims: [...dims],
-        dataType: onnx.TensorProto.DataType.FLOAT,
-        rawData: raw,
-      }),
+      onnx.TensorProto.create({ name: unique, dims: [...dims], dataType: elemTypeCode(type), rawData: bytesOf(data) }),
     )
     return unique
   }
@@ -94,11 +106,7 @@ export class GraphBuilder {
     const key = `i:${dims}:${values}`
     const known = this.constants.get(key)
     if (known) return known
-    const name = this.fresh("const_i64")
-    const raw = new Uint8Array(new BigInt64Array(values.map((v) => BigInt(v))).buffer)
-    this.initializers.push(
-      onnx.TensorProto.create({ name, dims: [...dims], dataType: onnx.TensorProto.DataType.INT64, rawData: raw }),
-    )
+    const name = this.initializer("const_i64", "int64", new BigInt64Array(values.map((v) => BigInt(v))), dims)
     this.constants.set(key, name)
     return name
   }

@@ -4,20 +4,62 @@
  * refuse batched prefill with a past (DESIGN.md).
  */
 import { GraphNames as N } from "@offramp/core"
+import { float32ToFloat16Array } from "./Float16.js"
 import { float, GraphBuilder } from "./GraphBuilder.js"
 import type { ExitHeadWeights, LlamaConfig, LlamaLayerWeights, LlamaWeights } from "./LlamaWeights.js"
 import { transpose } from "./LlamaWeights.js"
+import { quantizeBlocks } from "./Quantize.js"
+import { FP32, type WeightFormat } from "./WeightFormat.js"
 
-/** Concatenates row-major [out_i, in] matrices along `out` and transposes to [in, sum out_i]. */
-const fusedProjection = (mats: ReadonlyArray<Float32Array>, inDim: number): Float32Array => {
-  const rows = mats.reduce((n, m) => n + m.length / inDim, 0)
-  const stacked = new Float32Array(rows * inDim)
+/** Concatenates row-major [out_i, in] matrices along `out` (one MatMul instead of several). */
+const stack = (mats: ReadonlyArray<Float32Array>): Float32Array => {
+  const stacked = new Float32Array(mats.reduce((n, m) => n + m.length, 0))
   let offset = 0
   for (const m of mats) {
     stacked.set(m, offset)
     offset += m.length
   }
-  return transpose(stacked, rows, inDim)
+  return stacked
+}
+
+/** A float32 value stored as float16 when the format says so, cast back to float32 for compute. */
+const floatParam = (
+  g: GraphBuilder,
+  fmt: WeightFormat,
+  name: string,
+  data: Float32Array,
+  dims: ReadonlyArray<number>,
+) =>
+  fmt.float === "float16"
+    ? g.node("Cast", [g.initializer(name, "float16", float32ToFloat16Array(data), dims)], { to: 1 }, `${name}_f32`)
+    : g.weight(name, data, dims)
+
+/**
+ * x [..., inDim] times the row-major [outDim, inDim] matrix `w` transposed: a MatMul over float32 or float16
+ * weights (onnxruntime folds the Cast of an initializer at load), or MatMulNBits over block-quantized ones.
+ */
+const linear = (
+  g: GraphBuilder,
+  fmt: WeightFormat,
+  x: string,
+  w: Float32Array,
+  outDim: number,
+  inDim: number,
+  name: string,
+): string => {
+  const q = fmt.quantization
+  if (q === undefined)
+    return g.node("MatMul", [x, floatParam(g, fmt, name, transpose(w, outDim, inDim), [inDim, outDim])])
+  const packed = quantizeBlocks(w, outDim, inDim, q)
+  const inputs = [
+    x,
+    g.initializer(`${name}_q${q.bits}`, "uint8", packed.data, [outDim, packed.blocks, (q.blockSize * q.bits) / 8]),
+    g.weight(`${name}_scales`, packed.scales, [outDim * packed.blocks]),
+  ]
+  if (packed.zeroPoints) {
+    inputs.push(g.initializer(`${name}_zero_points`, "uint8", packed.zeroPoints, [packed.zeroPoints.length]))
+  }
+  return g.contrib("MatMulNBits", inputs, { K: inDim, N: outDim, bits: q.bits, block_size: q.blockSize })
 }
 
 /** RMSNorm as onnxruntime's fused SimplifiedLayerNormalization (one kernel instead of six elementwise nodes). */
@@ -55,10 +97,18 @@ const applyRope = (g: GraphBuilder, x: string, rope: Rope, heads: number): strin
   g.contrib("RotaryEmbedding", [x, N.positions, rope.cos, rope.sin], { interleaved: 0, num_heads: heads })
 
 /** Pre-attention norm, fused K/V projection and RoPE of K: the part of a layer that fills its KV cache. */
-const keyValue = (g: GraphBuilder, c: LlamaConfig, layer: number, w: LlamaLayerWeights, x: string, rope: Rope) => {
+const keyValue = (
+  g: GraphBuilder,
+  fmt: WeightFormat,
+  c: LlamaConfig,
+  layer: number,
+  w: LlamaLayerWeights,
+  x: string,
+  rope: Rope,
+) => {
   const h = rmsNorm(g, x, w.attnNorm, c.normEps, `l${layer}_attn_norm`)
   const kvDim = c.kvHeads * c.headDim
-  const kv = g.node("MatMul", [h, g.weight(`l${layer}_wkv`, fusedProjection([w.wk, w.wv], c.dim), [c.dim, 2 * kvDim])])
+  const kv = linear(g, fmt, h, stack([w.wk, w.wv]), 2 * kvDim, c.dim, `l${layer}_wkv`)
   const [k, v] = g.nodeN("Split", [kv, g.ints([kvDim, kvDim])], 2, { axis: -1 })
   const heads = g.ints([0, 0, c.kvHeads, c.headDim])
   return { k: g.node("Reshape", [applyRope(g, k!, rope, c.kvHeads), heads]), v: g.node("Reshape", [v!, heads]) }
@@ -66,6 +116,7 @@ const keyValue = (g: GraphBuilder, c: LlamaConfig, layer: number, w: LlamaLayerW
 
 const attentionAndMlp = (
   g: GraphBuilder,
+  fmt: WeightFormat,
   c: LlamaConfig,
   layer: number,
   w: LlamaLayerWeights,
@@ -78,10 +129,7 @@ const attentionAndMlp = (
   const h = rmsNorm(g, x, w.attnNorm, c.normEps, `l${layer}_attn_norm`)
   const qDim = heads * hd
   const kvDim = kvHeads * hd
-  const qkv = g.node("MatMul", [
-    h,
-    g.weight(`l${layer}_wqkv`, fusedProjection([w.wq, w.wk, w.wv], c.dim), [c.dim, qDim + 2 * kvDim]),
-  ])
+  const qkv = linear(g, fmt, h, stack([w.wq, w.wk, w.wv]), qDim + 2 * kvDim, c.dim, `l${layer}_wqkv`)
   const [qFlat, kFlat, vFlat] = g.nodeN("Split", [qkv, g.ints([qDim, kvDim, kvDim])], 3, { axis: -1 })
   const q = g.node("Reshape", [applyRope(g, qFlat!, rope, heads), g.ints([0, 0, heads, hd])])
   const k = g.node("Reshape", [applyRope(g, kFlat!, rope, kvHeads), g.ints([0, 0, kvHeads, hd])])
@@ -105,35 +153,39 @@ const attentionAndMlp = (
   const scores = g.node("Add", [g.node("MatMul", [qGrouped, keysT]), mask5])
   const context = g.node("MatMul", [g.node("Softmax", [scores], { axis: -1 }), valuesT]) // [R,kv,group,T,hd]
   const merged = g.node("Reshape", [g.node("Transpose", [context], { perm: [0, 3, 1, 2, 4] }), g.ints([0, 0, qDim])])
-  const attnOut = g.node("MatMul", [merged, g.weight(`l${layer}_wo`, transpose(w.wo, c.dim, qDim), [qDim, c.dim])])
+  const attnOut = linear(g, fmt, merged, w.wo, c.dim, qDim, `l${layer}_wo`)
   const x1 = g.node("Add", [x, attnOut])
 
   const h2 = rmsNorm(g, x1, w.ffnNorm, c.normEps, `l${layer}_ffn_norm`)
   const f = c.hiddenDim
-  const gateUp = g.node("MatMul", [
-    h2,
-    g.weight(`l${layer}_w13`, fusedProjection([w.gate, w.up], c.dim), [c.dim, 2 * f]),
-  ])
+  const gateUp = linear(g, fmt, h2, stack([w.gate, w.up]), 2 * f, c.dim, `l${layer}_w13`)
   const [gate, up] = g.nodeN("Split", [gateUp, g.ints([f, f])], 2, { axis: -1 })
   const silu = g.node("Mul", [gate!, g.node("Sigmoid", [gate!])])
-  const down = g.node("MatMul", [
-    g.node("Mul", [silu, up!]),
-    g.weight(`l${layer}_w2`, transpose(w.down, c.dim, f), [f, c.dim]),
-  ])
+  const down = linear(g, fmt, g.node("Mul", [silu, up!]), w.down, c.dim, f, `l${layer}_w2`)
   return g.node("Add", [x1, down])
 }
 
-export const buildEmbedGraph = (w: LlamaWeights): Uint8Array => {
+export const buildEmbedGraph = (w: LlamaWeights, fmt: WeightFormat = FP32): Uint8Array => {
   const c = w.config
   const g = new GraphBuilder("embed")
   g.input(N.ids, "int64", ["R", "T"])
-  const table = g.weight("embedding", w.embedding, [c.vocab, c.dim])
-  g.output(N.hidden, g.node("Gather", [table, N.ids], { axis: 0 }), "float32", ["R", "T", c.dim])
+  // A float16 table is gathered first and the rows cast after, so it stays half-size in memory too.
+  const half = fmt.float === "float16"
+  const table = half
+    ? g.initializer("embedding", "float16", float32ToFloat16Array(w.embedding), [c.vocab, c.dim])
+    : g.weight("embedding", w.embedding, [c.vocab, c.dim])
+  const rows = g.node("Gather", [table, N.ids], { axis: 0 })
+  g.output(N.hidden, half ? g.node("Cast", [rows], { to: 1 }) : rows, "float32", ["R", "T", c.dim])
   return g.encode()
 }
 
 /** Layers [first, end) with paged attention; see GraphNames for the I/O contract. */
-export const buildSegmentGraph = (w: LlamaWeights, first: number, end: number): Uint8Array => {
+export const buildSegmentGraph = (
+  w: LlamaWeights,
+  first: number,
+  end: number,
+  fmt: WeightFormat = FP32,
+): Uint8Array => {
   const c = w.config
   const g = new GraphBuilder(`segment_${first}_${end}`)
   let x = g.input(N.hidden, "float32", ["R", "T", c.dim])
@@ -146,17 +198,17 @@ export const buildSegmentGraph = (w: LlamaWeights, first: number, end: number): 
   }
   const rope = ropeTables(g, c, w.invFreq)
   const mask5 = g.node("Unsqueeze", [N.attnMask, g.ints([1, 2])]) // [R,1,1,T,S]
-  for (let l = first; l < end; l++) x = attentionAndMlp(g, c, l, w.layers[l]!, x, rope, mask5)
+  for (let l = first; l < end; l++) x = attentionAndMlp(g, fmt, c, l, w.layers[l]!, x, rope, mask5)
   g.output(N.hiddenOut, x, "float32", ["R", "T", c.dim])
   return g.encode()
 }
 
 /** Norm + LM head with the confidence statistics computed in-graph, so only small results leave ONNX. */
-export const buildHeadGraph = (c: LlamaConfig, head: ExitHeadWeights): Uint8Array => {
+export const buildHeadGraph = (c: LlamaConfig, head: ExitHeadWeights, fmt: WeightFormat = FP32): Uint8Array => {
   const g = new GraphBuilder("head")
   g.input(N.hidden, "float32", ["N", c.dim])
   const h = rmsNorm(g, N.hidden, head.norm, c.normEps, "head_norm")
-  const logits = g.node("MatMul", [h, g.weight("lm_head", transpose(head.lmHead, c.vocab, c.dim), [c.dim, c.vocab])])
+  const logits = linear(g, fmt, h, head.lmHead, c.vocab, c.dim, "lm_head")
   const probs = g.node("Softmax", [logits], { axis: -1 })
   const [top, topIds] = g.nodeN("TopK", [probs, g.ints([2])], 2, { axis: -1 })
   const [first, second] = g.nodeN("Split", [top!, g.ints([1, 1])], 2, { axis: -1 })
@@ -173,14 +225,14 @@ export const buildHeadGraph = (c: LlamaConfig, head: ExitHeadWeights): Uint8Arra
 }
 
 /** K/V rows of every layer from `from` on, computed from an exit's hidden state (CALM's state propagation). */
-export const buildKvFillGraph = (w: LlamaWeights, from: number): Uint8Array => {
+export const buildKvFillGraph = (w: LlamaWeights, from: number, fmt: WeightFormat = FP32): Uint8Array => {
   const c = w.config
   const g = new GraphBuilder(`kvfill_${from}`)
   g.input(N.hidden, "float32", ["R", "T", c.dim])
   g.input(N.positions, "int64", ["R", "T"])
   const rope = ropeTables(g, c, w.invFreq)
   for (let l = from; l < c.layers; l++) {
-    const { k, v } = keyValue(g, c, l, w.layers[l]!, N.hidden, rope)
+    const { k, v } = keyValue(g, fmt, c, l, w.layers[l]!, N.hidden, rope)
     g.output(N.kNew(l), k, "float32", ["R", "T", c.kvHeads, c.headDim])
     g.output(N.vNew(l), v, "float32", ["R", "T", c.kvHeads, c.headDim])
   }

@@ -7,15 +7,38 @@ import { CheckpointError, FORMAT_VERSION, ModelSpec } from "@offramp/core"
 import { Effect, Schema } from "effect"
 import { buildEmbedGraph, buildHeadGraph, buildKvFillGraph, buildSegmentGraph } from "./LlamaGraphs.js"
 import type { LlamaWeights } from "./LlamaWeights.js"
+import { validateQuantization } from "./Quantize.js"
+import { FP32, type WeightFormat, weightStorage } from "./WeightFormat.js"
+
+/** Where a conversion is, for a progress display. */
+export interface WriteProgress {
+  /** Files written so far, of `files`. */
+  readonly filesDone: number
+  readonly files: number
+  /** Decoder layers whose segment graph is written, of `layers`. */
+  readonly layersDone: number
+  readonly layers: number
+  /** The file just written. */
+  readonly file: string
+}
 
 export interface StagedModelOptions {
   readonly name: string
   readonly source: string
-  /** Early exits as layer counts in 1..layers-1; the full-depth exit is always added. Default: every layer. */
+  /**
+   * Early exits as layer counts in 1..layers-1; the full-depth exit is always added.
+   * Default: the layers with dedicated heads if the weights have them, else every layer.
+   */
   readonly exits?: ReadonlyArray<number>
   readonly tokens: ModelSpec["tokens"]
   /** A Hugging Face tokenizer.json document. */
   readonly tokenizer: unknown
+  /** A Hugging Face tokenizer_config.json document (chat template, special tokens), written next to it if given. */
+  readonly tokenizerConfig?: unknown
+  /** Weight storage in the ONNX files (default: all float32). */
+  readonly weights?: WeightFormat
+  /** Called after each file is written. */
+  readonly onProgress?: (progress: WriteProgress) => void
 }
 
 export const validateExits = (layers: number, exits: ReadonlyArray<number>): ReadonlyArray<number> => {
@@ -30,9 +53,21 @@ export const validateExits = (layers: number, exits: ReadonlyArray<number>): Rea
 /** The model.json of a conversion (also what the writer lays out on disk). */
 export const stagedModelSpec = (w: LlamaWeights, options: StagedModelOptions): ModelSpec => {
   const c = w.config
-  const early = validateExits(c.layers, options.exits ?? Array.from({ length: c.layers - 1 }, (_, i) => i + 1))
-  const bounds = [0, ...early, c.layers]
   const dedicated = w.exitHeads !== undefined && w.exitHeads.size > 0
+  // Default: the dedicated heads' layers, else after every layer.
+  const everyLayer = Array.from({ length: c.layers - 1 }, (_, i) => i + 1)
+  const early = validateExits(c.layers, options.exits ?? (dedicated ? [...w.exitHeads!.keys()] : everyLayer))
+  const bounds = [0, ...early, c.layers]
+  const missing = dedicated ? early.filter((e) => !w.exitHeads!.has(e)) : []
+  if (missing.length > 0) {
+    throw new Error(
+      `the checkpoint has dedicated exit heads after layers ${[...w.exitHeads!.keys()].sort((a, b) => a - b)}, ` +
+        `but none after ${missing}; choose exits among those layers`,
+    )
+  }
+  const fmt = options.weights ?? FP32
+  const badQuantization = fmt.quantization && validateQuantization(fmt.quantization)
+  if (badQuantization) throw new Error(badQuantization)
   // Decoding through the schema checks the layout (segments tile the layers, exits end segments) as it types it.
   return Schema.decodeUnknownSync(ModelSpec)({
     formatVersion: FORMAT_VERSION,
@@ -40,6 +75,7 @@ export const stagedModelSpec = (w: LlamaWeights, options: StagedModelOptions): M
     architecture: "llama",
     source: options.source,
     dtype: "float32",
+    weights: weightStorage(fmt),
     dims: {
       hidden: c.dim,
       intermediate: c.hiddenDim,
@@ -82,37 +118,56 @@ export const writeStagedModel = (
       try: () => stagedModelSpec(w, options),
       catch: (e) => new CheckpointError({ path: outDir, message: (e as Error).message }),
     })
+    const fmt = options.weights ?? FP32
     const staging = `${outDir}.partial-${process.pid}`
-    const files: Array<[string, () => Uint8Array | string]> = [
-      [spec.files.embed, () => buildEmbedGraph(w)],
-      ...spec.segments.map((s): [string, () => Uint8Array] => [
-        s.file,
-        () => buildSegmentGraph(w, s.firstLayer, s.endLayer),
-      ]),
-      ...spec.exits.map((e): [string, () => Uint8Array] => [
-        e.head,
-        () => buildHeadGraph(w.config, (e.layer < w.config.layers && w.exitHeads?.get(e.layer)) || w.finalHead),
-      ]),
+    type Entry = readonly [name: string, build: () => Uint8Array | string, layers?: number]
+    const listed: Array<Entry> = [
+      [spec.files.embed, () => buildEmbedGraph(w, fmt)],
+      ...spec.segments.map(
+        (s): Entry => [s.file, () => buildSegmentGraph(w, s.firstLayer, s.endLayer, fmt), s.endLayer - s.firstLayer],
+      ),
+      ...spec.exits.map(
+        (e): Entry => [
+          e.head,
+          () => buildHeadGraph(w.config, (e.layer < w.config.layers && w.exitHeads?.get(e.layer)) || w.finalHead, fmt),
+        ],
+      ),
       ...spec.exits.flatMap(
-        (e): Array<[string, () => Uint8Array]> => (e.kvfill ? [[e.kvfill, () => buildKvFillGraph(w, e.layer)]] : []),
+        (e): Array<Entry> => (e.kvfill ? [[e.kvfill, () => buildKvFillGraph(w, e.layer, fmt)]] : []),
       ),
       [spec.files.tokenizer, () => JSON.stringify(options.tokenizer)],
+      ...(options.tokenizerConfig === undefined
+        ? []
+        : [["tokenizer_config.json", () => `${JSON.stringify(options.tokenizerConfig, null, 2)}\n`] as const]),
       ["model.json", () => `${JSON.stringify(spec, null, 2)}\n`],
     ]
+    // A shared head is listed once per exit.
+    const files = listed.filter(([name], i) => listed.findIndex(([other]) => other === name) === i)
     yield* Effect.tryPromise({
       try: async () => {
         await rm(staging, { recursive: true, force: true })
         await mkdir(staging, { recursive: true })
-        const written = new Set<string>()
-        for (const [name, build] of files) {
-          if (written.has(name)) continue // a shared head is listed once per exit
-          written.add(name)
+        let layersDone = 0
+        for (const [i, [name, build, layers]] of files.entries()) {
           await writeFile(join(staging, name), build())
+          layersDone += layers ?? 0
+          options.onProgress?.({
+            filesDone: i + 1,
+            files: files.length,
+            layersDone,
+            layers: w.config.layers,
+            file: name,
+          })
         }
         await rm(outDir, { recursive: true, force: true })
         await rename(staging, outDir)
       },
       catch: (e) => new CheckpointError({ path: outDir, message: `cannot write the model: ${(e as Error).message}` }),
-    })
+    }).pipe(
+      // A failed or interrupted conversion leaves no partial directory behind.
+      Effect.onExit((exit) =>
+        exit._tag === "Success" ? Effect.void : Effect.promise(() => rm(staging, { recursive: true, force: true })),
+      ),
+    )
     return spec
   })

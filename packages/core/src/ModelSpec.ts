@@ -41,12 +41,30 @@ export const ExitSpec = Schema.Struct({
 })
 export type ExitSpec = typeof ExitSpec.Type
 
+/**
+ * How the ONNX files store weights; compute is float32 whatever the storage (`dtype`). Absent: all float32.
+ * Norm weights and RoPE tables are always float32.
+ */
+export const WeightStorage = Schema.Struct({
+  /** The big MatMul weights (attention, MLP, LM heads): float, or block-quantized for onnxruntime's MatMulNBits. */
+  matmul: Schema.Literal("fp32", "fp16", "int8", "int4"),
+  /** The token embedding table. */
+  embedding: Schema.Literal("fp32", "fp16"),
+  /** Quantized MatMul weights: values per block along the input dimension. */
+  blockSize: Schema.optional(PositiveInt),
+  /** Quantized MatMul weights: true when blocks have no zero point (symmetric around 0). */
+  symmetric: Schema.optional(Schema.Boolean),
+})
+export type WeightStorage = typeof WeightStorage.Type
+
 export const ModelSpec = Schema.Struct({
   formatVersion: Schema.Literal(FORMAT_VERSION),
   name: Schema.String,
   architecture: Schema.Literal("llama"),
   source: Schema.optional(Schema.String),
+  /** The compute dtype. */
   dtype: Schema.Literal("float32"),
+  weights: Schema.optional(WeightStorage),
   dims: ModelDims,
   normEps: Schema.Number.pipe(Schema.positive()),
   rope: Schema.Struct({ theta: Schema.Number.pipe(Schema.positive()), style: Schema.Literal("half") }),

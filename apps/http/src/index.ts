@@ -1,0 +1,125 @@
+/**
+ * The standalone server as a command: `offramp-http` (bin/offramp-http.js) and `offramp serve` in the CLI share
+ * these flags and this handler.
+ */
+import { Command, Options } from "@effect/cli"
+import { HttpServer } from "@effect/platform"
+import { InvalidRequestError } from "@offramp/core"
+import { type OnnxEngineConfig, onnxEngineLayer } from "@offramp/onnx"
+import {
+  DEFAULT_HOST,
+  DEFAULT_MAX_BODY_BYTES,
+  DEFAULT_MAX_QUEUED_REQUESTS,
+  DEFAULT_PORT,
+  layerNode,
+  OpenAiServer,
+} from "@offramp/server"
+import { Config, Console, Effect, Layer, Option, Redacted } from "effect"
+
+export const API_KEY_ENV = "OFFRAMP_API_KEY"
+
+export const serveFlags = {
+  model: Options.directory("model").pipe(Options.withDescription("a staged model directory")),
+  host: Options.text("host").pipe(
+    Options.withDescription("address to listen on (0.0.0.0 for every interface)"),
+    Options.withDefault(DEFAULT_HOST),
+  ),
+  port: Options.integer("port").pipe(
+    Options.withDescription("TCP port; 0 picks a free one"),
+    Options.withDefault(DEFAULT_PORT),
+  ),
+  servedModelName: Options.text("served-model-name").pipe(
+    Options.withDescription("the model id clients send (default: the name in model.json)"),
+    Options.optional,
+  ),
+  apiKey: Options.redacted("api-key").pipe(
+    Options.withDescription(`require 'Authorization: Bearer KEY' on /v1 routes (or set ${API_KEY_ENV})`),
+    Options.withFallbackConfig(Config.redacted(API_KEY_ENV)),
+    Options.optional,
+  ),
+  maxBodyBytes: Options.integer("max-body-bytes").pipe(
+    Options.withDescription("largest request body; larger ones get 413"),
+    Options.withDefault(DEFAULT_MAX_BODY_BYTES),
+  ),
+  maxQueued: Options.integer("max-queued").pipe(
+    Options.withDescription("most requests waiting for their first token; more get 429"),
+    Options.withDefault(DEFAULT_MAX_QUEUED_REQUESTS),
+  ),
+  shutdownGrace: Options.float("shutdown-grace").pipe(
+    Options.withDescription("seconds in-flight requests may run on after SIGTERM before their streams are ended"),
+    Options.withDefault(10),
+  ),
+  kvCacheMb: Options.integer("kv-cache-mb").pipe(
+    Options.withDescription("memory for the paged KV cache, in MiB (default 64)"),
+    Options.optional,
+  ),
+  threads: Options.integer("threads").pipe(
+    Options.withDescription("onnxruntime intra-op threads per session (default 1)"),
+    Options.optional,
+  ),
+}
+
+type Flags = Command.Command.ParseConfig<typeof serveFlags>
+
+const positive = (flag: string, value: number, zero = false) =>
+  Number.isInteger(value) && (value > 0 || (zero && value === 0))
+    ? Effect.void
+    : Effect.fail(
+        new InvalidRequestError({
+          message: `--${flag} must be a ${zero ? "non-negative" : "positive"} integer, got ${value}`,
+        }),
+      )
+
+const engineConfig = (flags: Flags): OnnxEngineConfig => ({
+  runner: {
+    ...Option.match(flags.kvCacheMb, { onNone: () => ({}), onSome: (mb) => ({ kvCacheBytes: mb * 1024 * 1024 }) }),
+    ...Option.match(flags.threads, { onNone: () => ({}), onSome: (threads) => ({ threads }) }),
+  },
+})
+
+/** Serves the model until interrupted (SIGINT/SIGTERM under NodeRuntime.runMain), then shuts down gracefully. */
+export const runServe = (flags: Flags) =>
+  Effect.gen(function* () {
+    yield* positive("port", flags.port, true)
+    yield* positive("max-body-bytes", flags.maxBodyBytes)
+    yield* positive("max-queued", flags.maxQueued)
+    if (Option.isSome(flags.kvCacheMb)) yield* positive("kv-cache-mb", flags.kvCacheMb.value)
+    if (Option.isSome(flags.threads)) yield* positive("threads", flags.threads.value)
+    if (!(flags.shutdownGrace >= 0)) {
+      return yield* new InvalidRequestError({
+        message: `--shutdown-grace must be >= 0 seconds, got ${flags.shutdownGrace}`,
+      })
+    }
+    const apiKey = Option.map(flags.apiKey, (key) => Redacted.value(key))
+    const api = OpenAiServer.fromModelDirectory(flags.model, {
+      maxBodyBytes: flags.maxBodyBytes,
+      maxQueuedRequests: flags.maxQueued,
+      ...(Option.isSome(flags.servedModelName) ? { model: flags.servedModelName.value } : {}),
+      ...(Option.isSome(apiKey) ? { apiKey: apiKey.value } : {}),
+    })
+    const announce = Layer.scopedDiscard(
+      Effect.gen(function* () {
+        const server = yield* OpenAiServer
+        yield* HttpServer.addressFormattedWith((address) =>
+          Console.error(
+            `offramp: serving ${server.model} at ${address}${Option.isSome(apiKey) ? " (API key required)" : ""}`,
+          ),
+        )
+        yield* Effect.addFinalizer(() => Console.error("offramp: shutting down"))
+      }),
+    )
+    const app = announce.pipe(
+      Layer.provideMerge(
+        layerNode({ host: flags.host, port: flags.port, shutdownGrace: `${flags.shutdownGrace} seconds` }),
+      ),
+      Layer.provideMerge(api),
+      Layer.provide(onnxEngineLayer(flags.model, engineConfig(flags))),
+    )
+    return yield* Layer.launch(app)
+  })
+
+/** The serve command under a name: "serve" in the offramp CLI, "offramp-http" standalone. */
+export const serveCommand = (name: string) =>
+  Command.make(name, serveFlags, runServe).pipe(
+    Command.withDescription("serve a model over an OpenAI-compatible HTTP API"),
+  )

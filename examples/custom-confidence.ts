@@ -1,0 +1,77 @@
+/**
+ * Replaces the confidence measure with a custom ConfidenceEvaluator layer: "gated softmax" trusts an exit head's
+ * top probability only when the runner-up is far behind (margin ≥ 0.7), so near-ties never exit early. The engine
+ * is composed from its service layers (as onnxEngineLayer does) with the custom evaluator in place of the default,
+ * then compared with the default evaluator at the same threshold.
+ *
+ * Run: npx tsx examples/custom-confidence.ts build/stories260K
+ */
+import { join } from "node:path"
+import {
+  ConfidenceEvaluator,
+  type ConfidenceInput,
+  defaultConfidence,
+  Engine,
+  KvCacheLive,
+  Sampler,
+  Scheduler,
+} from "@offramp/core"
+import { OnnxModelRunner, openModelDirectory } from "@offramp/onnx"
+import { HfTokenizer } from "@offramp/tokenizer"
+import { Console, Effect, Layer, Stream } from "effect"
+
+const modelDir = process.argv[2] ?? "build/stories260K"
+
+const gatedSoftmax = (input: ConfidenceInput): number => {
+  // Other measures keep their default meaning; only "softmax" is redefined.
+  if (input.measure !== "softmax") return defaultConfidence(input)
+  const margin = input.head.margin[input.row]!
+  return margin >= 0.7 ? input.head.maxProb[input.row]! : 0
+}
+
+const GatedConfidence = Layer.succeed(ConfidenceEvaluator, { confidence: gatedSoftmax })
+
+/** The engine's services with the given evaluator (the same composition as onnxEngineLayer). */
+const engineWith = (evaluator: Layer.Layer<ConfidenceEvaluator>) =>
+  Layer.unwrapEffect(
+    Effect.gen(function* () {
+      const { spec } = yield* openModelDirectory(modelDir)
+      const services = Scheduler.layer().pipe(
+        Layer.provideMerge(KvCacheLive),
+        Layer.provideMerge(OnnxModelRunner.layer(modelDir)),
+        Layer.merge(HfTokenizer.layer(join(modelDir, spec.files.tokenizer))),
+        Layer.merge(Sampler.layer),
+        Layer.merge(evaluator),
+      )
+      return Engine.layer().pipe(Layer.provide(services))
+    }),
+  )
+
+const run = Effect.gen(function* () {
+  const engine = yield* Engine
+  const events = yield* Stream.runCollect(
+    engine.generate({
+      prompt: "Once upon a time",
+      maxTokens: 48,
+      sampling: { temperature: 0, topK: 0, topP: 1 },
+      earlyExit: { measure: "softmax", threshold: 0.5, minExitLayer: 4 },
+    }),
+  )
+  const tokens = [...events]
+  const depth = tokens.reduce((sum, e) => sum + e.exitLayer, 0) / tokens.length
+  return { text: tokens.map((e) => e.text).join(""), depth, layers: engine.spec.dims.layers }
+})
+
+const program = Effect.gen(function* () {
+  const plain = yield* run.pipe(Effect.provide(engineWith(ConfidenceEvaluator.layer)))
+  const gated = yield* run.pipe(Effect.provide(engineWith(GatedConfidence)))
+  yield* Console.log(`default softmax: mean exit depth ${plain.depth.toFixed(2)}/${plain.layers}`)
+  yield* Console.log(`  ${JSON.stringify(plain.text)}`)
+  yield* Console.log(`gated softmax:   mean exit depth ${gated.depth.toFixed(2)}/${gated.layers}`)
+  yield* Console.log(`  ${JSON.stringify(gated.text)}`)
+})
+
+Effect.runPromise(program).catch((error) => {
+  console.error(`custom-confidence: ${error}`)
+  process.exitCode = 1
+})

@@ -1,0 +1,67 @@
+/**
+ * Errors as OpenAI sends them: `{ error: { message, type, param, code } }` with the matching HTTP status.
+ * Every failure a handler can meet becomes one of these; nothing else (no stack, no cause) reaches the client.
+ */
+import { HttpServerResponse } from "@effect/platform"
+import type { GenerationError } from "@offramp/core"
+import { Schema } from "effect"
+
+export class ApiError extends Schema.TaggedError<ApiError>()("ApiError", {
+  status: Schema.Int,
+  message: Schema.String,
+  /** OpenAI's error type, e.g. "invalid_request_error". */
+  type: Schema.String,
+  param: Schema.NullOr(Schema.String),
+  code: Schema.NullOr(Schema.String),
+}) {}
+
+const make = (status: number, type: string, message: string, code: string | null = null, param: string | null = null) =>
+  new ApiError({ status, type, message, code, param })
+
+export const badRequest = (message: string, param: string | null = null, code: string | null = null) =>
+  make(400, "invalid_request_error", message, code, param)
+
+export const unauthorized = (message: string) => make(401, "invalid_request_error", message, "invalid_api_key")
+
+export const notFound = (message: string, code = "not_found", param: string | null = null) =>
+  make(404, "invalid_request_error", message, code, param)
+
+export const tooLarge = (limit: number) =>
+  make(413, "invalid_request_error", `the request body is larger than the limit of ${limit} bytes`, "request_too_large")
+
+export const queueFull = (limit: number) =>
+  make(
+    429,
+    "rate_limit_error",
+    `the server already has ${limit} requests waiting for the engine; retry later`,
+    "queue_full",
+  )
+
+export const unavailable = (message: string) => make(503, "server_error", message, "engine_unavailable")
+
+export const internal = () => make(500, "server_error", "internal server error", null)
+
+/** Engine failures: a request it can never serve is the client's (400); a stopped engine is 503; others 500. */
+export const fromGenerationError = (error: GenerationError): ApiError => {
+  switch (error._tag) {
+    case "InvalidRequestError":
+      return badRequest(error.message)
+    case "EngineStoppedError":
+      return unavailable(error.message)
+    case "TokenizerError":
+      return badRequest(error.message)
+    case "RunnerError":
+      return make(500, "server_error", `the model failed while generating (${error.stage})`, "engine_error")
+  }
+}
+
+export const errorBody = (error: ApiError) => ({
+  error: { message: error.message, type: error.type, param: error.param, code: error.code },
+})
+
+export const errorResponse = (error: ApiError): HttpServerResponse.HttpServerResponse =>
+  HttpServerResponse.unsafeJson(errorBody(error), {
+    status: error.status,
+    // The rest of an oversized body is not worth reading: close the connection once the answer is out.
+    ...(error.status === 413 ? { headers: { connection: "close" } } : {}),
+  })

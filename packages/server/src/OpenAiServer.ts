@@ -1,0 +1,111 @@
+/**
+ * The OpenAiServer service: what the router's handlers share — the engine and tokenizer, the served model's name,
+ * the chat template, limits, the optional API key, metrics, and the shutdown state.
+ */
+import {
+  Engine,
+  type EngineShape,
+  ModelLoadError,
+  Tokenizer,
+  type TokenizerError,
+  type TokenizerShape,
+} from "@offramp/core"
+import { Context, Deferred, type Duration, Effect, Either, Layer } from "effect"
+import { type ChatRenderer, type ChatTemplateConfig, makeChatRenderer, readChatTemplate } from "./ChatTemplate.js"
+import { ServerMetrics } from "./Metrics.js"
+
+export interface OpenAiServerOptions {
+  /** The model id clients send and `/v1/models` lists (default: the name in model.json). */
+  readonly model?: string
+  /** The chat template and special tokens (default: none, the transcript fallback). */
+  readonly chatTemplate?: ChatTemplateConfig
+  /** Largest request body in bytes (default 1 MiB); larger ones get 413. */
+  readonly maxBodyBytes?: number
+  /** Most requests waiting for their first token (default 256); more get 429. */
+  readonly maxQueuedRequests?: number
+  /** When set, /v1 routes need `Authorization: Bearer <apiKey>`. */
+  readonly apiKey?: string
+}
+
+export const DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+export const DEFAULT_MAX_QUEUED_REQUESTS = 256
+
+export interface OpenAiServerShape {
+  readonly engine: EngineShape
+  readonly tokenizer: TokenizerShape
+  readonly model: string
+  /** Unix seconds when the server started (the model's `created`). */
+  readonly created: number
+  readonly chat: ChatRenderer
+  /** Whether the tokenizer adds BOS itself, so a template's leading BOS text must be dropped. */
+  readonly addsBos: boolean
+  readonly maxBodyBytes: number
+  readonly maxQueuedRequests: number
+  readonly apiKey: string | undefined
+  readonly metrics: ServerMetrics
+  /** True once shutdown began: new generation requests get 503. */
+  readonly isDraining: () => boolean
+  /** Completes when in-flight streams must end (the shutdown grace period is over). */
+  readonly aborted: Deferred.Deferred<void>
+  /**
+   * Graceful shutdown: refuse new generation requests, let in-flight ones finish for up to `grace`, then end the
+   * rest cleanly (streams get an error event and `[DONE]`).
+   */
+  readonly shutdown: (grace: Duration.DurationInput) => Effect.Effect<void>
+}
+
+const make = (options: OpenAiServerOptions) =>
+  Effect.gen(function* () {
+    const engine = yield* Engine
+    const tokenizer = yield* Tokenizer
+    const chat = yield* Either.match(makeChatRenderer(options.chatTemplate ?? {}), {
+      onLeft: (message) => Effect.fail(new ModelLoadError({ path: "tokenizer_config.json", message })),
+      onRight: Effect.succeed,
+    })
+    const empty = yield* tokenizer.encode("")
+    const metrics = new ServerMetrics()
+    const aborted = yield* Deferred.make<void>()
+    let draining = false
+    const idle = Effect.gen(function* () {
+      while (metrics.active > 0) yield* Effect.sleep("10 millis")
+    })
+    const shutdown = (grace: Duration.DurationInput) =>
+      Effect.gen(function* () {
+        draining = true
+        yield* Effect.timeoutOption(idle, grace)
+        yield* Deferred.succeed(aborted, undefined)
+        // Ended streams finish their last writes.
+        yield* Effect.timeoutOption(idle, "2 seconds")
+      })
+    return {
+      engine,
+      tokenizer,
+      model: options.model ?? engine.spec.name,
+      created: Math.floor(Date.now() / 1000),
+      chat,
+      addsBos: empty.includes(engine.spec.tokens.bos),
+      maxBodyBytes: options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES,
+      maxQueuedRequests: options.maxQueuedRequests ?? DEFAULT_MAX_QUEUED_REQUESTS,
+      apiKey: options.apiKey,
+      metrics,
+      isDraining: () => draining,
+      aborted,
+      shutdown,
+    } satisfies OpenAiServerShape
+  })
+
+export class OpenAiServer extends Context.Tag("@offramp/server/OpenAiServer")<OpenAiServer, OpenAiServerShape>() {
+  static readonly layer = (
+    options: OpenAiServerOptions = {},
+  ): Layer.Layer<OpenAiServer, ModelLoadError | TokenizerError, Engine | Tokenizer> =>
+    Layer.effect(OpenAiServer, make(options))
+
+  /** The service with the chat template of a model directory's tokenizer_config.json. */
+  static readonly fromModelDirectory = (
+    modelDir: string,
+    options: Omit<OpenAiServerOptions, "chatTemplate"> = {},
+  ): Layer.Layer<OpenAiServer, ModelLoadError | TokenizerError, Engine | Tokenizer> =>
+    Layer.unwrapEffect(
+      Effect.map(readChatTemplate(modelDir), (chatTemplate) => OpenAiServer.layer({ ...options, chatTemplate })),
+    )
+}

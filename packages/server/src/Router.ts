@@ -1,0 +1,366 @@
+/**
+ * The OpenAI-compatible API as an HttpRouter: mount `OpenAiRouter` into any @effect/platform app that provides
+ * the OpenAiServer service, or serve `OpenAiApp` (the router with OpenAI-shaped 404s) on its own.
+ *
+ * Streaming responses are Server-Sent Events: one `data: {json}` chunk per token (per choice), then `data: [DONE]`.
+ * The engine streams live in the request's scope, so a client that disconnects interrupts the response, the scope
+ * closes and the engine cancels the sequences (their KV blocks return at its next step).
+ */
+import { randomUUID } from "node:crypto"
+import { HttpRouter, HttpServerResponse } from "@effect/platform"
+import type { HttpServerRequest } from "@effect/platform/HttpServerRequest"
+import { Effect, Either, type Scope, Stream } from "effect"
+import { type ApiError, badRequest, errorBody, errorResponse, internal, notFound } from "./ApiError.js"
+import { type ChatTurn, transcript } from "./ChatTemplate.js"
+import { checkApiKey, decodeBody, readJson } from "./internal/body.js"
+import { type Choice, type ChoiceDelta, exitFigures } from "./internal/choice.js"
+import {
+  type ChoiceEvent,
+  checkModel,
+  choicesOf,
+  countTokens,
+  type Plan,
+  plan,
+  start,
+  usageOf,
+} from "./internal/generate.js"
+import { renderMetrics } from "./Metrics.js"
+import { OpenAiServer, type OpenAiServerShape } from "./OpenAiServer.js"
+import { ChatCompletionRequest, type ChatMessage, CompletionRequest } from "./Protocol.js"
+
+type Handler = Effect.Effect<
+  HttpServerResponse.HttpServerResponse,
+  ApiError,
+  OpenAiServer | HttpServerRequest | HttpRouter.RouteContext | Scope.Scope
+>
+
+/** Every failure becomes an OpenAI error body (a defect is logged, the client sees only "internal server error"). */
+const respond = (route: string, handler: Handler) =>
+  Effect.gen(function* () {
+    const server = yield* OpenAiServer
+    const response = yield* handler.pipe(
+      Effect.catchTag("ApiError", (error) => Effect.succeed(errorResponse(error))),
+      Effect.catchAllDefect((defect) =>
+        Effect.logError("offramp server: internal error", defect).pipe(Effect.as(errorResponse(internal()))),
+      ),
+    )
+    server.metrics.countRequest(route, response.status)
+    return response
+  })
+
+const encoder = new TextEncoder()
+const sse = (data: unknown) => `data: ${JSON.stringify(data)}\n\n`
+const DONE = "data: [DONE]\n\n"
+
+const sseResponse = (body: Stream.Stream<string>) =>
+  HttpServerResponse.stream(body.pipe(Stream.map((text) => encoder.encode(text))), {
+    contentType: "text/event-stream",
+    headers: { "cache-control": "no-cache", "x-accel-buffering": "no" },
+  })
+
+const now = () => Math.floor(Date.now() / 1000)
+
+const utf8Bytes = (text: string) => [...encoder.encode(text)]
+
+/**
+ * Feeds events to the choices and renders what each releases; ends after the event that finished the last choice.
+ * `render` returns the SSE text for one delta ("" for nothing), `final` what follows the last choice.
+ */
+const streamChoices = (
+  events: Stream.Stream<ChoiceEvent, ApiError>,
+  choices: ReadonlyArray<Choice>,
+  render: (delta: ChoiceDelta, last: boolean) => string,
+  final: () => string,
+): Stream.Stream<string> => {
+  const done = () => choices.every((c) => c.done)
+  return events.pipe(
+    Stream.map(({ choice, event }) => {
+      const delta = choices[choice]?.push(event)
+      return delta === undefined ? "" : render(delta, done())
+    }),
+    Stream.takeUntil(done),
+    Stream.concat(Stream.suspend(() => Stream.make(final(), DONE))),
+    // A failure after the headers went out: OpenAI's error event, then the end of the stream.
+    Stream.catchAll((error) => Stream.make(sse(errorBody(error)), DONE)),
+    Stream.filter((text) => text !== ""),
+  )
+}
+
+/** Runs the events to the end of the last choice (non-streaming responses). */
+const collectChoices = (events: Stream.Stream<ChoiceEvent, ApiError>, choices: ReadonlyArray<Choice>) =>
+  Stream.runForEachWhile(events, ({ choice, event }) =>
+    Effect.sync(() => {
+      choices[choice]?.push(event)
+      return !choices.every((c) => c.done)
+    }),
+  )
+
+const figures = (server: OpenAiServerShape, choices: ReadonlyArray<Choice>) =>
+  exitFigures(choices, server.engine.spec.dims.layers)
+
+// --- POST /v1/completions ---
+
+const completionLogprobs = (logprobs: ChoiceDelta["logprobs"], shift: number) => ({
+  tokens: logprobs.map((l) => l.token),
+  token_logprobs: logprobs.map((l) => l.logprob),
+  top_logprobs: null,
+  text_offset: logprobs.map((l) => l.offset + shift),
+})
+
+const completions: Handler = Effect.gen(function* () {
+  const server = yield* OpenAiServer
+  yield* checkApiKey(server.apiKey)
+  const body = yield* decodeBody(CompletionRequest, yield* readJson(server.maxBodyBytes))
+  yield* checkModel(server, body.model)
+  const texts = typeof body.prompt === "string" ? [body.prompt] : body.prompt
+  // OpenAI's default for this endpoint is 16 tokens.
+  const p = yield* plan(
+    server,
+    body,
+    texts,
+    { maxTokens: body.max_tokens ?? undefined, param: "max_tokens", promptParam: "prompt" },
+    16,
+  )
+  const choices = choicesOf(p)
+  const events = yield* start(server, p)
+  yield* Effect.addFinalizer(() => countTokens(server, p, choices))
+  const echo = body.echo === true
+  const wantLogprobs = body.logprobs !== undefined && body.logprobs !== null
+  const promptOf = (index: number) => p.prompts[Math.floor(index / p.n)]!.text
+  const id = `cmpl-${randomUUID().replaceAll("-", "")}`
+  const created = now()
+  const base = { id, object: "text_completion" as const, created, model: server.model }
+
+  if (body.stream === true) {
+    const withUsage = body.stream_options?.include_usage === true
+    const chunk = (delta: ChoiceDelta, extra: object = {}) =>
+      sse({
+        ...base,
+        choices: [
+          {
+            index: delta.index,
+            text: delta.text,
+            logprobs: wantLogprobs ? completionLogprobs(delta.logprobs, 0) : null,
+            finish_reason: delta.finishReason,
+          },
+        ],
+        ...(withUsage ? { usage: null } : {}),
+        ...extra,
+      })
+    const echoed = echo
+      ? choices
+          .map((c) => chunk({ index: c.index, text: promptOf(c.index), logprobs: [], finishReason: null }))
+          .join("")
+      : ""
+    const stream = streamChoices(
+      events,
+      choices,
+      (delta, last) =>
+        delta.text === "" && delta.logprobs.length === 0 && delta.finishReason === null
+          ? ""
+          : chunk(delta, last && !withUsage ? { early_exit: figures(server, choices) } : {}),
+      () =>
+        withUsage
+          ? sse({ ...base, choices: [], usage: usageOf(p, choices), early_exit: figures(server, choices) })
+          : "",
+    )
+    return sseResponse(echoed === "" ? stream : Stream.concat(Stream.make(echoed), stream))
+  }
+
+  yield* collectChoices(events, choices)
+  return HttpServerResponse.unsafeJson({
+    ...base,
+    choices: choices.map((c) => {
+      const shift = echo ? promptOf(c.index).length : 0
+      return {
+        index: c.index,
+        text: echo ? promptOf(c.index) + c.text : c.text,
+        logprobs: wantLogprobs ? completionLogprobs(c.logprobs, shift) : null,
+        finish_reason: c.finishReason ?? "length",
+      }
+    }),
+    usage: usageOf(p, choices),
+    early_exit: figures(server, choices),
+  })
+})
+
+// --- POST /v1/chat/completions ---
+
+const contentText = (content: ChatMessage["content"]): string =>
+  content === undefined || content === null
+    ? ""
+    : typeof content === "string"
+      ? content
+      : content.map((part) => part.text).join("")
+
+/** The conversation as the model's prompt: its template, or the transcript fallback. */
+const chatPrompt = (server: OpenAiServerShape, messages: ReadonlyArray<ChatMessage>) => {
+  const turns: Array<ChatTurn> = messages.map((m) => ({
+    role: m.role,
+    content: contentText(m.content),
+    ...(m.name !== undefined && m.name !== null ? { name: m.name } : {}),
+  }))
+  if (!server.chat.templated) return Effect.succeed(transcript(turns))
+  return Either.match(server.chat.render(turns), {
+    onLeft: (message) => Effect.fail(badRequest(message, "messages")),
+    // The engine's tokenizer adds BOS itself; a template that writes it too would double it.
+    onRight: (text) => {
+      const bos = server.chat.bosToken
+      return Effect.succeed(server.addsBos && bos && text.startsWith(bos) ? text.slice(bos.length) : text)
+    },
+  })
+}
+
+const chatLogprobs = (logprobs: ChoiceDelta["logprobs"]) => ({
+  content: logprobs.map((l) => ({ token: l.token, logprob: l.logprob, bytes: utf8Bytes(l.token), top_logprobs: [] })),
+  refusal: null,
+})
+
+const chatCompletions: Handler = Effect.gen(function* () {
+  const server = yield* OpenAiServer
+  yield* checkApiKey(server.apiKey)
+  const body = yield* decodeBody(ChatCompletionRequest, yield* readJson(server.maxBodyBytes))
+  yield* checkModel(server, body.model)
+  const prompt = yield* chatPrompt(server, body.messages)
+  const requested = body.max_completion_tokens ?? body.max_tokens ?? undefined
+  const param = body.max_completion_tokens !== undefined ? "max_completion_tokens" : "max_tokens"
+  const p: Plan = yield* plan(
+    server,
+    body,
+    [prompt],
+    { maxTokens: requested, param, promptParam: "messages" },
+    undefined,
+  )
+  const choices = choicesOf(p)
+  const events = yield* start(server, p)
+  yield* Effect.addFinalizer(() => countTokens(server, p, choices))
+  const wantLogprobs = body.logprobs === true
+  const id = `chatcmpl-${randomUUID().replaceAll("-", "")}`
+  const created = now()
+  const base = { id, created, model: server.model }
+
+  if (body.stream === true) {
+    const withUsage = body.stream_options?.include_usage === true
+    const chunk = (choice: object, extra: object = {}) =>
+      sse({
+        ...base,
+        object: "chat.completion.chunk",
+        choices: [choice],
+        ...(withUsage ? { usage: null } : {}),
+        ...extra,
+      })
+    // OpenAI opens every choice with its role.
+    const roles = choices
+      .map((c) =>
+        chunk({ index: c.index, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }),
+      )
+      .join("")
+    const render = (delta: ChoiceDelta, last: boolean) => {
+      let out = ""
+      if (delta.text !== "" || (wantLogprobs && delta.logprobs.length > 0)) {
+        out += chunk({
+          index: delta.index,
+          delta: { content: delta.text },
+          logprobs: wantLogprobs ? chatLogprobs(delta.logprobs) : null,
+          finish_reason: null,
+        })
+      }
+      if (delta.finishReason !== null) {
+        out += chunk(
+          { index: delta.index, delta: {}, logprobs: null, finish_reason: delta.finishReason },
+          last && !withUsage ? { early_exit: figures(server, choices) } : {},
+        )
+      }
+      return out
+    }
+    const final = () =>
+      withUsage
+        ? sse({
+            ...base,
+            object: "chat.completion.chunk",
+            choices: [],
+            usage: usageOf(p, choices),
+            early_exit: figures(server, choices),
+          })
+        : ""
+    return sseResponse(Stream.concat(Stream.make(roles), streamChoices(events, choices, render, final)))
+  }
+
+  yield* collectChoices(events, choices)
+  return HttpServerResponse.unsafeJson({
+    ...base,
+    object: "chat.completion",
+    choices: choices.map((c) => ({
+      index: c.index,
+      message: { role: "assistant", content: c.text, refusal: null },
+      logprobs: wantLogprobs ? chatLogprobs(c.logprobs) : null,
+      finish_reason: c.finishReason ?? "length",
+    })),
+    usage: usageOf(p, choices),
+    early_exit: figures(server, choices),
+  })
+})
+
+// --- models, health, metrics ---
+
+const modelObject = (server: OpenAiServerShape) => ({
+  id: server.model,
+  object: "model",
+  created: server.created,
+  owned_by: "offramp",
+  max_model_len: server.engine.spec.dims.contextLength,
+})
+
+const models: Handler = Effect.gen(function* () {
+  const server = yield* OpenAiServer
+  yield* checkApiKey(server.apiKey)
+  return HttpServerResponse.unsafeJson({ object: "list", data: [modelObject(server)] })
+})
+
+const model: Handler = Effect.gen(function* () {
+  const server = yield* OpenAiServer
+  yield* checkApiKey(server.apiKey)
+  const { params } = yield* HttpRouter.RouteContext
+  if (params.model !== server.model) {
+    return yield* notFound(`The model \`${params.model}\` does not exist.`, "model_not_found", "model")
+  }
+  return HttpServerResponse.unsafeJson(modelObject(server))
+})
+
+const health: Handler = Effect.gen(function* () {
+  const server = yield* OpenAiServer
+  const draining = server.isDraining()
+  return HttpServerResponse.unsafeJson(
+    { status: draining ? "draining" : "ok", model: server.model },
+    { status: draining ? 503 : 200 },
+  )
+})
+
+const metrics: Handler = Effect.gen(function* () {
+  const server = yield* OpenAiServer
+  const stats = yield* server.engine.stats
+  return HttpServerResponse.text(renderMetrics(server.model, server.engine.spec.dims.layers, server.metrics, stats), {
+    contentType: "text/plain; version=0.0.4; charset=utf-8",
+  })
+})
+
+/** The API's routes; needs the OpenAiServer service. Mount it with HttpRouter.mount or concat. */
+export const OpenAiRouter: HttpRouter.HttpRouter<never, OpenAiServer> = HttpRouter.empty.pipe(
+  HttpRouter.post("/v1/completions", respond("/v1/completions", completions)),
+  HttpRouter.post("/v1/chat/completions", respond("/v1/chat/completions", chatCompletions)),
+  HttpRouter.get("/v1/models", respond("/v1/models", models)),
+  HttpRouter.get("/v1/models/:model", respond("/v1/models/:model", model)),
+  HttpRouter.get("/health", respond("/health", health)),
+  HttpRouter.get("/metrics", respond("/metrics", metrics)),
+)
+
+/** The router as a whole app: an unknown route is OpenAI's 404 body instead of an empty response. */
+export const OpenAiApp = OpenAiRouter.pipe(
+  Effect.catchTag("RouteNotFound", (error) =>
+    Effect.gen(function* () {
+      const server = yield* OpenAiServer
+      server.metrics.countRequest("unmatched", 404)
+      return errorResponse(notFound(`no route for ${error.request.method} ${error.request.url}`))
+    }),
+  ),
+)

@@ -1,0 +1,52 @@
+/**
+ * Serving the API: `serve` on whatever HttpServer the host provides, `layerNode` on a node:http server.
+ *
+ * Shutdown (the layer's scope closes, e.g. on SIGTERM under NodeRuntime.runMain) is graceful: new generation
+ * requests get 503 while in-flight ones finish, for up to `shutdownGrace`; streams still open then end with an
+ * error event and `data: [DONE]`; then the listener closes and the engine stops.
+ */
+import { createServer } from "node:http"
+import { HttpServer } from "@effect/platform"
+import { NodeHttpServer } from "@effect/platform-node"
+import { type Duration, Effect, Layer } from "effect"
+import { OpenAiServer } from "./OpenAiServer.js"
+import { OpenAiApp } from "./Router.js"
+
+export interface ServeOptions {
+  /** How long in-flight requests may run on after shutdown begins (default 10 seconds). */
+  readonly shutdownGrace?: Duration.DurationInput
+}
+
+export const DEFAULT_SHUTDOWN_GRACE = "10 seconds"
+
+/** Serves `OpenAiApp` on the HttpServer in context. */
+export const serve = (options: ServeOptions = {}): Layer.Layer<never, never, HttpServer.HttpServer | OpenAiServer> =>
+  Layer.scopedDiscard(
+    Effect.gen(function* () {
+      const server = yield* OpenAiServer
+      yield* HttpServer.serveEffect(OpenAiApp)
+      // Finalizers run in reverse: this drain runs first, while the listener still answers (with 503s).
+      yield* Effect.addFinalizer(() => server.shutdown(options.shutdownGrace ?? DEFAULT_SHUTDOWN_GRACE))
+    }),
+  )
+
+export interface ListenOptions extends ServeOptions {
+  /** Default 127.0.0.1 (loopback only). */
+  readonly host?: string
+  /** Default 8000; 0 picks a free port (read it from HttpServer's address). */
+  readonly port?: number
+}
+
+export const DEFAULT_HOST = "127.0.0.1"
+export const DEFAULT_PORT = 8000
+
+/** Serves the API on a node:http server; the HttpServer stays visible so callers can read the bound address. */
+export const layerNode = (options: ListenOptions = {}) =>
+  serve(options).pipe(
+    Layer.provideMerge(
+      NodeHttpServer.layer(() => createServer(), {
+        host: options.host ?? DEFAULT_HOST,
+        port: options.port ?? DEFAULT_PORT,
+      }),
+    ),
+  )

@@ -1,0 +1,7 @@
+export * from "./ApiError.js"
+export * from "./ChatTemplate.js"
+export * from "./Metrics.js"
+export * from "./OpenAiServer.js"
+export * from "./Protocol.js"
+export * from "./Router.js"
+export * from "./Serve.js"

@@ -1,0 +1,217 @@
+/**
+ * From a decoded request to engine streams and back: request parameters → GenerationRequests (one per prompt,
+ * with the engine's `n`), admission (queue limit, shutdown), the first pull before any byte is sent (so that an
+ * engine refusal is still an HTTP status), and metrics on the way.
+ */
+import type { EarlyExitRequest, GenerationError, GenerationRequest, SamplingParams, TokenEvent } from "@offramp/core"
+import { Chunk, Deferred, Effect, Option, type Scope, Stream } from "effect"
+import { ApiError, badRequest, fromGenerationError, queueFull, unavailable } from "../ApiError.js"
+import type { OpenAiServerShape } from "../OpenAiServer.js"
+import type { EarlyExitExtension } from "../Protocol.js"
+import { Choice } from "./choice.js"
+
+/** The fields completions and chat share, as decoded. */
+export interface CommonParams {
+  readonly model?: string | null
+  readonly temperature?: number | null
+  readonly top_p?: number | null
+  readonly top_k?: number | null
+  readonly seed?: number | null
+  readonly stop?: string | ReadonlyArray<string> | null
+  readonly n?: number | null
+  readonly early_exit?: EarlyExitExtension | null
+}
+
+export interface Prompt {
+  readonly text: string
+  readonly tokens: number
+}
+
+export interface Plan {
+  readonly prompts: ReadonlyArray<Prompt>
+  readonly n: number
+  readonly maxTokens: number
+  readonly sampling: SamplingParams
+  readonly earlyExit: EarlyExitRequest | undefined
+  readonly stops: ReadonlyArray<string>
+}
+
+/** A token event with the response choice it belongs to (prompt index × n + sample). */
+export interface ChoiceEvent {
+  readonly choice: number
+  readonly event: TokenEvent
+}
+
+const given = <A>(value: A | null | undefined): value is A => value !== null && value !== undefined
+
+export const checkModel = (server: OpenAiServerShape, model: string | null | undefined) =>
+  given(model) && model !== server.model
+    ? Effect.fail(
+        new ApiError({
+          status: 404,
+          type: "invalid_request_error",
+          message: `The model \`${model}\` does not exist; this server serves \`${server.model}\`.`,
+          param: "model",
+          code: "model_not_found",
+        }),
+      )
+    : Effect.void
+
+const earlyExitOf = (ext: EarlyExitExtension | null | undefined): EarlyExitRequest | undefined => {
+  if (!given(ext)) return undefined
+  const out = {
+    ...(given(ext.threshold) ? { threshold: ext.threshold } : {}),
+    ...(given(ext.thresholds) ? { thresholds: ext.thresholds } : {}),
+    ...(given(ext.measure) ? { measure: ext.measure } : {}),
+    ...(given(ext.policy) ? { policy: ext.policy } : {}),
+    ...(given(ext.kv) ? { kv: ext.kv } : {}),
+    ...(given(ext.min_exit_layer) ? { minExitLayer: ext.min_exit_layer } : {}),
+    ...(given(ext.decay_tau) ? { decayTau: ext.decay_tau } : {}),
+  } satisfies EarlyExitRequest
+  return Object.keys(out).length > 0 ? out : undefined
+}
+
+/**
+ * Tokenizes the prompts and checks them against the context as OpenAI does: prompt + max_tokens must fit.
+ * `defaultMaxTokens` is OpenAI's default for the endpoint (undefined: whatever room the context leaves).
+ */
+export const plan = (
+  server: OpenAiServerShape,
+  params: CommonParams,
+  texts: ReadonlyArray<string>,
+  requested: { readonly maxTokens: number | undefined; readonly param: string; readonly promptParam: string },
+  defaultMaxTokens: number | undefined,
+): Effect.Effect<Plan, ApiError> =>
+  Effect.gen(function* () {
+    const context = server.engine.spec.dims.contextLength
+    const prompts = yield* Effect.forEach(texts, (text) =>
+      server.tokenizer.encode(text).pipe(
+        Effect.mapError(fromGenerationError),
+        Effect.map((ids) => ({ text, tokens: ids.length })),
+      ),
+    )
+    const longest = Math.max(...prompts.map((p) => p.tokens))
+    if (longest >= context) {
+      return yield* badRequest(
+        `This model's maximum context length is ${context} tokens. However, your prompt is ${longest} tokens ` +
+          "(one more is needed to generate). Please reduce the length of the prompt.",
+        requested.promptParam,
+        "context_length_exceeded",
+      )
+    }
+    const maxTokens = requested.maxTokens ?? Math.min(defaultMaxTokens ?? context, context - longest)
+    if (longest + maxTokens > context) {
+      return yield* badRequest(
+        `This model's maximum context length is ${context} tokens. However, you requested ${longest + maxTokens} ` +
+          `tokens (${longest} in the prompt, ${maxTokens} for the completion). Please reduce the length of the ` +
+          "prompt or the completion.",
+        requested.param,
+        "context_length_exceeded",
+      )
+    }
+    // top_p = 0 keeps only the most likely token: greedy, which the engine spells temperature 0.
+    const topP = params.top_p ?? 1
+    const sampling: SamplingParams = {
+      temperature: topP === 0 ? 0 : (params.temperature ?? 1),
+      topK: params.top_k ?? 0,
+      topP: topP === 0 ? 1 : topP,
+      ...(given(params.seed) ? { seed: params.seed } : {}),
+    }
+    const stop = params.stop
+    const stops = (typeof stop === "string" ? [stop] : (stop ?? [])).filter((s) => s !== "")
+    return {
+      prompts,
+      n: params.n ?? 1,
+      maxTokens,
+      sampling,
+      earlyExit: earlyExitOf(params.early_exit),
+      stops,
+    }
+  })
+
+export const choicesOf = (p: Plan) =>
+  Array.from({ length: p.prompts.length * p.n }, (_, index) => new Choice(index, p.stops))
+
+const toApiError = (error: GenerationError | ApiError): ApiError =>
+  error._tag === "ApiError" ? error : fromGenerationError(error)
+
+/**
+ * Starts the plan's engine streams and waits for the first event, so that admission failures (queue full, engine
+ * refusal, shutdown) fail here, before a response is chosen. The streams belong to the caller's scope: closing it
+ * (the request ends, or the client went away) cancels the sequences.
+ */
+export const start = (
+  server: OpenAiServerShape,
+  p: Plan,
+): Effect.Effect<Stream.Stream<ChoiceEvent, ApiError>, ApiError, Scope.Scope> =>
+  Effect.gen(function* () {
+    const { metrics } = server
+    if (server.isDraining()) return yield* unavailable("the server is shutting down; retry on another instance")
+    if (metrics.queued >= server.maxQueuedRequests) return yield* queueFull(server.maxQueuedRequests)
+    const started = performance.now()
+    let queued = true
+    const dequeue = () => {
+      if (!queued) return
+      queued = false
+      metrics.queued--
+    }
+    metrics.queued++
+    metrics.active++
+    yield* Effect.addFinalizer(() =>
+      Effect.sync(() => {
+        dequeue()
+        metrics.active--
+        metrics.requestDuration.observe((performance.now() - started) / 1000)
+      }),
+    )
+    const streams = p.prompts.map((prompt, i) => {
+      const request: GenerationRequest = {
+        prompt: prompt.text,
+        maxTokens: p.maxTokens,
+        sampling: p.sampling,
+        ...(p.earlyExit ? { earlyExit: p.earlyExit } : {}),
+        ...(p.n > 1 ? { n: p.n } : {}),
+      }
+      return server.engine
+        .generate(request)
+        .pipe(Stream.map((event): ChoiceEvent => ({ choice: i * p.n + event.sample, event })))
+    })
+    const merged = streams.length === 1 ? streams[0]! : Stream.mergeAll(streams, { concurrency: "unbounded" })
+    const shutdown = Deferred.await(server.aborted).pipe(
+      Effect.zipRight(Effect.fail(unavailable("the server shut down while the request was in flight"))),
+    )
+    const pull = yield* Stream.toPull(Stream.interruptWhen(merged, shutdown))
+    const first = yield* pull.pipe(
+      Effect.catchAll(Option.match({ onNone: () => Effect.succeed(Chunk.empty<ChoiceEvent>()), onSome: Effect.fail })),
+      Effect.mapError(toApiError),
+      Effect.ensuring(Effect.sync(dequeue)),
+    )
+    const now = performance.now()
+    metrics.timeToFirstToken.observe((now - started) / 1000)
+    const last = new Map<number, number>()
+    for (const { choice } of first) last.set(choice, now)
+    const rest = Stream.repeatEffectChunkOption(pull).pipe(
+      Stream.tap(({ choice }) =>
+        Effect.sync(() => {
+          const at = performance.now()
+          const previous = last.get(choice)
+          if (previous !== undefined) metrics.interTokenLatency.observe((at - previous) / 1000)
+          last.set(choice, at)
+        }),
+      ),
+    )
+    return Stream.concat(Stream.fromChunk(first), rest).pipe(Stream.mapError(toApiError))
+  })
+
+/** Counts a finished (or abandoned) response's tokens. */
+export const countTokens = (server: OpenAiServerShape, p: Plan, choices: ReadonlyArray<Choice>) =>
+  Effect.sync(() => {
+    server.metrics.promptTokens += p.prompts.reduce((sum, prompt) => sum + prompt.tokens, 0)
+    server.metrics.generationTokens += choices.reduce((sum, c) => sum + c.tokens, 0)
+  })
+
+export const usageOf = (p: Plan, choices: ReadonlyArray<Choice>) => {
+  const prompt = p.prompts.reduce((sum, x) => sum + x.tokens, 0)
+  const completion = choices.reduce((sum, c) => sum + c.tokens, 0)
+  return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
+}

@@ -1,0 +1,89 @@
+/**
+ * The server as a process: `offramp serve` and the standalone `offramp-http` bind, answer the openai client, and
+ * shut down cleanly on SIGTERM; bad flags fail with one clean line.
+ */
+import { type ChildProcess, spawn } from "node:child_process"
+import { join } from "node:path"
+import OpenAI from "openai"
+import { beforeAll, describe, expect, it } from "vitest"
+import { expectCleanFailure, runCli } from "./support/cli.js"
+import { convertStories, REPO_ROOT, tempDir } from "./support/stories.js"
+
+let modelDir = ""
+beforeAll(async () => {
+  modelDir = tempDir("server-cli")
+  await convertStories(modelDir)
+})
+
+const OFFRAMP = join(REPO_ROOT, "apps/cli/bin/offramp.js")
+const OFFRAMP_HTTP = join(REPO_ROOT, "apps/http/bin/offramp-http.js")
+
+interface Running {
+  readonly child: ChildProcess
+  readonly url: string
+  readonly stderr: () => string
+  readonly exit: Promise<number | null>
+}
+
+/** Starts a server process and waits for its "serving … at URL" line. */
+const launch = (args: ReadonlyArray<string>, env: Record<string, string> = {}): Promise<Running> =>
+  new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, args, { cwd: REPO_ROOT, env: { ...process.env, ...env } })
+    let stderr = ""
+    const exit = new Promise<number | null>((done) => child.on("exit", (code) => done(code)))
+    const timer = setTimeout(() => reject(new Error(`no address within 60 s: ${stderr}`)), 60_000)
+    child.stderr.on("data", (data: Buffer) => {
+      stderr += data.toString()
+      const match = /serving \S+ at (http:\/\/[^\s]+)/.exec(stderr)
+      if (match) {
+        clearTimeout(timer)
+        resolve({ child, url: match[1]!, stderr: () => stderr, exit })
+      }
+    })
+    child.on("exit", (code) => {
+      clearTimeout(timer)
+      reject(new Error(`exited with ${code} before serving: ${stderr}`))
+    })
+  })
+
+describe("server processes", () => {
+  it("`offramp serve` and `offramp-http` serve the openai client and stop cleanly on SIGTERM", async () => {
+    const [cli, standalone] = await Promise.all([
+      launch([OFFRAMP, "serve", "--model", modelDir, "--port", "0"]),
+      launch([OFFRAMP_HTTP, "--model", modelDir, "--port", "0", "--served-model-name", "tiny"], {
+        OFFRAMP_API_KEY: "sk-env",
+      }),
+    ])
+    expect(cli.url).toMatch(/^http:\/\/127\.0\.0\.1:\d+$/)
+    const a = new OpenAI({ baseURL: `${cli.url}/v1`, apiKey: "unused", maxRetries: 0 })
+    const b = new OpenAI({ baseURL: `${standalone.url}/v1`, apiKey: "sk-env", maxRetries: 0 })
+    const [ra, rb] = await Promise.all([
+      a.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 8, temperature: 0 }),
+      b.completions.create({ model: "tiny", prompt: "Once upon a time", max_tokens: 8, temperature: 0 }),
+    ])
+    expect(rb.choices[0]!.text).toBe(ra.choices[0]!.text)
+    expect(standalone.stderr()).toContain("API key required")
+    const wrongKey = new OpenAI({ baseURL: `${standalone.url}/v1`, apiKey: "nope", maxRetries: 0 })
+    await expect(wrongKey.models.list()).rejects.toBeInstanceOf(OpenAI.AuthenticationError)
+
+    cli.child.kill("SIGTERM")
+    standalone.child.kill("SIGTERM")
+    expect(await cli.exit).toBe(0)
+    expect(await standalone.exit).toBe(0)
+    expect(cli.stderr()).toContain("shutting down")
+  })
+
+  it("bad flags fail with one clean line", async () => {
+    const [result, missing] = await Promise.all([
+      runCli(["serve", "--model", modelDir, "--max-queued", "0"]),
+      runCli(["serve", "--model", join(modelDir, "nope")]),
+    ])
+    expect(expectCleanFailure(result, "--max-queued must be a positive integer")).toEqual({
+      failed: true,
+      mentions: true,
+      stackFree: true,
+    })
+    expect(missing.code).not.toBe(0)
+    expect(missing.stderr).not.toMatch(/^\s+at .+:\d+:\d+\)?$/m)
+  })
+})
