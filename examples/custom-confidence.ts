@@ -1,23 +1,12 @@
 /**
  * Replaces the confidence measure with a custom ConfidenceEvaluator layer: "gated softmax" trusts an exit head's
  * top probability only when the runner-up is far behind (margin ≥ 0.7), so near-ties never exit early. The engine
- * is composed from its service layers (as onnxEngineLayer does) with the custom evaluator in place of the default,
- * then compared with the default evaluator at the same threshold.
+ * takes the custom evaluator in place of the default one and is compared with the default at the same threshold.
  *
  * Run: npx tsx examples/custom-confidence.ts build/stories260K
  */
-import { join } from "node:path"
-import {
-  ConfidenceEvaluator,
-  type ConfidenceInput,
-  defaultConfidence,
-  Engine,
-  KvCacheLive,
-  Sampler,
-  Scheduler,
-} from "@offramp/core"
-import { OnnxModelRunner, openModelDirectory } from "@offramp/onnx"
-import { HfTokenizer } from "@offramp/tokenizer"
+import { ConfidenceEvaluator, type ConfidenceInput, defaultConfidence, Engine } from "@offramp/core"
+import { onnxEngineLayer } from "@offramp/onnx"
 import { Console, Effect, Layer, Stream } from "effect"
 
 const modelDir = process.argv[2] ?? "build/stories260K"
@@ -31,21 +20,9 @@ const gatedSoftmax = (input: ConfidenceInput): number => {
 
 const GatedConfidence = Layer.succeed(ConfidenceEvaluator, { confidence: gatedSoftmax })
 
-/** The engine's services with the given evaluator (the same composition as onnxEngineLayer). */
+/** The engine of the model directory with the given evaluator in place of the default one. */
 const engineWith = (evaluator: Layer.Layer<ConfidenceEvaluator>) =>
-  Layer.unwrapEffect(
-    Effect.gen(function* () {
-      const { spec } = yield* openModelDirectory(modelDir)
-      const services = Scheduler.layer().pipe(
-        Layer.provideMerge(KvCacheLive),
-        Layer.provideMerge(OnnxModelRunner.layer(modelDir)),
-        Layer.merge(HfTokenizer.layer(join(modelDir, spec.files.tokenizer))),
-        Layer.merge(Sampler.layer),
-        Layer.merge(evaluator),
-      )
-      return Engine.layer().pipe(Layer.provide(services))
-    }),
-  )
+  onnxEngineLayer(modelDir, { confidenceEvaluator: evaluator })
 
 const run = Effect.gen(function* () {
   const engine = yield* Engine

@@ -26,6 +26,8 @@ export interface OnnxEngineConfig {
   readonly scheduler?: SchedulerOptions
   /** Engine-default early-exit settings; overrides calibration.json. */
   readonly earlyExit?: EarlyExitParams
+  /** Another confidence measure in place of the default one (see ConfidenceEvaluator). */
+  readonly confidenceEvaluator?: Layer.Layer<ConfidenceEvaluator>
 }
 
 export const CALIBRATION_FILE = "calibration.json"
@@ -61,7 +63,7 @@ export const onnxEngineLayer = (modelDir: string, config: OnnxEngineConfig = {})
         Layer.provideMerge(OnnxModelRunner.layer(modelDir, config.runner)),
         Layer.merge(HfTokenizer.layer(join(modelDir, spec.files.tokenizer))),
         Layer.merge(Sampler.layer),
-        Layer.merge(ConfidenceEvaluator.layer),
+        Layer.merge(config.confidenceEvaluator ?? ConfidenceEvaluator.layer),
       )
       return Engine.layer(earlyExit ? { earlyExit } : {}).pipe(Layer.provideMerge(services))
     }),

@@ -21,6 +21,7 @@ export const inspect = Command.make("inspect", { dir }, ({ dir }) =>
       `layers       ${d.layers}   hidden ${d.hidden}   intermediate ${d.intermediate}`,
       `heads        ${d.heads} query / ${d.kvHeads} kv, head dim ${d.headDim}`,
       `vocab        ${d.vocab}   context ${d.contextLength}   rope theta ${spec.rope.theta}   norm eps ${spec.normEps}`,
+      `weights      ${spec.weights ? `${spec.weights.matmul} matmuls, ${spec.weights.embedding} embedding` : "fp32"}`,
       `exits        after layers ${spec.exits.map((e) => e.layer).join(", ")} (${spec.headKind} head)`,
       `segments     ${spec.segments.map((s) => `[${s.firstLayer},${s.endLayer})`).join(" ")}`,
       `tokens       bos ${spec.tokens.bos}   eos ${spec.tokens.eos}   stop ${spec.tokens.stop.join(",")}`,
