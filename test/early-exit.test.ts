@@ -10,6 +10,7 @@ import { buildExitClassifierGraph } from "@offramp/convert"
 import {
   type EarlyExitRequest,
   Engine,
+  FULL_DEPTH,
   type GenerationRequest,
   type KvStrategy,
   ModelRunner,
@@ -226,6 +227,25 @@ describe("batch exit policies", () => {
       const soloRun = yield* collect(request(BENCH_PROMPTS[0]!, 30, { threshold: 0, policy: "all" }))
       expect(soloRun.slice(1).every((e) => e.exitLayer === 1)).toBe(true)
     }).pipe(withEngine()),
+  )
+})
+
+describe("engine defaults", () => {
+  it.effect("calibrated per-exit defaults apply until a request sets its own threshold", () =>
+    Effect.gen(function* () {
+      const calibrated = yield* collect(request(BENCH_PROMPTS[0]!, 8))
+      expect(calibrated.slice(1).map((e) => e.exitLayer)).toEqual(Array(7).fill(3))
+      const own = yield* collect(request(BENCH_PROMPTS[0]!, 8, { threshold: 2 }))
+      expect(own.every((e) => e.exitLayer === 5)).toBe(true)
+      const perExit = yield* collect(request(BENCH_PROMPTS[0]!, 8, { threshold: 2, thresholds: { "4": 0 } }))
+      expect(perExit.slice(1).map((e) => e.exitLayer)).toEqual(Array(7).fill(4))
+    }).pipe(
+      Effect.provide(
+        onnxEngineLayer(modelDir, {
+          earlyExit: { ...FULL_DEPTH, threshold: 2, thresholds: { "3": 0 } },
+        }),
+      ),
+    ),
   )
 })
 

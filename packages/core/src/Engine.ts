@@ -491,7 +491,11 @@ const makeEngine = (options: EngineOptions) =>
             message: `the prompt is ${prompt.length} tokens but the KV cache holds ${kv.numBlocks * kv.blockSize}; shorten the prompt or raise the KV cache budget`,
           })
         }
-        const exitParams = { ...defaults, ...req.earlyExit }
+        // A request that sets its own threshold means it for every exit: the defaults' per-exit thresholds
+        // (calibration) apply only where the request keeps the default threshold too.
+        const ownThreshold = req.earlyExit?.threshold !== undefined && req.earlyExit.thresholds === undefined
+        const { thresholds: _calibrated, ...base } = defaults
+        const exitParams = { ...(ownThreshold ? base : defaults), ...req.earlyExit }
         if (exitParams.measure === "classifier" && !spec.exits.some((e) => e.classifier)) {
           return yield* new InvalidRequestError({
             message:
