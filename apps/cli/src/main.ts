@@ -5,6 +5,7 @@ import { Command } from "@effect/cli"
 import { NodeContext, NodeRuntime } from "@effect/platform-node"
 import { Effect } from "effect"
 import { bench } from "./commands/bench.js"
+import { benchHttp } from "./commands/bench-http.js"
 import { calibrate } from "./commands/calibrate.js"
 import { convert } from "./commands/convert.js"
 import { evaluate } from "./commands/evaluate.js"
@@ -15,7 +16,7 @@ import { reportFailure } from "./report.js"
 
 const offramp = Command.make("offramp").pipe(
   Command.withDescription("an inference engine for early-exit language models"),
-  Command.withSubcommands([convert, generate, inspect, bench, calibrate, evaluate, serve]),
+  Command.withSubcommands([convert, generate, inspect, bench, benchHttp, calibrate, evaluate, serve]),
 )
 
 const cli = Command.run(offramp, { name: "offramp", version: "0.1.0" })

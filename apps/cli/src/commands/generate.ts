@@ -12,9 +12,9 @@ import {
 } from "@offramp/core"
 import { onnxEngineLayer } from "@offramp/onnx"
 import { Console, Effect, Layer, Option, Stream } from "effect"
+import { modelOption as model } from "../defaultModel.js"
 import { engineConfig, kvCacheMb, threads } from "../engineOptions.js"
 
-const model = Options.directory("model").pipe(Options.withDescription("a staged model directory"))
 const prompt = Options.text("prompt").pipe(
   Options.withDescription("a text to continue; repeat the flag for several prompts, run concurrently"),
   Options.repeated,
