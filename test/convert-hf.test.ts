@@ -3,7 +3,7 @@
  * heads): the ONNX runner's hidden state after every layer and logits at every exit against the plain-TypeScript
  * reference forward pass; fp16 / int8 / int4 storage within stated tolerances; typed, clean CLI failures.
  */
-import { readdirSync, readFileSync, statSync, writeFileSync } from "node:fs"
+import { mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { describe, expect, it } from "@effect/vitest"
 import { readLlama2cTokenizer, toHuggingFaceTokenizerJson } from "@offramp/convert"
@@ -346,8 +346,20 @@ describe("offramp convert hf: typed failures", () => {
     const dir = join(root, `bad-${Math.random().toString(36).slice(2)}`)
     await writeTinyLlama(dir, { tokenizer, ...options })
     edit?.(dir)
-    return runCli(["convert", "hf", "--dir", dir, "--out", join(dir, "out")])
+    const result = await runCli(["convert", "hf", "--dir", dir, "--out", join(dir, "out")])
+    // No partial output: neither the model directory nor its staging sibling is left behind.
+    expect(readdirSync(dir).filter((name) => name.startsWith("out"))).toEqual([])
+    return result
   }
+
+  it("a directory that is not a checkpoint", async () => {
+    const dir = join(root, "not-a-checkpoint")
+    mkdirSync(dir, { recursive: true })
+    writeFileSync(join(dir, "notes.txt"), "hello")
+    const result = await runCli(["convert", "hf", "--dir", dir, "--out", join(dir, "out")])
+    expect(expectCleanFailure(result, /config\.json/)).toEqual({ failed: true, mentions: true, stackFree: true })
+    expect(readdirSync(dir)).toEqual(["notes.txt"])
+  })
 
   it("an unsupported architecture", async () => {
     const result = await failing({ config: { architectures: ["GPT2LMHeadModel"], model_type: "gpt2" } })
