@@ -17,6 +17,7 @@ import { onnxEngineLayer, WorkerEngine } from "@offramp/onnx"
 import { Chunk, Context, Deferred, Effect, Exit, Fiber, Layer, Scope, Stream } from "effect"
 import { beforeAll } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
+import { metric, startServer, waitIdle } from "../packages/server/test/support.js"
 import { jsonLines, runCli } from "./support/cli.js"
 import { convertStories, REFERENCE_CONTINUATION, tempDir } from "./support/stories.js"
 
@@ -154,9 +155,59 @@ describe("WorkerEngine", () => {
   )
 })
 
+describe("the server over the worker engine", () => {
+  it.live("streams to clients; those that disconnect mid-stream leave zero KV blocks in use", () =>
+    Effect.promise(async () => {
+      const server = await startServer(WorkerEngine.layer(modelDir))
+      try {
+        const greedyText = await server.engineText(greedy("Once upon a time", 60))
+        expect(greedyText).toBe(REFERENCE_CONTINUATION)
+        const outcomes = await Promise.all(
+          Array.from({ length: 24 }, async (_, i) => {
+            const controller = new AbortController()
+            const body = { prompt: BENCH_PROMPTS[i % 8]!, max_tokens: 400, temperature: 0.8, stream: true }
+            try {
+              const response = await fetch(`${server.url}/v1/completions`, {
+                method: "POST",
+                headers: { "content-type": "application/json" },
+                body: JSON.stringify(body),
+                signal: controller.signal,
+              })
+              const reader = response.body!.getReader()
+              for (let chunks = 0; chunks < 3; chunks++) if ((await reader.read()).done) break
+              controller.abort()
+              return "aborted"
+            } catch {
+              return "aborted early"
+            }
+          }),
+        )
+        expect(outcomes.filter((o) => o === "aborted").length).toBeGreaterThan(16)
+        const m = await waitIdle(server, "stories260K")
+        expect(metric(m, "stories260K", "offramp_kv_blocks_used")).toBe(0)
+        const stats = await server.runtime.runPromise(Effect.flatMap(Engine, (e) => e.stats))
+        expect(stats.decodeTokens).toBeLessThan(24 * 400 * 0.25)
+      } finally {
+        await server.close()
+      }
+    }),
+  )
+})
+
 describe("the worker under the CLI's tsx", () => {
   it("`offramp bench-http` serves through the worker engine and reports both engines", async () => {
-    const result = await runCli(["bench-http", "--model", modelDir, "--clients", "2", "--max-tokens", "8", "--json"])
+    const result = await runCli([
+      "bench-http",
+      "--model",
+      modelDir,
+      "--clients",
+      "2",
+      "--max-tokens",
+      "8",
+      "--repeats",
+      "1",
+      "--json",
+    ])
     expect(result.stderr).toBe("")
     expect(result.code).toBe(0)
     const [report] = jsonLines(result.stdout)

@@ -5,7 +5,7 @@
 import { Command, Options } from "@effect/cli"
 import { HttpServer } from "@effect/platform"
 import { InvalidRequestError } from "@offramp/core"
-import { type OnnxEngineConfig, onnxEngineLayer } from "@offramp/onnx"
+import { onnxEngineLayer, WorkerEngine } from "@offramp/onnx"
 import {
   DEFAULT_HOST,
   DEFAULT_MAX_BODY_BYTES,
@@ -57,6 +57,11 @@ export const serveFlags = {
     Options.withDescription("onnxruntime intra-op threads per session (default 1)"),
     Options.optional,
   ),
+  inProcess: Options.boolean("in-process").pipe(
+    Options.withDescription(
+      "run the engine on the main thread, not in a worker thread (onnxruntime then blocks the event loop during steps)",
+    ),
+  ),
 }
 
 type Flags = Command.Command.ParseConfig<typeof serveFlags>
@@ -70,7 +75,7 @@ const positive = (flag: string, value: number, zero = false) =>
         }),
       )
 
-const engineConfig = (flags: Flags): OnnxEngineConfig => ({
+const engineConfig = (flags: Flags): WorkerEngine.WorkerEngineConfig => ({
   runner: {
     ...Option.match(flags.kvCacheMb, { onNone: () => ({}), onSome: (mb) => ({ kvCacheBytes: mb * 1024 * 1024 }) }),
     ...Option.match(flags.threads, { onNone: () => ({}), onSome: (threads) => ({ threads }) }),
@@ -113,7 +118,11 @@ export const runServe = (flags: Flags) =>
         layerNode({ host: flags.host, port: flags.port, shutdownGrace: `${flags.shutdownGrace} seconds` }),
       ),
       Layer.provideMerge(api),
-      Layer.provide(onnxEngineLayer(flags.model, engineConfig(flags))),
+      Layer.provide(
+        flags.inProcess
+          ? onnxEngineLayer(flags.model, engineConfig(flags))
+          : WorkerEngine.layer(flags.model, engineConfig(flags)),
+      ),
     )
     return yield* Layer.launch(app)
   })

@@ -4,11 +4,12 @@
  * main thread for I/O. `WorkerEngine.layer(modelDir, config)` provides the same `Engine` interface, and a
  * `Tokenizer` loaded on the main thread (it is cheap, and the server tokenizes on every request).
  *
- * Messages are schema-typed `Schema.TaggedRequest`s over @effect/platform's serialized worker protocol. A token
- * stream crosses as batches: every chunk the engine's stream has ready (one step's tokens of a request) is one
- * message, so structured cloning is paid per batch rather than per token. Interrupting a stream interrupts the
- * request in the worker, which cancels the sequence; typed errors cross as the same tagged errors. When the layer
- * closes, the worker's engine shuts down first, so streams still in flight end with EngineStoppedError.
+ * Messages are schema-typed `Schema.TaggedRequest`s over @effect/platform's serialized worker protocol. Token
+ * events of all generations share one stream from the worker (`Events`): each element is a batch of what every
+ * generation produced in one engine step, demultiplexed here by ticket into each generation's stream, so a step
+ * costs one message however many streams run. A stream that is interrupted, or that its consumer stops reading,
+ * cancels its sequence in the worker; typed errors cross as the same tagged errors. When the layer closes, the
+ * worker's engine shuts down first, so streams still in flight end with EngineStoppedError.
  */
 import { join } from "node:path"
 import { Worker as NodeThread } from "node:worker_threads"
@@ -32,13 +33,16 @@ import {
   TokenizerError,
 } from "@offramp/core"
 import { HfTokenizer } from "@offramp/tokenizer"
-import { Context, Effect, Layer, type ParseResult, Schema, Stream } from "effect"
+import { Cause, Context, Effect, Exit, Layer, Mailbox, type ParseResult, Queue, Schema, Stream } from "effect"
 import type { OnnxEngineConfig } from "./OnnxEngine.js"
 
 const Positive = Schema.Number.pipe(Schema.positive())
 const optional = <S extends Schema.Schema.Any>(schema: S) => Schema.optionalWith(schema, { exact: true })
 
-/** OnnxEngineConfig as a schema (plain numbers and early-exit settings: all of it can cross a thread). */
+/**
+ * What of OnnxEngineConfig can cross to the worker: plain numbers and early-exit settings. A custom
+ * ConfidenceEvaluator layer cannot (it is code); run such an engine in-process with `onnxEngineLayer`.
+ */
 export const WorkerEngineConfig = Schema.Struct({
   runner: optional(
     Schema.Struct({
@@ -52,6 +56,11 @@ export const WorkerEngineConfig = Schema.Struct({
   earlyExit: optional(EarlyExitParams),
 })
 
+export type WorkerEngineConfig = typeof WorkerEngineConfig.Type
+
+/** The OnnxEngineConfig fields the worker cannot carry must be absent (a type error, not silently dropped). */
+type NotCrossing = { readonly [K in Exclude<keyof OnnxEngineConfig, keyof WorkerEngineConfig>]?: never }
+
 export const GenerationErrorSchema = Schema.Union(InvalidRequestError, TokenizerError, RunnerError, EngineStoppedError)
 
 /** Loads the model in the worker; answers what the Engine interface exposes synchronously. */
@@ -61,11 +70,39 @@ export class StartEngine extends Schema.TaggedRequest<StartEngine>()("StartEngin
   payload: { modelDir: Schema.String, config: WorkerEngineConfig },
 }) {}
 
-/** One generation; its stream's elements are the batches of token events that were ready together. */
-export class Generate extends Schema.TaggedRequest<Generate>()("Generate", {
-  failure: GenerationErrorSchema,
-  success: Schema.Array(TokenEvent),
-  payload: { request: GenerationRequest },
+/**
+ * Starts generations in the worker under the main thread's tickets, and cancels generations whose streams the main
+ * thread no longer reads (interrupted, or ended early), in that order. Their events and ends arrive on the Events
+ * stream. The main thread sends what a tick submitted in one message, so a burst of requests reaches the engine
+ * together and shares its first step.
+ */
+export class Dispatch extends Schema.TaggedRequest<Dispatch>()("Dispatch", {
+  failure: Schema.Never,
+  success: Schema.Void,
+  payload: {
+    start: Schema.Array(Schema.Struct({ ticket: Schema.Int, request: GenerationRequest })),
+    cancel: Schema.Array(Schema.Int),
+  },
+}) {}
+
+/** What one generation produced since the last batch: token events, then at its end `done` or an error. */
+export const Outcome = Schema.Struct({
+  ticket: Schema.Int,
+  events: Schema.Array(TokenEvent),
+  done: Schema.optionalWith(Schema.Literal(true), { exact: true }),
+  error: Schema.optionalWith(GenerationErrorSchema, { exact: true }),
+})
+export type Outcome = typeof Outcome.Type
+
+/**
+ * The worker's output, for every generation at once: one element (one message) per batch of outcomes that were
+ * ready together, which is every token of an engine step. Batching across generations is what keeps the per-token
+ * cost low: with 16 streams a step has one token per stream, so per-generation messages would carry one each.
+ */
+export class Events extends Schema.TaggedRequest<Events>()("Events", {
+  failure: Schema.Never,
+  success: Schema.Array(Outcome),
+  payload: {},
 }) {}
 
 const Count = Schema.Number
@@ -108,7 +145,7 @@ export class StopEngine extends Schema.TaggedRequest<StopEngine>()("StopEngine",
   payload: {},
 }) {}
 
-export const EngineRequest = Schema.Union(StartEngine, Generate, GetStats, StopEngine)
+export const EngineRequest = Schema.Union(StartEngine, Events, Dispatch, GetStats, StopEngine)
 export type EngineRequest = typeof EngineRequest.Type
 
 /**
@@ -117,22 +154,44 @@ export type EngineRequest = typeof EngineRequest.Type
  */
 export const WORKER_ENTRY = new URL("./engineWorker.mjs", import.meta.url)
 
-/** A failure of the worker itself (it died, or a message did not decode) as the engine's error. */
-const workerFailure = (error: WorkerError.WorkerError | ParseResult.ParseError) =>
-  new EngineStoppedError({
-    message: `the engine worker failed (${error._tag === "WorkerError" ? error.reason : "protocol"}): ${error.message}`,
-  })
-
-const isWorkerSide = (
-  error: GenerationError | WorkerError.WorkerError | ParseResult.ParseError,
-): error is WorkerError.WorkerError | ParseResult.ParseError =>
-  error._tag === "WorkerError" || error._tag === "ParseError"
-
-const make = (modelDir: string, config: OnnxEngineConfig) =>
+const make = (modelDir: string, config: WorkerEngineConfig) =>
   Effect.gen(function* () {
+    const scope = yield* Effect.scope
     const cannotStart = (e: WorkerError.WorkerError) =>
       new ModelLoadError({ path: modelDir, message: `the engine worker failed to start: ${e.message}` })
     const worker = yield* Worker.makeSerialized<EngineRequest>({}).pipe(Effect.mapError(cannotStart))
+
+    // The open generations by ticket. The Events reader delivers their batches; whatever ends them removes them.
+    const open = new Map<number, Mailbox.Mailbox<TokenEvent, GenerationError>>()
+    let nextTicket = 0
+    // Set once the engine is gone (shut down, or the worker failed): what new requests get.
+    let refusal: EngineStoppedError | undefined
+    const endAll = (error: EngineStoppedError) => {
+      refusal ??= error
+      for (const mailbox of open.values()) mailbox.unsafeDone(Exit.fail(error))
+      open.clear()
+    }
+    const deliver = (batch: ReadonlyArray<Outcome>) => {
+      for (const { ticket, events, done, error } of batch) {
+        const mailbox = open.get(ticket)
+        if (mailbox === undefined) continue
+        if (events.length > 0) mailbox.unsafeOfferAll(events)
+        if (done || error) {
+          open.delete(ticket)
+          mailbox.unsafeDone(error ? Exit.fail(error) : Exit.void)
+        }
+      }
+    }
+    yield* worker.execute(new Events()).pipe(
+      Stream.runForEach((batch) => Effect.sync(() => deliver(batch))),
+      Effect.catchAllCause((cause) =>
+        Effect.sync(() =>
+          endAll(new EngineStoppedError({ message: `the engine worker failed: ${Cause.squash(cause)}` })),
+        ),
+      ),
+      Effect.forkIn(scope),
+    )
+
     const { spec, defaults } = yield* worker.executeEffect(new StartEngine({ modelDir, config })).pipe(
       Effect.catchTags({
         WorkerError: cannotStart,
@@ -140,7 +199,6 @@ const make = (modelDir: string, config: OnnxEngineConfig) =>
       }),
     )
     const tokenizer = yield* HfTokenizer.fromFile(join(modelDir, spec.files.tokenizer))
-    let stopped = false
     // /metrics keeps answering with the last figures if the worker is gone.
     let lastStats: EngineStats = yield* worker.executeEffect(new GetStats()).pipe(Effect.orDie)
     const stats = worker.executeEffect(new GetStats()).pipe(
@@ -150,48 +208,71 @@ const make = (modelDir: string, config: OnnxEngineConfig) =>
       Effect.orElse(() => Effect.sync(() => lastStats)),
     )
 
+    // Starts and cancels wait for the end of the tick (setImmediate) and then go together, in order, in one message.
+    const control = yield* Queue.unbounded<
+      { readonly start: Dispatch["start"][number] } | { readonly cancel: number }
+    >()
+    yield* Effect.gen(function* () {
+      const first = yield* Queue.take(control)
+      yield* Effect.async<void>((resume) => {
+        setImmediate(() => resume(Effect.void))
+      })
+      const batch = [first, ...(yield* Queue.takeAll(control))]
+      const start = batch.flatMap((c) => ("start" in c ? [c.start] : []))
+      const cancel = batch.flatMap((c) => ("cancel" in c ? [c.cancel] : []))
+      yield* worker
+        .executeEffect(new Dispatch({ start, cancel }))
+        .pipe(Effect.catchAll((e) => Effect.sync(() => endAll(workerFailure(e)))))
+    }).pipe(Effect.forever, Effect.forkIn(scope))
+
     const generate = (request: GenerationRequest): Stream.Stream<TokenEvent, GenerationError> =>
-      Stream.unwrap(
+      Stream.unwrapScoped(
         Effect.gen(function* () {
-          if (stopped) return yield* new EngineStoppedError({ message: "the engine has shut down" })
+          if (refusal) return yield* refusal
           // The engine's own validation, here so that a bad request never crosses (same error, same message).
           const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
             Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
           )
-          const samples = req.n ?? 1
-          let finished = 0
-          const events = worker.execute(new Generate({ request: req })).pipe(
-            Stream.mapError((e) => (isWorkerSide(e) ? workerFailure(e) : e)),
-            // The protocol cancels a request in the worker only when its stream is interrupted, not when a consumer
-            // stops pulling early (take, takeUntil). Run it in a fiber of this stream's scope: an early end of the
-            // consumer closes the scope, which interrupts the fiber and so cancels the sequence.
-            Stream.buffer({ capacity: "unbounded" }),
-            Stream.mapConcat((batch) => {
-              for (const event of batch) if (event.finishReason !== null) finished++
-              return batch
+          const ticket = nextTicket++
+          const mailbox = yield* Mailbox.make<TokenEvent, GenerationError>()
+          open.set(ticket, mailbox)
+          control.unsafeOffer({ start: { ticket, request: req } })
+          // Still open when the stream's scope closes: the consumer stopped reading (interrupted, or it took what it
+          // wanted), and the worker cancels the sequence.
+          yield* Effect.addFinalizer(() =>
+            Effect.sync(() => {
+              if (open.delete(ticket) && refusal === undefined) control.unsafeOffer({ cancel: ticket })
             }),
           )
-          // A stream the worker protocol ended early (the worker closed under it) is a stopped engine, not a success.
-          const check = Stream.suspend(() =>
-            finished < samples
-              ? Stream.fail(new EngineStoppedError({ message: "the engine shut down while the request was in flight" }))
-              : Stream.empty,
-          )
-          return Stream.concat(events, check)
+          return Mailbox.toStream(mailbox)
         }),
       )
 
-    // Runs before the worker closes (finalizers run in reverse): the worker's engine ends its streams with
-    // EngineStoppedError, and those errors reach the streams before the worker goes.
+    // Runs before the worker closes (finalizers run in reverse): new requests are refused, the worker's engine ends
+    // its generations with EngineStoppedError, and those whose end has not arrived when it answers end so here.
     yield* Effect.addFinalizer(() =>
       Effect.suspend(() => {
-        stopped = true
-        return worker.executeEffect(new StopEngine()).pipe(Effect.timeout("10 seconds"), Effect.ignore)
-      }),
+        refusal ??= new EngineStoppedError({ message: "the engine has shut down" })
+        return worker.executeEffect(new StopEngine())
+      }).pipe(
+        Effect.timeout("10 seconds"),
+        Effect.ignore,
+        Effect.andThen(
+          Effect.sync(() =>
+            endAll(new EngineStoppedError({ message: "the engine shut down while the request was in flight" })),
+          ),
+        ),
+      ),
     )
 
     const engine: EngineShape = { spec, defaults, generate, stats }
     return Context.make(Engine, engine).pipe(Context.add(Tokenizer, tokenizer))
+  })
+
+/** A failure of the worker itself (it died, or a message did not decode) as the engine's error. */
+const workerFailure = (error: WorkerError.WorkerError | ParseResult.ParseError) =>
+  new EngineStoppedError({
+    message: `the engine worker failed (${error._tag === "WorkerError" ? error.reason : "protocol"}): ${error.message}`,
   })
 
 /** Spawns the engine worker thread (one per layer). */
@@ -207,6 +288,6 @@ const spawn = () =>
  */
 export const layer = (
   modelDir: string,
-  config: OnnxEngineConfig = {},
+  config: WorkerEngineConfig & NotCrossing = {},
 ): Layer.Layer<Engine | Tokenizer, ModelLoadError | TokenizerError> =>
   Layer.scopedContext(make(modelDir, config)).pipe(Layer.provide(NodeWorker.layer(spawn)))

@@ -1,14 +1,27 @@
 /**
  * The engine worker thread: serves the WorkerEngine protocol (see WorkerEngine.ts) over `onnxEngineLayer`.
- * The engine lives in a scope of its own, so StopEngine can shut it down (ending its streams with
- * EngineStoppedError) while the connection to the main thread still carries those errors.
+ *
+ * Every generation runs in a fiber keyed by the main thread's ticket; what it produces goes to an outbox that is
+ * flushed as one Events element after the current engine step (setImmediate runs before onnxruntime's next
+ * `run()`, which is itself scheduled with setImmediate). The engine lives in a scope of its own, so StopEngine can
+ * shut it down, ending its generations with EngineStoppedError, while the connection still carries those ends.
  */
+import { readlinkSync } from "node:fs"
+import { setPriority } from "node:os"
 import { WorkerRunner } from "@effect/platform"
 import { NodeRuntime, NodeWorkerRunner } from "@effect/platform-node"
-import { Engine, type EngineShape, EngineStoppedError } from "@offramp/core"
-import { Chunk, Context, Effect, Exit, Layer, Scope, Stream } from "effect"
+import { Engine, type EngineShape, EngineStoppedError, type GenerationError } from "@offramp/core"
+import { Cause, Chunk, Context, Effect, Exit, FiberMap, Layer, Mailbox, Option, Scope, Stream } from "effect"
 import { onnxEngineLayer } from "./OnnxEngine.js"
-import { EngineRequest } from "./WorkerEngine.js"
+import { EngineRequest, type Outcome } from "./WorkerEngine.js"
+
+// Linux: a lower priority for this thread (nice 5) lets the main thread's I/O preempt engine steps when both share a
+// CPU; with a core each it changes nothing. /proc/thread-self names this thread's task id.
+try {
+  setPriority(Number(readlinkSync("/proc/thread-self").split("/").pop()), 5)
+} catch {
+  // Not Linux, or not allowed: the thread keeps the process's priority.
+}
 
 const Runner = Layer.unwrapScoped(
   Effect.gen(function* () {
@@ -22,6 +35,40 @@ const Runner = Layer.unwrapScoped(
           )
         : Effect.succeed(engine),
     )
+
+    const outbox = yield* Mailbox.make<ReadonlyArray<Outcome>>()
+    let pending: Array<Outcome> = []
+    const flush = () => {
+      if (pending.length === 0) return
+      outbox.unsafeOffer(pending)
+      pending = []
+    }
+    const push = (outcome: Outcome) => {
+      if (pending.length === 0) setImmediate(flush)
+      pending.push(outcome)
+    }
+
+    const generations = yield* FiberMap.make<number, void, never>()
+    const run = (ticket: number, engine: EngineShape, request: Parameters<EngineShape["generate"]>[0]) =>
+      engine.generate(request).pipe(
+        Stream.runForEachChunk((chunk) => Effect.sync(() => push({ ticket, events: Chunk.toReadonlyArray(chunk) }))),
+        Effect.onExit((exit) =>
+          Effect.sync(() => {
+            if (Exit.isSuccess(exit)) return push({ ticket, events: [], done: true })
+            const failure = Cause.failureOption(exit.cause)
+            if (Option.isSome(failure)) push({ ticket, events: [], error: failure.value })
+            // Interrupted only: cancelled by the main thread, which no longer listens. A defect ends the stream too.
+            else if (!Cause.isInterruptedOnly(exit.cause)) {
+              const error: GenerationError = new EngineStoppedError({
+                message: `the engine failed: ${Cause.pretty(exit.cause).split("\n")[0]}`,
+              })
+              push({ ticket, events: [], error })
+            }
+          }),
+        ),
+        Effect.ignore,
+      )
+
     return WorkerRunner.layerSerialized(EngineRequest, {
       StartEngine: ({ modelDir, config }) =>
         Effect.gen(function* () {
@@ -29,13 +76,28 @@ const Runner = Layer.unwrapScoped(
           engine = Context.get(context, Engine)
           return { spec: engine.spec, defaults: engine.defaults }
         }),
-      // One element per chunk the engine's stream has ready: a batch of events is one message.
-      Generate: ({ request }) =>
-        Stream.unwrap(Effect.map(started, (e) => e.generate(request))).pipe(
-          Stream.mapChunks((chunk) => Chunk.of(Chunk.toReadonlyArray(chunk))),
-        ),
+      Events: () => Mailbox.toStream(outbox),
+      Dispatch: ({ start, cancel }) =>
+        Effect.gen(function* () {
+          for (const { ticket, request } of start) {
+            yield* FiberMap.run(
+              generations,
+              ticket,
+              Effect.matchEffect(started, {
+                onFailure: (error) => Effect.sync(() => push({ ticket, events: [], error })),
+                onSuccess: (e) => run(ticket, e, request),
+              }),
+            )
+          }
+          for (const ticket of cancel) yield* FiberMap.remove(generations, ticket)
+        }),
       GetStats: () => Effect.flatMap(Effect.orDie(started), (e) => e.stats),
-      StopEngine: () => Scope.close(engineScope, Exit.void),
+      // The engine's finalizer ends every generation with EngineStoppedError; their ends are flushed at once.
+      StopEngine: () =>
+        Scope.close(engineScope, Exit.void).pipe(
+          Effect.andThen(FiberMap.awaitEmpty(generations)),
+          Effect.andThen(Effect.sync(flush)),
+        ),
     })
   }),
 )

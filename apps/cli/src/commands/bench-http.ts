@@ -1,15 +1,17 @@
 /**
  * `offramp bench-http`: the HTTP server's streaming throughput with the engine in a worker thread, against the
- * in-process engine's own throughput measured in the same run, and the main thread's event-loop delay in each
- * setup while the streams generate.
+ * in-process engine's own throughput measured in the same run, and the main thread's event-loop delay and
+ * utilization in each setup while the streams generate.
  *
- * One process holds three setups: the in-process engine driven directly (the throughput reference), the real server
- * on loopback over the same in-process engine, and the real server over the worker engine. Each round runs every
- * setup once with `--clients` concurrent greedy streams (plain `fetch`, SSE, `include_usage` for the token count);
- * figures are medians over rounds. Event-loop delay is `perf_hooks.monitorEventLoopDelay` on the main thread, which
- * also runs the HTTP clients.
+ * One process holds four setups over one model: the in-process engine driven directly (the throughput reference),
+ * the worker engine driven directly, and the real server on loopback over each of them. Each round runs every setup
+ * once with `--clients` concurrent greedy streams, in a rotating order; figures are medians over rounds. The HTTP
+ * clients (plain `fetch`, SSE, `include_usage` for the token count) run in a thread of their own, as remote clients
+ * would, so the main thread's figures (`perf_hooks.monitorEventLoopDelay`, `eventLoopUtilization`) are the server's.
  */
-import { monitorEventLoopDelay } from "node:perf_hooks"
+import { readFileSync } from "node:fs"
+import { type IntervalHistogram, monitorEventLoopDelay } from "node:perf_hooks"
+import { Worker as Thread } from "node:worker_threads"
 import { Command, Options } from "@effect/cli"
 import { HttpServer } from "@effect/platform"
 import { Engine, InvalidRequestError, type Tokenizer } from "@offramp/core"
@@ -48,8 +50,15 @@ export interface SetupRun {
   readonly tokensPerSecond: number
   /** Tokens after each stream's first ÷ seconds from the first token of any stream to the end (as `offramp bench`). */
   readonly decodeTokensPerSecond: number
-  /** Main-thread event-loop delay while the streams ran, in ms. */
+  /** Main-thread event-loop delay while the streams ran, in ms (1 ms timer). */
   readonly eventLoopDelayMs: DelayFigures
+  /** Fraction of the wall time the main thread's event loop was busy. */
+  readonly eventLoopUtilization: number
+  /**
+   * CPU time per generated token: the main thread's (Linux schedstat; null elsewhere) and the whole process's, which
+   * includes the engine thread and the HTTP clients' thread. Unlike wall-clock figures, these hold on a busy machine.
+   */
+  readonly cpuMsPerToken: { readonly mainThread: number | null; readonly process: number }
 }
 
 export interface SetupReport extends SetupRun {
@@ -57,18 +66,26 @@ export interface SetupReport extends SetupRun {
 }
 
 /** Medians of every figure over the rounds. */
-const summarize = (runs: ReadonlyArray<SetupRun>): SetupReport => ({
-  tokens: median(runs.map((r) => r.tokens)),
-  wallMs: median(runs.map((r) => r.wallMs)),
-  tokensPerSecond: median(runs.map((r) => r.tokensPerSecond)),
-  decodeTokensPerSecond: median(runs.map((r) => r.decodeTokensPerSecond)),
-  eventLoopDelayMs: {
-    p50: median(runs.map((r) => r.eventLoopDelayMs.p50)),
-    p99: median(runs.map((r) => r.eventLoopDelayMs.p99)),
-    max: median(runs.map((r) => r.eventLoopDelayMs.max)),
-  },
-  runs,
-})
+const summarize = (runs: ReadonlyArray<SetupRun>): SetupReport => {
+  const of = (f: (r: SetupRun) => number) => median(runs.map(f))
+  return {
+    tokens: of((r) => r.tokens),
+    wallMs: of((r) => r.wallMs),
+    tokensPerSecond: of((r) => r.tokensPerSecond),
+    decodeTokensPerSecond: of((r) => r.decodeTokensPerSecond),
+    eventLoopDelayMs: {
+      p50: of((r) => r.eventLoopDelayMs.p50),
+      p99: of((r) => r.eventLoopDelayMs.p99),
+      max: of((r) => r.eventLoopDelayMs.max),
+    },
+    eventLoopUtilization: of((r) => r.eventLoopUtilization),
+    cpuMsPerToken: {
+      mainThread: runs.some((r) => r.cpuMsPerToken.mainThread === null) ? null : of((r) => r.cpuMsPerToken.mainThread!),
+      process: of((r) => r.cpuMsPerToken.process),
+    },
+    runs,
+  }
+}
 
 interface StreamResult {
   readonly tokens: number
@@ -76,20 +93,37 @@ interface StreamResult {
   readonly firstAt: number
 }
 
-/** Runs `count` streams at once under an event-loop delay monitor (1 ms timer). */
-const measure = (count: number, stream: (i: number) => Effect.Effect<StreamResult>) =>
+type Setup = (count: number) => Effect.Effect<ReadonlyArray<StreamResult>>
+
+const delayFigures = (histogram: IntervalHistogram): DelayFigures => ({
+  p50: histogram.percentile(50) / 1e6,
+  p99: histogram.percentile(99) / 1e6,
+  max: histogram.max / 1e6,
+})
+
+/** The main thread's CPU time in ms (the first field of its schedstat is ns on a CPU), or null without /proc. */
+const mainThreadCpuMs = (): number | null => {
+  try {
+    return Number(readFileSync(`/proc/self/task/${process.pid}/schedstat`, "utf8").split(" ")[0]) / 1e6
+  } catch {
+    return null
+  }
+}
+
+/** Runs `count` streams of a setup at once under the main thread's event-loop monitors. */
+const measure = (count: number, setup: Setup) =>
   Effect.gen(function* () {
     const histogram = monitorEventLoopDelay({ resolution: 1 })
     histogram.enable()
+    const utilization = performance.eventLoopUtilization()
+    const mainCpu = mainThreadCpuMs()
+    const processCpu = process.cpuUsage()
     const started = performance.now()
-    const results = yield* Effect.forEach(
-      Array.from({ length: count }, (_, i) => i),
-      stream,
-      { concurrency: "unbounded" },
-    )
+    const results = yield* setup(count)
     const ended = performance.now()
+    const processCpuMs = (({ user, system }) => (user + system) / 1000)(process.cpuUsage(processCpu))
+    const mainCpuMs = mainCpu === null ? null : mainThreadCpuMs()! - mainCpu
     histogram.disable()
-    const ms = (ns: number) => ns / 1e6
     const tokens = results.reduce((n, r) => n + r.tokens, 0)
     const firstToken = Math.min(...results.map((r) => r.firstAt))
     return {
@@ -97,78 +131,106 @@ const measure = (count: number, stream: (i: number) => Effect.Effect<StreamResul
       wallMs: ended - started,
       tokensPerSecond: (tokens * 1000) / (ended - started),
       decodeTokensPerSecond: ((tokens - count) * 1000) / (ended - firstToken),
-      eventLoopDelayMs: {
-        p50: ms(histogram.percentile(50)),
-        p99: ms(histogram.percentile(99)),
-        max: ms(histogram.max),
-      },
+      eventLoopDelayMs: delayFigures(histogram),
+      eventLoopUtilization: performance.eventLoopUtilization(utilization).utilization,
+      cpuMsPerToken: { mainThread: mainCpuMs === null ? null : mainCpuMs / tokens, process: processCpuMs / tokens },
     } satisfies SetupRun
   })
 
 const prompt = (i: number) => BENCH_PROMPTS[i % BENCH_PROMPTS.length]!
 
 /** The engine driven directly: greedy streams, counted as they arrive. */
-const engineStream = (engine: Engine["Type"], max: number) => (i: number) =>
-  Effect.suspend(() => {
-    let firstAt = Number.POSITIVE_INFINITY
-    return engine.generate({ prompt: prompt(i), maxTokens: max, sampling: { temperature: 0, topK: 0, topP: 1 } }).pipe(
-      Stream.tap((event) =>
-        Effect.sync(() => {
-          if (event.index === 0 && event.sample === 0) firstAt = performance.now()
+const engineStreams =
+  (engine: Engine["Type"], max: number): Setup =>
+  (count) =>
+    Effect.forEach(
+      Array.from({ length: count }, (_, i) => i),
+      (i) =>
+        Effect.suspend(() => {
+          let firstAt = Number.POSITIVE_INFINITY
+          return engine
+            .generate({ prompt: prompt(i), maxTokens: max, sampling: { temperature: 0, topK: 0, topP: 1 } })
+            .pipe(
+              Stream.tap((event) =>
+                Effect.sync(() => {
+                  if (event.index === 0 && event.sample === 0) firstAt = performance.now()
+                }),
+              ),
+              Stream.runCount,
+              Effect.map((tokens) => ({ tokens, firstAt })),
+              Effect.orDie,
+            )
         }),
-      ),
-      Stream.runCount,
-      Effect.map((tokens) => ({ tokens, firstAt })),
-      Effect.orDie,
+      { concurrency: "unbounded" },
     )
-  })
 
-/** One streaming completion over HTTP with plain fetch: the first token's time and the usage count. */
-const httpStream = (url: string, max: number) => (i: number) =>
-  Effect.promise(async (): Promise<StreamResult> => {
-    const response = await fetch(`${url}/v1/completions`, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({
+/**
+ * The HTTP clients run in a worker thread of their own, as remote clients would, so that the main thread's figures
+ * are the server's. Each client is one streaming completion with plain fetch; it reports its first token's time
+ * (epoch ms) and the usage count.
+ */
+const CLIENTS_SOURCE = `
+const { parentPort } = require("node:worker_threads")
+const now = () => performance.timeOrigin + performance.now()
+const one = async (url, body) => {
+  const response = await fetch(url + "/v1/completions", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  })
+  if (response.status !== 200 || response.body === null) throw new Error("HTTP " + response.status + ": " + (await response.text()))
+  const decoder = new TextDecoder()
+  let buffer = "", firstAt = Infinity, tokens, done = false
+  for await (const bytes of response.body) {
+    buffer += decoder.decode(bytes, { stream: true })
+    let end
+    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+      const data = buffer.slice(0, end).replace(/^data: /, "")
+      buffer = buffer.slice(end + 2)
+      if (data === "[DONE]") { done = true; continue }
+      const chunk = JSON.parse(data)
+      if (chunk.error) throw new Error(chunk.error.message)
+      if (chunk.choices.length > 0 && firstAt === Infinity) firstAt = now()
+      if (chunk.usage) tokens = chunk.usage.completion_tokens
+    }
+  }
+  if (!done || tokens === undefined) throw new Error("the stream ended without usage and [DONE]")
+  return { tokens, firstAt }
+}
+parentPort.on("message", ({ url, bodies }) => {
+  Promise.all(bodies.map((body) => one(url, body))).then(
+    (results) => parentPort.postMessage({ results }),
+    (error) => parentPort.postMessage({ error: String(error) }),
+  )
+})
+`
+
+const clientThread = Effect.acquireRelease(
+  Effect.sync(() => new Thread(CLIENTS_SOURCE, { eval: true })),
+  (thread) => Effect.promise(() => thread.terminate()),
+)
+
+/** `count` concurrent streaming completions from the client thread against the server at `url`. */
+const httpStreams =
+  (thread: Thread, url: string, max: number): Setup =>
+  (count) =>
+    Effect.async<ReadonlyArray<StreamResult>, Error>((resume) => {
+      const bodies = Array.from({ length: count }, (_, i) => ({
         prompt: prompt(i),
         max_tokens: max,
         temperature: 0,
         stream: true,
         stream_options: { include_usage: true },
-      }),
-    })
-    if (response.status !== 200 || response.body === null) {
-      throw new Error(`HTTP ${response.status}: ${await response.text()}`)
-    }
-    const decoder = new TextDecoder()
-    let buffer = ""
-    let firstAt = Number.POSITIVE_INFINITY
-    let tokens: number | undefined
-    let done = false
-    for await (const bytes of response.body) {
-      buffer += decoder.decode(bytes, { stream: true })
-      let end = buffer.indexOf("\n\n")
-      while (end >= 0) {
-        const data = buffer.slice(0, end).replace(/^data: /, "")
-        buffer = buffer.slice(end + 2)
-        end = buffer.indexOf("\n\n")
-        if (data === "[DONE]") {
-          done = true
-          continue
-        }
-        const chunk = JSON.parse(data) as {
-          choices: Array<unknown>
-          usage?: { completion_tokens: number } | null
-          error?: { message: string }
-        }
-        if (chunk.error) throw new Error(chunk.error.message)
-        if (chunk.choices.length > 0 && firstAt === Number.POSITIVE_INFINITY) firstAt = performance.now()
-        if (chunk.usage) tokens = chunk.usage.completion_tokens
-      }
-    }
-    if (!done || tokens === undefined) throw new Error("the stream ended without usage and [DONE]")
-    return { tokens, firstAt }
-  })
+      }))
+      thread.once("message", (reply: { results?: ReadonlyArray<StreamResult>; error?: string }) =>
+        resume(
+          reply.results
+            ? Effect.succeed(reply.results.map((r) => ({ ...r, firstAt: r.firstAt - performance.timeOrigin })))
+            : Effect.fail(new Error(reply.error)),
+        ),
+      )
+      thread.postMessage({ url, bodies })
+    }).pipe(Effect.orDie)
 
 /** The real server on a loopback port over an engine layer; returns its URL and the engine. */
 const startServer = (engine: Layer.Layer<Engine | Tokenizer, unknown>) =>
@@ -190,10 +252,18 @@ const idleDelay = (ms: number) =>
     histogram.enable()
     yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, ms)))
     histogram.disable()
-    return { p50: histogram.percentile(50) / 1e6, p99: histogram.percentile(99) / 1e6, max: histogram.max / 1e6 }
+    return delayFigures(histogram)
   })
 
 const fmt = (d: DelayFigures) => `${d.p50.toFixed(2)} / ${d.p99.toFixed(2)} / ${d.max.toFixed(2)} ms`
+
+const SETUPS = {
+  engine: "in-process engine, direct",
+  workerEngine: "worker engine, direct",
+  inProcessHttp: "HTTP, in-process engine",
+  workerHttp: "HTTP, worker engine",
+} as const
+type SetupName = keyof typeof SETUPS
 
 export const benchHttp = Command.make(
   "bench-http",
@@ -212,29 +282,38 @@ export const benchHttp = Command.make(
         }
         const config = yield* engineConfig(args)
         const inProcess = yield* startServer(onnxEngineLayer(args.model, config))
-        const worker = yield* startServer(WorkerEngine.layer(args.model, config))
-        const setups = {
-          engine: engineStream(inProcess.engine, args.maxTokens),
-          inProcessHttp: httpStream(inProcess.url, args.maxTokens),
-          workerHttp: httpStream(worker.url, args.maxTokens),
+        const worker = yield* startServer(
+          WorkerEngine.layer(args.model, config.runner ? { runner: config.runner } : {}),
+        )
+        const thread = yield* clientThread
+        const setups: Record<SetupName, Setup> = {
+          engine: engineStreams(inProcess.engine, args.maxTokens),
+          workerEngine: engineStreams(worker.engine, args.maxTokens),
+          inProcessHttp: httpStreams(thread, inProcess.url, args.maxTokens),
+          workerHttp: httpStreams(thread, worker.url, args.maxTokens),
         }
-        // Warm-up: onnxruntime's lazy initialisation, the worker's first messages, first-run allocations.
-        for (const run of Object.values(setups)) yield* measure(2, run)
+        const names = Object.keys(SETUPS) as Array<SetupName>
+        // Warm-up, one full round that is not counted: onnxruntime's lazy initialisation, first-run allocations, and
+        // the JIT of both threads (the worker's code starts cold).
+        for (const name of names) yield* measure(args.clients, setups[name])
         const idle = yield* idleDelay(500)
-        const runs: Record<keyof typeof setups, Array<SetupRun>> = { engine: [], inProcessHttp: [], workerHttp: [] }
-        const order = ["engine", "inProcessHttp", "workerHttp"] as const
+        const runs = Object.fromEntries(names.map((name) => [name, [] as Array<SetupRun>])) as Record<
+          SetupName,
+          Array<SetupRun>
+        >
         for (let round = 0; round < args.repeats; round++) {
           // Rotate the order so that machine noise and warm caches do not favour one setup.
-          for (let k = 0; k < order.length; k++) {
-            const name = order[(round + k) % order.length]!
+          for (let k = 0; k < names.length; k++) {
+            const name = names[(round + k) % names.length]!
             runs[name].push(yield* measure(args.clients, setups[name]))
           }
         }
-        const engine = summarize(runs.engine)
-        const inProcessHttp = summarize(runs.inProcessHttp)
-        const workerHttp = summarize(runs.workerHttp)
-        const ratio = workerHttp.tokensPerSecond / engine.tokensPerSecond
-        const decodeRatio = workerHttp.decodeTokensPerSecond / engine.decodeTokensPerSecond
+        const report = Object.fromEntries(names.map((name) => [name, summarize(runs[name])])) as Record<
+          SetupName,
+          SetupReport
+        >
+        const ratio = report.workerHttp.tokensPerSecond / report.engine.tokensPerSecond
+        const decodeRatio = report.workerHttp.decodeTokensPerSecond / report.engine.decodeTokensPerSecond
         const command =
           `offramp bench-http --model ${args.model} --clients ${args.clients} --max-tokens ${args.maxTokens} ` +
           `--repeats ${args.repeats}`
@@ -248,26 +327,32 @@ export const benchHttp = Command.make(
               maxTokens: args.maxTokens,
               repeats: args.repeats,
               idleEventLoopDelayMs: idle,
-              inProcess: { engine, http: inProcessHttp },
-              worker: { http: workerHttp },
+              inProcess: { engine: report.engine, http: report.inProcessHttp },
+              worker: { engine: report.workerEngine, http: report.workerHttp },
               workerHttpOverInProcessEngine: { tokensPerSecond: ratio, decodeTokensPerSecond: decodeRatio },
               withinTenPercent: ratio >= 0.9,
             }),
           )
           return
         }
-        const line = (name: string, r: SetupReport) =>
-          `${name.padEnd(28)} ${r.tokensPerSecond.toFixed(0).padStart(6)} tok/s  ` +
-          `${r.decodeTokensPerSecond.toFixed(0).padStart(6)} decode tok/s  ${String(r.tokens).padStart(6)} tokens  ` +
-          `event-loop delay p50/p99/max ${fmt(r.eventLoopDelayMs)}`
-        yield* Console.log(`${command}  (${args.clients} clients, medians of ${args.repeats} rounds)`)
-        yield* Console.log(line("in-process engine, direct", engine))
-        yield* Console.log(line("HTTP, in-process engine", inProcessHttp))
-        yield* Console.log(line("HTTP, worker engine", workerHttp))
-        yield* Console.log(`idle main thread: event-loop delay p50/p99/max ${fmt(idle)}`)
+        yield* Console.log(`${command}  (medians of ${args.repeats} rounds)`)
         yield* Console.log(
-          `HTTP with the worker engine / in-process engine: x${ratio.toFixed(3)} tok/s, x${decodeRatio.toFixed(3)} decode ` +
-            `tok/s (${ratio >= 0.9 ? "within" : "NOT within"} 10%)`,
+          `${"".padEnd(26)} ${"tok/s".padStart(6)} ${"decode".padStart(6)} ${"tokens".padStart(6)}  ` +
+            "main thread: event-loop delay p50 / p99 / max, utilization; CPU ms/token main, process",
+        )
+        for (const name of names) {
+          const r = report[name]
+          yield* Console.log(
+            `${SETUPS[name].padEnd(26)} ${r.tokensPerSecond.toFixed(0).padStart(6)} ` +
+              `${r.decodeTokensPerSecond.toFixed(0).padStart(6)} ${String(r.tokens).padStart(6)}  ` +
+              `${fmt(r.eventLoopDelayMs)}, ${(r.eventLoopUtilization * 100).toFixed(0)}%; ` +
+              `${r.cpuMsPerToken.mainThread?.toFixed(3) ?? "-"}, ${r.cpuMsPerToken.process.toFixed(3)}`,
+          )
+        }
+        yield* Console.log(`${"idle main thread".padEnd(48)}  ${fmt(idle)}`)
+        yield* Console.log(
+          `HTTP with the worker engine / in-process engine: x${ratio.toFixed(3)} tok/s, x${decodeRatio.toFixed(3)} ` +
+            `decode tok/s (${ratio >= 0.9 ? "within" : "NOT within"} 10%)`,
         )
       }),
     ),
