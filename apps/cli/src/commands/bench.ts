@@ -76,6 +76,9 @@ const chart = Options.file("chart").pipe(
   Options.withDescription("write an SVG chart of speedup against quality to this file"),
   Options.optional,
 )
+const calibratedOption = Options.boolean("calibrated").pipe(
+  Options.withDescription("also measure the model's calibrated per-exit thresholds (calibration.json)"),
+)
 const json = Options.boolean("json").pipe(Options.withDescription("print one JSON document"))
 
 export interface BenchRun {
@@ -83,6 +86,8 @@ export interface BenchRun {
   readonly policy: ExitPolicy | null
   readonly kv: KvStrategy | null
   readonly threshold: number | null
+  /** The point uses the model's calibrated per-exit thresholds (calibration.json) instead of `threshold`. */
+  readonly calibrated: boolean
   readonly streams: number
   /** Median over repeats of Σ(tokens − 1) over streams ÷ seconds from the first token of any stream to the end. */
   readonly decodeTokensPerSecond: number
@@ -125,7 +130,7 @@ const oneOf =
     values.find((v) => v === s)
 
 /** One throughput run: `count` greedy streams submitted at once. */
-const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitRequest | undefined) =>
+const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitRequest) =>
   Effect.gen(function* () {
     const engine = yield* Engine
     const started = performance.now()
@@ -139,7 +144,7 @@ const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitReques
             prompt: BENCH_PROMPTS[i % BENCH_PROMPTS.length]!,
             maxTokens,
             sampling: { temperature: 0, topK: 0, topP: 1 },
-            ...(earlyExit ? { earlyExit } : {}),
+            earlyExit,
           })
           .pipe(
             Stream.tap((event) =>
@@ -173,7 +178,7 @@ const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitReques
 const HELDOUT_WINDOW = 128
 
 /** Teacher-forced perplexity of held-out ids, `count` windows at a time. */
-const heldoutPerplexity = (ids: ReadonlyArray<number>, count: number, earlyExit: EarlyExitRequest | undefined) =>
+const heldoutPerplexity = (ids: ReadonlyArray<number>, count: number, earlyExit: EarlyExitRequest) =>
   Effect.gen(function* () {
     const engine = yield* Engine
     const window = Math.min(engine.spec.dims.contextLength - 2, HELDOUT_WINDOW)
@@ -188,7 +193,7 @@ const heldoutPerplexity = (ids: ReadonlyArray<number>, count: number, earlyExit:
             maxTokens: forcedTokens.length,
             forcedTokens,
             sampling: { temperature: 0, topK: 0, topP: 1 },
-            ...(earlyExit ? { earlyExit } : {}),
+            earlyExit,
           })
           .pipe(Stream.runCollect, Effect.map(Chunk.toArray)),
       { concurrency: count },
@@ -210,6 +215,7 @@ export const bench = Command.make(
     minExitLayer,
     heldout,
     chart,
+    calibrated: calibratedOption,
     json,
     kvCacheMb,
     threads,
@@ -228,7 +234,7 @@ export const bench = Command.make(
       )
       const heldoutIds = yield* tokenizer.encode(heldoutText, { addSpecialTokens: false })
 
-      yield* throughput(2, 16, undefined) // warm-up: first-run allocations and onnxruntime's lazy initialisation
+      yield* throughput(2, 16, { threshold: 2 }) // warm-up: first-run allocations and onnxruntime's lazy initialisation
       const runs: Array<BenchRun> = []
       const report = (run: BenchRun) =>
         args.json
@@ -236,7 +242,9 @@ export const bench = Command.make(
           : Console.log(
               [
                 `${String(run.streams).padStart(3)} streams`,
-                run.mode === "full" ? "full depth".padEnd(30) : `${run.policy}/${run.kv} @ ${run.threshold}`.padEnd(30),
+                run.mode === "full"
+                  ? "full depth".padEnd(30)
+                  : `${run.policy}/${run.kv} @ ${run.calibrated ? "calibrated" : run.threshold}`.padEnd(30),
                 `${run.decodeTokensPerSecond.toFixed(0).padStart(6)} decode tok/s`,
                 `x${run.speedup.toFixed(2)} (ideal x${run.idealSpeedup.toFixed(2)})`,
                 `depth ${run.meanExitDepth.toFixed(2)}`,
@@ -246,16 +254,27 @@ export const bench = Command.make(
               ].join("  "),
             )
 
-      type Settings = { policy: ExitPolicy | null; kv: KvStrategy | null; threshold: number | null }
-      const configs: Array<{ settings: Settings; earlyExit: EarlyExitRequest | undefined }> = [
-        { settings: { policy: null, kv: null, threshold: null }, earlyExit: undefined },
+      type Settings = {
+        policy: ExitPolicy | null
+        kv: KvStrategy | null
+        threshold: number | null
+        calibrated: boolean
+      }
+      const calibrated = Object.keys(engine.defaults.thresholds ?? {}).length > 0
+      const configs: Array<{ settings: Settings; earlyExit: EarlyExitRequest }> = [
+        // An explicit threshold above 1: full depth even where calibration.json sets per-exit defaults.
+        { settings: { policy: null, kv: null, threshold: null, calibrated: false }, earlyExit: { threshold: 2 } },
         ...policyList.flatMap((policy) =>
-          kvList.flatMap((kv) =>
-            sweep.map((threshold) => ({
-              settings: { policy, kv, threshold },
+          kvList.flatMap((kv) => [
+            ...sweep.map((threshold) => ({
+              settings: { policy, kv, threshold, calibrated: false },
               earlyExit: { policy, kv, threshold, measure: args.measure, minExitLayer: args.minExitLayer },
             })),
-          ),
+            // The model's calibrated per-exit thresholds (calibration.json), under this policy and KV strategy.
+            ...(calibrated && args.calibrated
+              ? [{ settings: { policy, kv, threshold: null, calibrated: true }, earlyExit: { policy, kv } }]
+              : []),
+          ]),
         ),
       ]
       for (const count of counts) {
@@ -312,7 +331,7 @@ export const bench = Command.make(
         ...(sweep.length > 0
           ? [
               `--thresholds ${sweep.join(",")} --policies ${args.policies} --kv ${args.kvStrategies}`,
-              `--measure ${args.measure} --min-exit-layer ${args.minExitLayer}`,
+              `--measure ${args.measure} --min-exit-layer ${args.minExitLayer}${args.calibrated ? " --calibrated" : ""}`,
             ]
           : []),
       ].join(" ")
@@ -321,7 +340,7 @@ export const bench = Command.make(
           .filter((r) => r.mode === "early")
           .map((r) => ({
             series: `${r.policy}/${r.kv} @ ${r.streams} stream${r.streams > 1 ? "s" : ""}`,
-            label: String(r.threshold),
+            label: r.calibrated ? "cal" : String(r.threshold),
             x: r.perplexityIncreasePct,
             y: r.speedup,
           }))
