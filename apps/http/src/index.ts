@@ -5,7 +5,7 @@
 import { Command, Options } from "@effect/cli"
 import { HttpServer } from "@effect/platform"
 import { InvalidRequestError } from "@offramp/core"
-import { onnxEngineLayer, WorkerEngine } from "@offramp/onnx"
+import { DEFAULT_MODEL_DIR, onnxEngineLayer, WorkerEngine } from "@offramp/onnx"
 import {
   DEFAULT_HOST,
   DEFAULT_MAX_BODY_BYTES,
@@ -19,7 +19,11 @@ import { Config, Console, Effect, Layer, Option, Redacted } from "effect"
 export const API_KEY_ENV = "OFFRAMP_API_KEY"
 
 export const serveFlags = {
-  model: Options.directory("model").pipe(Options.withDescription("a staged model directory")),
+  model: Options.directory("model").pipe(
+    Options.withDescription("a staged model directory (default: the embedded model, models/default)"),
+    Options.optional,
+    Options.map(Option.getOrElse(() => DEFAULT_MODEL_DIR)),
+  ),
   host: Options.text("host").pipe(
     Options.withDescription("address to listen on (0.0.0.0 for every interface)"),
     Options.withDefault(DEFAULT_HOST),

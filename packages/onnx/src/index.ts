@@ -1,3 +1,4 @@
+export * from "./DefaultModel.js"
 export * from "./ModelDirectory.js"
 export * from "./OnnxEngine.js"
 export * from "./OnnxModelRunner.js"

@@ -19,10 +19,10 @@ import { onnxEngineLayer, WorkerEngine } from "@offramp/onnx"
 import { layerNode, OpenAiServer } from "@offramp/server"
 import { Console, Context, Effect, Layer, Stream } from "effect"
 import { median } from "../bench/quality.js"
+import { modelOption as model } from "../defaultModel.js"
 import { engineConfig, kvCacheMb, threads } from "../engineOptions.js"
 import { BENCH_PROMPTS } from "./bench.js"
 
-const model = Options.directory("model").pipe(Options.withDescription("a staged model directory"))
 const clients = Options.integer("clients").pipe(
   Options.withDescription("concurrent streaming clients"),
   Options.withDefault(16),
