@@ -15,9 +15,9 @@ import {
 
 let modelDir = ""
 
-beforeAll(async () => {
-  modelDir = join(tempDir("cli"), "stories260K")
-  const result = await runCli([
+/** `offramp convert llama2c` of stories260K into `out`, with extra flags. */
+const convertStoriesCli = (out: string, ...flags: Array<string>) =>
+  runCli([
     "convert",
     "llama2c",
     "--checkpoint",
@@ -25,8 +25,13 @@ beforeAll(async () => {
     "--tokenizer",
     STORIES_TOKENIZER,
     "--out",
-    modelDir,
+    out,
+    ...flags,
   ])
+
+beforeAll(async () => {
+  modelDir = join(tempDir("cli"), "stories260K")
+  const result = await convertStoriesCli(modelDir)
   expect(result.stderr).toContain("exits after 1, 2, 3, 4, 5")
   expect(result.code).toBe(0)
 })
@@ -252,19 +257,7 @@ describe("bad input gets a typed, actionable error and a non-zero exit", () => {
   })
 
   it("exit layers outside the model", async () => {
-    const dir = tempDir("exits")
-    const result = await runCli([
-      "convert",
-      "llama2c",
-      "--checkpoint",
-      STORIES_CHECKPOINT,
-      "--tokenizer",
-      STORIES_TOKENIZER,
-      "--out",
-      join(dir, "out"),
-      "--exits",
-      "2,9",
-    ])
+    const result = await convertStoriesCli(join(tempDir("exits"), "out"), "--exits", "2,9")
     expect(expectCleanFailure(result, "exit layers must be integers in 1..4")).toEqual(clean)
   })
 
