@@ -84,7 +84,6 @@ interface Sequence extends ScheduledSequence {
 }
 
 interface RequestState {
-  readonly promptLength: number
   readonly maxTokens: number
   readonly forcedTokens: ReadonlyArray<number> | undefined
   readonly sampling: SamplingParams
@@ -511,7 +510,6 @@ const makeEngine = (options: EngineOptions) =>
           })
         }
         const state: RequestState = {
-          promptLength: prompt.length,
           maxTokens: forcedTokens ? Math.min(req.maxTokens, forcedTokens.length) : req.maxTokens,
           forcedTokens,
           sampling,

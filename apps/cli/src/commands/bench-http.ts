@@ -14,7 +14,7 @@ import { type IntervalHistogram, monitorEventLoopDelay } from "node:perf_hooks"
 import { Worker as Thread } from "node:worker_threads"
 import { Command, Options } from "@effect/cli"
 import { HttpServer } from "@effect/platform"
-import { Engine, InvalidRequestError, type Tokenizer } from "@offramp/core"
+import { Engine, greedyParams, InvalidRequestError, type Tokenizer } from "@offramp/core"
 import { onnxEngineLayer, WorkerEngine } from "@offramp/onnx"
 import { layerNode, OpenAiServer } from "@offramp/server"
 import { Console, Context, Effect, Layer, Stream } from "effect"
@@ -148,18 +148,16 @@ const engineStreams =
       (i) =>
         Effect.suspend(() => {
           let firstAt = Number.POSITIVE_INFINITY
-          return engine
-            .generate({ prompt: prompt(i), maxTokens: max, sampling: { temperature: 0, topK: 0, topP: 1 } })
-            .pipe(
-              Stream.tap((event) =>
-                Effect.sync(() => {
-                  if (event.index === 0 && event.sample === 0) firstAt = performance.now()
-                }),
-              ),
-              Stream.runCount,
-              Effect.map((tokens) => ({ tokens, firstAt })),
-              Effect.orDie,
-            )
+          return engine.generate({ prompt: prompt(i), maxTokens: max, sampling: greedyParams }).pipe(
+            Stream.tap((event) =>
+              Effect.sync(() => {
+                if (event.index === 0 && event.sample === 0) firstAt = performance.now()
+              }),
+            ),
+            Stream.runCount,
+            Effect.map((tokens) => ({ tokens, firstAt })),
+            Effect.orDie,
+          )
         }),
       { concurrency: "unbounded" },
     )

@@ -10,6 +10,7 @@ import {
   type EarlyExitRequest,
   Engine,
   type ExitPolicy,
+  greedyParams,
   InvalidRequestError,
   type KvStrategy,
   Tokenizer,
@@ -143,7 +144,7 @@ const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitReques
           .generate({
             prompt: BENCH_PROMPTS[i % BENCH_PROMPTS.length]!,
             maxTokens,
-            sampling: { temperature: 0, topK: 0, topP: 1 },
+            sampling: greedyParams,
             earlyExit,
           })
           .pipe(
@@ -192,7 +193,7 @@ const heldoutPerplexity = (ids: ReadonlyArray<number>, count: number, earlyExit:
             prompt: "",
             maxTokens: forcedTokens.length,
             forcedTokens,
-            sampling: { temperature: 0, topK: 0, topP: 1 },
+            sampling: greedyParams,
             earlyExit,
           })
           .pipe(Stream.runCollect, Effect.map(Chunk.toArray)),
