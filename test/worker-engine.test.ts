@@ -195,24 +195,30 @@ describe("the server over the worker engine", () => {
 })
 
 describe("the worker under the CLI's tsx", () => {
-  it("`offramp bench-http` serves through the worker engine and reports both engines", async () => {
-    const result = await runCli([
-      "bench-http",
-      "--model",
-      modelDir,
-      "--clients",
-      "2",
-      "--max-tokens",
-      "8",
-      "--repeats",
-      "1",
-      "--json",
-    ])
-    expect(result.stderr).toBe("")
-    expect(result.code).toBe(0)
-    const [report] = jsonLines(result.stdout)
-    expect(report.clients).toBe(2)
-    expect(report.worker.http.tokens).toBe(report.inProcess.engine.tokens)
-    expect(report.worker.http.tokens).toBeGreaterThan(2)
-  })
+  it.each(["http", "fetch"])(
+    "`offramp bench-http --client %s` serves through the worker engine and reports both engines",
+    async (client) => {
+      const result = await runCli([
+        "bench-http",
+        "--model",
+        modelDir,
+        "--clients",
+        "2",
+        "--max-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--client",
+        client,
+        "--json",
+      ])
+      expect(result.stderr).toBe("")
+      expect(result.code).toBe(0)
+      const [report] = jsonLines(result.stdout)
+      expect(report.clients).toBe(2)
+      expect(report.client).toBe(client)
+      expect(report.worker.http.tokens).toBe(report.inProcess.engine.tokens)
+      expect(report.worker.http.tokens).toBeGreaterThan(2)
+    },
+  )
 })

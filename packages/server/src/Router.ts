@@ -9,16 +9,16 @@
 import { randomUUID } from "node:crypto"
 import { HttpRouter, HttpServerResponse } from "@effect/platform"
 import type { HttpServerRequest } from "@effect/platform/HttpServerRequest"
-import { Effect, Either, type Scope, Stream } from "effect"
+import { Chunk, Effect, Either, Option, type Scope, Stream } from "effect"
 import { type ApiError, badRequest, errorBody, errorResponse, internal, notFound } from "./ApiError.js"
 import { type ChatTurn, transcript } from "./ChatTemplate.js"
 import { checkApiKey, decodeBody, readJson } from "./internal/body.js"
 import { type Choice, type ChoiceDelta, exitFigures } from "./internal/choice.js"
 import {
-  type ChoiceEvent,
   checkModel,
   choicesOf,
   countTokens,
+  type EventPull,
   type Plan,
   plan,
   start,
@@ -52,8 +52,8 @@ const encoder = new TextEncoder()
 const sse = (data: unknown) => `data: ${JSON.stringify(data)}\n\n`
 const DONE = "data: [DONE]\n\n"
 
-const sseResponse = (body: Stream.Stream<string>) =>
-  HttpServerResponse.stream(body.pipe(Stream.map((text) => encoder.encode(text))), {
+const sseResponse = (body: Stream.Stream<Uint8Array>) =>
+  HttpServerResponse.stream(body, {
     contentType: "text/event-stream",
     headers: { "cache-control": "no-cache", "x-accel-buffering": "no" },
   })
@@ -63,37 +63,65 @@ const now = () => Math.floor(Date.now() / 1000)
 const utf8Bytes = (text: string) => [...encoder.encode(text)]
 
 /**
- * Feeds events to the choices and renders what each releases; ends after the event that finished the last choice.
- * `render` returns the SSE text for one delta ("" for nothing), `final` what follows the last choice.
+ * The SSE body: `head` first, then each chunk of events fed to the choices and rendered as one write (`render`
+ * returns the SSE text of one delta, "" for nothing), then `final()` and `[DONE]` after the event that finished the
+ * last choice. A failure after the headers went out becomes OpenAI's error event, then `[DONE]`. One Stream stage
+ * over the pull: per-chunk stages are what a token costs the main thread (see EventPull).
  */
 const streamChoices = (
-  events: Stream.Stream<ChoiceEvent, ApiError>,
+  pull: EventPull,
   choices: ReadonlyArray<Choice>,
+  head: string,
   render: (delta: ChoiceDelta, last: boolean) => string,
   final: () => string,
-): Stream.Stream<string> => {
+): Stream.Stream<Uint8Array> => {
   const done = () => choices.every((c) => c.done)
-  return events.pipe(
-    Stream.map(({ choice, event }) => {
-      const delta = choices[choice]?.push(event)
-      return delta === undefined ? "" : render(delta, done())
-    }),
-    Stream.takeUntil(done),
-    Stream.concat(Stream.suspend(() => Stream.make(final(), DONE))),
-    // A failure after the headers went out: OpenAI's error event, then the end of the stream.
-    Stream.catchAll((error) => Stream.make(sse(errorBody(error)), DONE)),
-    Stream.filter((text) => text !== ""),
+  let text = head
+  let ended = false
+  const emit = () => {
+    const out = text
+    text = ""
+    return out === "" ? Chunk.empty<Uint8Array>() : Chunk.of(encoder.encode(out))
+  }
+  const end = (tail: string) => {
+    ended = true
+    text += tail + DONE
+    return emit()
+  }
+  const step = Effect.suspend(() =>
+    ended
+      ? Effect.fail(Option.none())
+      : Effect.matchEffect(pull, {
+          onSuccess: (events) => {
+            for (const { choice, event } of events) {
+              const delta = choices[choice]?.push(event)
+              if (delta === undefined) continue
+              const last = done()
+              text += render(delta, last)
+              if (last) return Effect.succeed(end(final()))
+            }
+            return Effect.succeed(emit())
+          },
+          onFailure: Option.match({
+            onNone: () => Effect.succeed(end(final())),
+            onSome: (error) => Effect.succeed(end(sse(errorBody(error)))),
+          }),
+        }),
   )
+  return Stream.repeatEffectChunkOption(step)
 }
 
 /** Runs the events to the end of the last choice (non-streaming responses). */
-const collectChoices = (events: Stream.Stream<ChoiceEvent, ApiError>, choices: ReadonlyArray<Choice>) =>
-  Stream.runForEachWhile(events, ({ choice, event }) =>
-    Effect.sync(() => {
-      choices[choice]?.push(event)
-      return !choices.every((c) => c.done)
-    }),
-  )
+const collectChoices = (pull: EventPull, choices: ReadonlyArray<Choice>) =>
+  Effect.gen(function* () {
+    while (!choices.every((c) => c.done)) {
+      const events = yield* pull.pipe(
+        Effect.catchAll(Option.match({ onNone: () => Effect.succeed(undefined), onSome: Effect.fail })),
+      )
+      if (events === undefined) return
+      for (const { choice, event } of events) choices[choice]?.push(event)
+    }
+  })
 
 const figures = (server: OpenAiServerShape, choices: ReadonlyArray<Choice>) =>
   exitFigures(choices, server.engine.spec.dims.layers)
@@ -155,6 +183,7 @@ const completions: Handler = Effect.gen(function* () {
     const stream = streamChoices(
       events,
       choices,
+      echoed,
       (delta, last) =>
         delta.text === "" && delta.logprobs.length === 0 && delta.finishReason === null
           ? ""
@@ -164,7 +193,7 @@ const completions: Handler = Effect.gen(function* () {
           ? sse({ ...base, choices: [], usage: usageOf(p, choices), early_exit: figures(server, choices) })
           : "",
     )
-    return sseResponse(echoed === "" ? stream : Stream.concat(Stream.make(echoed), stream))
+    return sseResponse(stream)
   }
 
   yield* collectChoices(events, choices)
@@ -283,7 +312,7 @@ const chatCompletions: Handler = Effect.gen(function* () {
             early_exit: figures(server, choices),
           })
         : ""
-    return sseResponse(Stream.concat(Stream.make(roles), streamChoices(events, choices, render, final)))
+    return sseResponse(streamChoices(events, choices, roles, render, final))
   }
 
   yield* collectChoices(events, choices)

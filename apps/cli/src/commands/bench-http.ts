@@ -35,6 +35,12 @@ const repeats = Options.integer("repeats").pipe(
   Options.withDescription("rounds; every round runs each setup once, and medians are reported"),
   Options.withDefault(3),
 )
+const CLIENTS = ["http", "fetch"] as const
+type Client = (typeof CLIENTS)[number]
+const client = Options.choice("client", CLIENTS).pipe(
+  Options.withDescription("the load generator's HTTP client: node:http with keep-alive, or fetch"),
+  Options.withDefault("http" as Client),
+)
 const json = Options.boolean("json").pipe(Options.withDescription("print one JSON document"))
 
 export interface DelayFigures {
@@ -164,38 +170,71 @@ const engineStreams =
 
 /**
  * The HTTP clients run in a worker thread of their own, as remote clients would, so that the main thread's figures
- * are the server's. Each client is one streaming completion with plain fetch; it reports its first token's time
- * (epoch ms) and the usage count.
+ * are the server's. Each client is one streaming completion; it reports its first token's time (epoch ms) and the
+ * usage count, and fails unless the stream ends with usage and `[DONE]`. `node:http` with keep-alive is the default
+ * load generator: `fetch` (undici's WHATWG streams) costs about three times the CPU per token, which on a small
+ * machine is taken from the server it measures; `--client fetch` measures with it.
  */
 const CLIENTS_SOURCE = `
 const { parentPort } = require("node:worker_threads")
+const http = require("node:http")
 const now = () => performance.timeOrigin + performance.now()
-const one = async (url, body) => {
+const agent = new http.Agent({ keepAlive: true, maxSockets: Infinity })
+const events = (onData) => {
+  let buffer = ""
+  return (text) => {
+    buffer += text
+    let end
+    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
+      const event = buffer.slice(0, end)
+      buffer = buffer.slice(end + 2)
+      onData(event.startsWith("data: ") ? event.slice(6) : event)
+    }
+  }
+}
+// One stream's SSE reader: feed() throws on an error event, end() returns the figures or throws.
+const reader = () => {
+  let firstAt = Infinity, tokens, done = false
+  const feed = events((data) => {
+    if (data === "[DONE]") { done = true; return }
+    const chunk = JSON.parse(data)
+    if (chunk.error) throw new Error(chunk.error.message)
+    if (chunk.choices.length > 0 && firstAt === Infinity) firstAt = now()
+    if (chunk.usage) tokens = chunk.usage.completion_tokens
+  })
+  const end = () => {
+    if (!done || tokens === undefined) throw new Error("the stream ended without usage and [DONE]")
+    return { tokens, firstAt }
+  }
+  return { feed, end }
+}
+const viaHttp = (url, body) => new Promise((resolve, reject) => {
+  const request = http.request(url + "/v1/completions", { method: "POST", agent, headers: { "content-type": "application/json" } }, (response) => {
+    response.setEncoding("utf8")
+    let text = ""
+    const r = response.statusCode === 200 ? reader() : { feed: (t) => { text += t }, end: () => { throw new Error("HTTP " + response.statusCode + ": " + text) } }
+    const settle = (f) => { try { f() } catch (error) { response.destroy(); reject(error) } }
+    response.on("data", (t) => settle(() => r.feed(t)))
+    response.on("end", () => settle(() => resolve(r.end())))
+    response.on("error", reject)
+  })
+  request.on("error", reject)
+  request.end(JSON.stringify(body))
+})
+const viaFetch = async (url, body) => {
   const response = await fetch(url + "/v1/completions", {
     method: "POST",
     headers: { "content-type": "application/json" },
     body: JSON.stringify(body),
   })
   if (response.status !== 200 || response.body === null) throw new Error("HTTP " + response.status + ": " + (await response.text()))
+  const r = reader()
   const decoder = new TextDecoder()
-  let buffer = "", firstAt = Infinity, tokens, done = false
-  for await (const bytes of response.body) {
-    buffer += decoder.decode(bytes, { stream: true })
-    let end
-    while ((end = buffer.indexOf("\\n\\n")) >= 0) {
-      const data = buffer.slice(0, end).replace(/^data: /, "")
-      buffer = buffer.slice(end + 2)
-      if (data === "[DONE]") { done = true; continue }
-      const chunk = JSON.parse(data)
-      if (chunk.error) throw new Error(chunk.error.message)
-      if (chunk.choices.length > 0 && firstAt === Infinity) firstAt = now()
-      if (chunk.usage) tokens = chunk.usage.completion_tokens
-    }
-  }
-  if (!done || tokens === undefined) throw new Error("the stream ended without usage and [DONE]")
-  return { tokens, firstAt }
+  for await (const bytes of response.body) r.feed(decoder.decode(bytes, { stream: true }))
+  return r.end()
 }
-parentPort.on("message", ({ url, bodies }) => {
+parentPort.on("message", ({ url, bodies, client }) => {
+  const one = client === "fetch" ? viaFetch : viaHttp
   Promise.all(bodies.map((body) => one(url, body))).then(
     (results) => parentPort.postMessage({ results }),
     (error) => parentPort.postMessage({ error: String(error) }),
@@ -210,7 +249,7 @@ const clientThread = Effect.acquireRelease(
 
 /** `count` concurrent streaming completions from the client thread against the server at `url`. */
 const httpStreams =
-  (thread: Thread, url: string, max: number): Setup =>
+  (thread: Thread, url: string, max: number, client: Client): Setup =>
   (count) =>
     Effect.async<ReadonlyArray<StreamResult>, Error>((resume) => {
       const bodies = Array.from({ length: count }, (_, i) => ({
@@ -227,7 +266,7 @@ const httpStreams =
             : Effect.fail(new Error(reply.error)),
         ),
       )
-      thread.postMessage({ url, bodies })
+      thread.postMessage({ url, bodies, client })
     }).pipe(Effect.orDie)
 
 /** The real server on a loopback port over an engine layer; returns its URL and the engine. */
@@ -265,7 +304,7 @@ type SetupName = keyof typeof SETUPS
 
 export const benchHttp = Command.make(
   "bench-http",
-  { model, clients, maxTokens, repeats, json, kvCacheMb, threads },
+  { model, clients, maxTokens, repeats, client, json, kvCacheMb, threads },
   (args) =>
     Effect.scoped(
       Effect.gen(function* () {
@@ -287,8 +326,8 @@ export const benchHttp = Command.make(
         const setups: Record<SetupName, Setup> = {
           engine: engineStreams(inProcess.engine, args.maxTokens),
           workerEngine: engineStreams(worker.engine, args.maxTokens),
-          inProcessHttp: httpStreams(thread, inProcess.url, args.maxTokens),
-          workerHttp: httpStreams(thread, worker.url, args.maxTokens),
+          inProcessHttp: httpStreams(thread, inProcess.url, args.maxTokens, args.client),
+          workerHttp: httpStreams(thread, worker.url, args.maxTokens, args.client),
         }
         const names = Object.keys(SETUPS) as Array<SetupName>
         // Warm-up, one full round that is not counted: onnxruntime's lazy initialisation, first-run allocations, and
@@ -314,7 +353,7 @@ export const benchHttp = Command.make(
         const decodeRatio = report.workerHttp.decodeTokensPerSecond / report.engine.decodeTokensPerSecond
         const command =
           `offramp bench-http --model ${args.model} --clients ${args.clients} --max-tokens ${args.maxTokens} ` +
-          `--repeats ${args.repeats}`
+          `--repeats ${args.repeats} --client ${args.client}`
         if (args.json) {
           yield* Console.log(
             JSON.stringify({
@@ -324,6 +363,7 @@ export const benchHttp = Command.make(
               clients: args.clients,
               maxTokens: args.maxTokens,
               repeats: args.repeats,
+              client: args.client,
               idleEventLoopDelayMs: idle,
               inProcess: { engine: report.engine, http: report.inProcessHttp },
               worker: { engine: report.workerEngine, http: report.workerHttp },

@@ -3,8 +3,8 @@
  * with the engine's `n`), admission (queue limit, shutdown), the first pull before any byte is sent (so that an
  * engine refusal is still an HTTP status), and metrics on the way.
  */
-import type { EarlyExitRequest, GenerationError, GenerationRequest, SamplingParams, TokenEvent } from "@offramp/core"
-import { Chunk, Deferred, Effect, Option, type Scope, Stream } from "effect"
+import type { EarlyExitRequest, GenerationError, SamplingParams, TokenEvent } from "@offramp/core"
+import { Chunk, Deferred, Effect, Mailbox, Option, type Scope, Stream } from "effect"
 import { ApiError, badRequest, fromGenerationError, queueFull, unavailable } from "../ApiError.js"
 import type { OpenAiServerShape } from "../OpenAiServer.js"
 import type { EarlyExitExtension } from "../Protocol.js"
@@ -136,14 +136,19 @@ const toApiError = (error: GenerationError | ApiError): ApiError =>
   error._tag === "ApiError" ? error : fromGenerationError(error)
 
 /**
+ * The events of a response, a chunk at a time: each call returns what arrived since the last (one engine step's
+ * tokens, usually), and fails with None after the last. A pull rather than a Stream because a streaming response
+ * renders each chunk in one step: every Stream stage costs a few microseconds per chunk, and with one token per
+ * stream per engine step the stages, not the work, were the main thread's cost.
+ */
+export type EventPull = Effect.Effect<ReadonlyArray<ChoiceEvent>, Option.Option<ApiError>>
+
+/**
  * Starts the plan's engine streams and waits for the first event, so that admission failures (queue full, engine
  * refusal, shutdown) fail here, before a response is chosen. The streams belong to the caller's scope: closing it
  * (the request ends, or the client went away) cancels the sequences.
  */
-export const start = (
-  server: OpenAiServerShape,
-  p: Plan,
-): Effect.Effect<Stream.Stream<ChoiceEvent, ApiError>, ApiError, Scope.Scope> =>
+export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPull, ApiError, Scope.Scope> =>
   Effect.gen(function* () {
     const { metrics } = server
     if (server.isDraining()) return yield* unavailable("the server is shutting down; retry on another instance")
@@ -164,43 +169,69 @@ export const start = (
         metrics.requestDuration.observe((performance.now() - started) / 1000)
       }),
     )
-    const streams = p.prompts.map((prompt, i) => {
-      const request: GenerationRequest = {
-        prompt: prompt.text,
-        maxTokens: p.maxTokens,
-        sampling: p.sampling,
-        ...(p.earlyExit ? { earlyExit: p.earlyExit } : {}),
-        ...(p.n > 1 ? { n: p.n } : {}),
-      }
-      return server.engine
-        .generate(request)
-        .pipe(Stream.map((event): ChoiceEvent => ({ choice: i * p.n + event.sample, event })))
-    })
-    const merged = streams.length === 1 ? streams[0]! : Stream.mergeAll(streams, { concurrency: "unbounded" })
+    // The engine streams run into one mailbox in fibers of the request's scope; the response takes from it. A shutdown
+    // fails the mailbox, so a response waiting for its next token ends at once. (Stream.interruptWhen would do the
+    // same at the cost of a forked fiber per element.)
+    const mailbox = yield* Mailbox.make<ChoiceEvent, GenerationError | ApiError>()
+    const last = new Map<number, number>()
+    const run = (prompt: Prompt, i: number) =>
+      server.engine
+        .generate({
+          prompt: prompt.text,
+          maxTokens: p.maxTokens,
+          sampling: p.sampling,
+          ...(p.earlyExit ? { earlyExit: p.earlyExit } : {}),
+          ...(p.n > 1 ? { n: p.n } : {}),
+        })
+        .pipe(
+          Stream.runForEachChunk((chunk) =>
+            Effect.sync(() => {
+              // Each event's choice, and each choice's inter-token latency, in one pass over the chunk.
+              const at = performance.now()
+              for (const event of chunk) {
+                const choice = i * p.n + event.sample
+                const previous = last.get(choice)
+                if (previous !== undefined) metrics.interTokenLatency.observe((at - previous) / 1000)
+                last.set(choice, at)
+                mailbox.unsafeOffer({ choice, event })
+              }
+            }),
+          ),
+        )
     const shutdown = Deferred.await(server.aborted).pipe(
       Effect.zipRight(Effect.fail(unavailable("the server shut down while the request was in flight"))),
     )
-    const pull = yield* Stream.toPull(Stream.interruptWhen(merged, shutdown))
+    yield* Effect.forEach(p.prompts, run, { concurrency: "unbounded", discard: true }).pipe(
+      Effect.raceFirst(shutdown),
+      Mailbox.into(mailbox),
+      Effect.forkScoped,
+    )
+    let ended = false
+    const pull: EventPull = Effect.suspend(() =>
+      ended
+        ? Effect.fail(Option.none())
+        : Effect.matchEffect(mailbox.takeAll, {
+            onFailure: (error) => Effect.fail(Option.some(toApiError(error))),
+            onSuccess: ([chunk, done]) => {
+              ended = done
+              return done && Chunk.isEmpty(chunk)
+                ? Effect.fail(Option.none())
+                : Effect.succeed(Chunk.toReadonlyArray(chunk))
+            },
+          }),
+    )
     const first = yield* pull.pipe(
-      Effect.catchAll(Option.match({ onNone: () => Effect.succeed(Chunk.empty<ChoiceEvent>()), onSome: Effect.fail })),
-      Effect.mapError(toApiError),
+      Effect.catchAll(Option.match({ onNone: () => Effect.succeed([]), onSome: Effect.fail })),
       Effect.ensuring(Effect.sync(dequeue)),
     )
-    const now = performance.now()
-    metrics.timeToFirstToken.observe((now - started) / 1000)
-    const last = new Map<number, number>()
-    for (const { choice } of first) last.set(choice, now)
-    const rest = Stream.repeatEffectChunkOption(pull).pipe(
-      Stream.tap(({ choice }) =>
-        Effect.sync(() => {
-          const at = performance.now()
-          const previous = last.get(choice)
-          if (previous !== undefined) metrics.interTokenLatency.observe((at - previous) / 1000)
-          last.set(choice, at)
-        }),
-      ),
-    )
-    return Stream.concat(Stream.fromChunk(first), rest).pipe(Stream.mapError(toApiError))
+    metrics.timeToFirstToken.observe((performance.now() - started) / 1000)
+    let pending: ReadonlyArray<ChoiceEvent> | undefined = first
+    return Effect.suspend(() => {
+      if (pending === undefined) return pull
+      const chunk = pending
+      pending = undefined
+      return Effect.succeed(chunk)
+    })
   })
 
 /** Counts a finished (or abandoned) response's tokens. */
