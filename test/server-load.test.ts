@@ -8,6 +8,7 @@ import { Effect } from "effect"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
 import {
+  abandonedStream,
   json,
   metric,
   postJson,
@@ -79,27 +80,14 @@ describe("concurrent clients", () => {
 
   it("100 clients that disconnect mid-stream leave zero KV blocks in use once idle", async () => {
     const before = await engineStats()
-    const clients = Array.from({ length: 100 }, async (_, i) => {
-      const controller = new AbortController()
-      const body = { model: MODEL, prompt: BENCH_PROMPTS[i % 8]!, max_tokens: 400, temperature: 0.8, stream: true }
-      // A fifth give up while queued, before any token; the others after a few chunks.
-      if (i % 5 === 0) setTimeout(() => controller.abort(), 1)
-      try {
-        const response = await fetch(`${server.url}/v1/completions`, {
-          method: "POST",
-          headers: { "content-type": "application/json" },
-          body: JSON.stringify(body),
-          signal: controller.signal,
-        })
-        const reader = response.body!.getReader()
-        for (let chunks = 0; chunks < 3; chunks++) if ((await reader.read()).done) break
-        controller.abort()
-        await reader.cancel().catch(() => undefined)
-        return "aborted"
-      } catch {
-        return "aborted early"
-      }
-    })
+    // A fifth give up while queued, before any token; the others after a few chunks.
+    const clients = Array.from({ length: 100 }, (_, i) =>
+      abandonedStream(
+        server.url,
+        { model: MODEL, prompt: BENCH_PROMPTS[i % 8]!, max_tokens: 400, temperature: 0.8 },
+        i % 5 === 0 ? { abortAfterMs: 1 } : {},
+      ),
+    )
     const outcomes = await Promise.all(clients)
     expect(outcomes.filter((o) => o === "aborted").length).toBeGreaterThan(50)
     const m = await waitIdle(server, MODEL)

@@ -17,7 +17,7 @@ import { onnxEngineLayer, WorkerEngine } from "@offramp/onnx"
 import { Chunk, Context, Deferred, Effect, Exit, Fiber, Layer, Scope, Stream } from "effect"
 import { beforeAll } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
-import { metric, startServer, waitIdle } from "../packages/server/test/support.js"
+import { abandonedStream, metric, startServer, waitIdle } from "../packages/server/test/support.js"
 import { jsonLines, runCli } from "./support/cli.js"
 import { convertStories, REFERENCE_CONTINUATION, tempDir } from "./support/stories.js"
 
@@ -163,24 +163,9 @@ describe("the server over the worker engine", () => {
         const greedyText = await server.engineText(greedy("Once upon a time", 60))
         expect(greedyText).toBe(REFERENCE_CONTINUATION)
         const outcomes = await Promise.all(
-          Array.from({ length: 24 }, async (_, i) => {
-            const controller = new AbortController()
-            const body = { prompt: BENCH_PROMPTS[i % 8]!, max_tokens: 400, temperature: 0.8, stream: true }
-            try {
-              const response = await fetch(`${server.url}/v1/completions`, {
-                method: "POST",
-                headers: { "content-type": "application/json" },
-                body: JSON.stringify(body),
-                signal: controller.signal,
-              })
-              const reader = response.body!.getReader()
-              for (let chunks = 0; chunks < 3; chunks++) if ((await reader.read()).done) break
-              controller.abort()
-              return "aborted"
-            } catch {
-              return "aborted early"
-            }
-          }),
+          Array.from({ length: 24 }, (_, i) =>
+            abandonedStream(server.url, { prompt: BENCH_PROMPTS[i % 8]!, max_tokens: 400, temperature: 0.8 }),
+          ),
         )
         expect(outcomes.filter((o) => o === "aborted").length).toBeGreaterThan(16)
         const m = await waitIdle(server, "stories260K")

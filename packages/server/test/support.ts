@@ -66,6 +66,34 @@ export const readSse = async (response: Response) => {
   return { chunks, done, text }
 }
 
+/**
+ * A streaming completion whose client disconnects after reading a few chunks ("aborted"), or, with `abortAfterMs`,
+ * possibly before any (then the request itself fails: "aborted early").
+ */
+export const abandonedStream = async (
+  url: string,
+  body: Record<string, unknown>,
+  options: { readonly abortAfterMs?: number } = {},
+): Promise<"aborted" | "aborted early"> => {
+  const controller = new AbortController()
+  if (options.abortAfterMs !== undefined) setTimeout(() => controller.abort(), options.abortAfterMs)
+  try {
+    const response = await fetch(`${url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ ...body, stream: true }),
+      signal: controller.signal,
+    })
+    const reader = response.body!.getReader()
+    for (let chunks = 0; chunks < 3; chunks++) if ((await reader.read()).done) break
+    controller.abort()
+    await reader.cancel().catch(() => undefined)
+    return "aborted"
+  } catch {
+    return "aborted early"
+  }
+}
+
 /** Polls /metrics until the engine has nothing running or waiting. */
 export const waitIdle = async (server: TestServer, model: string, timeoutMs = 20_000) => {
   const deadline = Date.now() + timeoutMs
