@@ -6,22 +6,12 @@
  * `run()`, which is itself scheduled with setImmediate). The engine lives in a scope of its own, so StopEngine can
  * shut it down, ending its generations with EngineStoppedError, while the connection still carries those ends.
  */
-import { readlinkSync } from "node:fs"
-import { setPriority } from "node:os"
 import { WorkerRunner } from "@effect/platform"
 import { NodeRuntime, NodeWorkerRunner } from "@effect/platform-node"
 import { Engine, type EngineShape, EngineStoppedError, type GenerationError } from "@offramp/core"
 import { Cause, Chunk, Context, Effect, Exit, FiberMap, Layer, Mailbox, Option, Scope, Stream } from "effect"
 import { onnxEngineLayer } from "./OnnxEngine.js"
 import { EngineRequest, type Outcome } from "./WorkerEngine.js"
-
-// Linux: a lower priority for this thread (nice 5) lets the main thread's I/O preempt engine steps when both share a
-// CPU; with a core each it changes nothing. /proc/thread-self names this thread's task id.
-try {
-  setPriority(Number(readlinkSync("/proc/thread-self").split("/").pop()), 5)
-} catch {
-  // Not Linux, or not allowed: the thread keeps the process's priority.
-}
 
 const Runner = Layer.unwrapScoped(
   Effect.gen(function* () {

@@ -5,9 +5,10 @@
  *
  * One process holds four setups over one model: the in-process engine driven directly (the throughput reference),
  * the worker engine driven directly, and the real server on loopback over each of them. Each round runs every setup
- * once with `--clients` concurrent greedy streams, in a rotating order; figures are medians over rounds. The HTTP
- * clients (plain `fetch`, SSE, `include_usage` for the token count) run in a thread of their own, as remote clients
- * would, so the main thread's figures (`perf_hooks.monitorEventLoopDelay`, `eventLoopUtilization`) are the server's.
+ * once with `--clients` concurrent greedy streams, in a rotating order; figures are medians over rounds, and the
+ * ratio of HTTP (worker engine) to the in-process engine is the median of the per-round ratios. The HTTP
+ * clients (SSE, `include_usage` for the token count) run in a thread of their own, as remote clients would, so the
+ * main thread's figures (`perf_hooks.monitorEventLoopDelay`, `eventLoopUtilization`) are the server's.
  */
 import { readFileSync } from "node:fs"
 import { type IntervalHistogram, monitorEventLoopDelay } from "node:perf_hooks"
@@ -349,8 +350,12 @@ export const benchHttp = Command.make(
           SetupName,
           SetupReport
         >
-        const ratio = report.workerHttp.tokensPerSecond / report.engine.tokensPerSecond
-        const decodeRatio = report.workerHttp.decodeTokensPerSecond / report.engine.decodeTokensPerSecond
+        // Every round runs all setups within seconds of each other, so a ratio is the median of the per-round ratios:
+        // the machine's slower drifts (other tenants, CPU steal) then cancel, as in `offramp bench`.
+        const perRound = (f: (r: SetupRun) => number) =>
+          median(runs.workerHttp.map((r, i) => f(r) / f(runs.engine[i]!)))
+        const ratio = perRound((r) => r.tokensPerSecond)
+        const decodeRatio = perRound((r) => r.decodeTokensPerSecond)
         const command =
           `offramp bench-http --model ${args.model} --clients ${args.clients} --max-tokens ${args.maxTokens} ` +
           `--repeats ${args.repeats} --client ${args.client}`
