@@ -27,13 +27,13 @@ import {
   InvalidRequestError,
   ModelLoadError,
   ModelSpec,
-  RunnerError,
-  TokenEvent,
+  type TokenEvent,
   Tokenizer,
   TokenizerError,
 } from "@offramp/core"
 import { HfTokenizer } from "@offramp/tokenizer"
 import { Cause, Context, Effect, Exit, Layer, Mailbox, type ParseResult, Queue, Schema, Stream } from "effect"
+import { readStepEvents, StepEvents } from "./internal/StepEvents.js"
 import type { OnnxEngineConfig } from "./OnnxEngine.js"
 
 const Positive = Schema.Number.pipe(Schema.positive())
@@ -61,8 +61,6 @@ export type WorkerEngineConfig = typeof WorkerEngineConfig.Type
 /** The OnnxEngineConfig fields the worker cannot carry must be absent (a type error, not silently dropped). */
 type NotCrossing = { readonly [K in Exclude<keyof OnnxEngineConfig, keyof WorkerEngineConfig>]?: never }
 
-export const GenerationErrorSchema = Schema.Union(InvalidRequestError, TokenizerError, RunnerError, EngineStoppedError)
-
 /** Loads the model in the worker; answers what the Engine interface exposes synchronously. */
 export class StartEngine extends Schema.TaggedRequest<StartEngine>()("StartEngine", {
   failure: Schema.Union(ModelLoadError, TokenizerError),
@@ -85,23 +83,15 @@ export class Dispatch extends Schema.TaggedRequest<Dispatch>()("Dispatch", {
   },
 }) {}
 
-/** What one generation produced since the last batch: token events, then at its end `done` or an error. */
-export const Outcome = Schema.Struct({
-  ticket: Schema.Int,
-  events: Schema.Array(TokenEvent),
-  done: Schema.optionalWith(Schema.Literal(true), { exact: true }),
-  error: Schema.optionalWith(GenerationErrorSchema, { exact: true }),
-})
-export type Outcome = typeof Outcome.Type
-
 /**
- * The worker's output, for every generation at once: one element (one message) per batch of outcomes that were
- * ready together, which is every token of an engine step. Batching across generations is what keeps the per-token
- * cost low: with 16 streams a step has one token per stream, so per-generation messages would carry one each.
+ * The worker's output, for every generation at once: one element (one message) per batch of events that were ready
+ * together, which is every token of an engine step, in the columnar StepEvents form. Batching across generations is
+ * what keeps the per-token cost low: with 16 streams a step has one token per stream, so per-generation messages
+ * would carry one each.
  */
 export class Events extends Schema.TaggedRequest<Events>()("Events", {
   failure: Schema.Never,
-  success: Schema.Array(Outcome),
+  success: StepEvents,
   payload: {},
 }) {}
 
@@ -171,17 +161,17 @@ const make = (modelDir: string, config: WorkerEngineConfig) =>
       for (const mailbox of open.values()) mailbox.unsafeDone(Exit.fail(error))
       open.clear()
     }
-    const deliver = (batch: ReadonlyArray<Outcome>) => {
-      for (const { ticket, events, done, error } of batch) {
-        const mailbox = open.get(ticket)
-        if (mailbox === undefined) continue
-        if (events.length > 0) mailbox.unsafeOfferAll(events)
-        if (done || error) {
+    const deliver = (step: StepEvents) =>
+      readStepEvents(
+        step,
+        (ticket, event) => open.get(ticket)?.unsafeOffer(event),
+        ({ ticket, error }) => {
+          const mailbox = open.get(ticket)
+          if (mailbox === undefined) return
           open.delete(ticket)
           mailbox.unsafeDone(error ? Exit.fail(error) : Exit.void)
-        }
-      }
-    }
+        },
+      )
     yield* worker.execute(new Events()).pipe(
       Stream.runForEach((batch) => Effect.sync(() => deliver(batch))),
       Effect.catchAllCause((cause) =>

@@ -8,10 +8,11 @@
  */
 import { WorkerRunner } from "@effect/platform"
 import { NodeRuntime, NodeWorkerRunner } from "@effect/platform-node"
-import { Engine, type EngineShape, EngineStoppedError, type GenerationError } from "@offramp/core"
-import { Cause, Chunk, Context, Effect, Exit, FiberMap, Layer, Mailbox, Option, Scope, Stream } from "effect"
+import { Engine, type EngineShape, EngineStoppedError, type GenerationError, type TokenEvent } from "@offramp/core"
+import { Cause, Context, Effect, Exit, FiberMap, Layer, Mailbox, Option, Scope, Stream } from "effect"
+import { type StepEvents, StepEventsBuilder } from "./internal/StepEvents.js"
 import { onnxEngineLayer } from "./OnnxEngine.js"
-import { EngineRequest, type Outcome } from "./WorkerEngine.js"
+import { EngineRequest } from "./WorkerEngine.js"
 
 const Runner = Layer.unwrapScoped(
   Effect.gen(function* () {
@@ -26,33 +27,38 @@ const Runner = Layer.unwrapScoped(
         : Effect.succeed(engine),
     )
 
-    const outbox = yield* Mailbox.make<ReadonlyArray<Outcome>>()
-    let pending: Array<Outcome> = []
+    const outbox = yield* Mailbox.make<StepEvents>()
+    const pending = new StepEventsBuilder()
     const flush = () => {
-      if (pending.length === 0) return
-      outbox.unsafeOffer(pending)
-      pending = []
+      if (!pending.isEmpty) outbox.unsafeOffer(pending.take())
     }
-    const push = (outcome: Outcome) => {
-      if (pending.length === 0) setImmediate(flush)
-      pending.push(outcome)
+    const schedule = () => {
+      if (pending.isEmpty) setImmediate(flush)
+    }
+    const push = (ticket: number, events: Iterable<TokenEvent>) => {
+      schedule()
+      pending.add(ticket, events)
+    }
+    const end = (ticket: number, error?: GenerationError) => {
+      schedule()
+      pending.end(error ? { ticket, error } : { ticket })
     }
 
     const generations = yield* FiberMap.make<number, void, never>()
     const run = (ticket: number, engine: EngineShape, request: Parameters<EngineShape["generate"]>[0]) =>
       engine.generate(request).pipe(
-        Stream.runForEachChunk((chunk) => Effect.sync(() => push({ ticket, events: Chunk.toReadonlyArray(chunk) }))),
+        Stream.runForEachChunk((chunk) => Effect.sync(() => push(ticket, chunk))),
         Effect.onExit((exit) =>
           Effect.sync(() => {
-            if (Exit.isSuccess(exit)) return push({ ticket, events: [], done: true })
+            if (Exit.isSuccess(exit)) return end(ticket)
             const failure = Cause.failureOption(exit.cause)
-            if (Option.isSome(failure)) push({ ticket, events: [], error: failure.value })
+            if (Option.isSome(failure)) end(ticket, failure.value)
             // Interrupted only: cancelled by the main thread, which no longer listens. A defect ends the stream too.
             else if (!Cause.isInterruptedOnly(exit.cause)) {
               const error: GenerationError = new EngineStoppedError({
                 message: `the engine failed: ${Cause.pretty(exit.cause).split("\n")[0]}`,
               })
-              push({ ticket, events: [], error })
+              end(ticket, error)
             }
           }),
         ),
@@ -74,7 +80,7 @@ const Runner = Layer.unwrapScoped(
               generations,
               ticket,
               Effect.matchEffect(started, {
-                onFailure: (error) => Effect.sync(() => push({ ticket, events: [], error })),
+                onFailure: (error) => Effect.sync(() => end(ticket, error)),
                 onSuccess: (e) => run(ticket, e, request),
               }),
             )

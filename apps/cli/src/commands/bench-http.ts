@@ -36,6 +36,10 @@ const repeats = Options.integer("repeats").pipe(
   Options.withDescription("rounds; every round runs each setup once, and medians are reported"),
   Options.withDefault(3),
 )
+const warmup = Options.integer("warmup").pipe(
+  Options.withDescription("uncounted rounds before the measured ones (JIT, first-run allocations)"),
+  Options.withDefault(3),
+)
 const CLIENTS = ["http", "fetch"] as const
 type Client = (typeof CLIENTS)[number]
 const client = Options.choice("client", CLIENTS).pipe(
@@ -305,7 +309,7 @@ type SetupName = keyof typeof SETUPS
 
 export const benchHttp = Command.make(
   "bench-http",
-  { model, clients, maxTokens, repeats, client, json, kvCacheMb, threads },
+  { model, clients, maxTokens, repeats, warmup, client, json, kvCacheMb, threads },
   (args) =>
     Effect.scoped(
       Effect.gen(function* () {
@@ -317,6 +321,9 @@ export const benchHttp = Command.make(
           if (!(Number.isInteger(value) && value > 0)) {
             return yield* new InvalidRequestError({ message: `--${flag} must be a positive integer, got ${value}` })
           }
+        }
+        if (!(Number.isInteger(args.warmup) && args.warmup >= 0)) {
+          return yield* new InvalidRequestError({ message: `--warmup must be a whole number, got ${args.warmup}` })
         }
         const config = yield* engineConfig(args)
         const inProcess = yield* startServer(onnxEngineLayer(args.model, config))
@@ -331,9 +338,12 @@ export const benchHttp = Command.make(
           workerHttp: httpStreams(thread, worker.url, args.maxTokens, args.client),
         }
         const names = Object.keys(SETUPS) as Array<SetupName>
-        // Warm-up, one full round that is not counted: onnxruntime's lazy initialisation, first-run allocations, and
-        // the JIT of both threads (the worker's code starts cold).
-        for (const name of names) yield* measure(args.clients, setups[name])
+        // Warm-up rounds that are not counted: onnxruntime's lazy initialisation, first-run allocations, and the JIT
+        // of both threads. The worker's code starts cold and reaches its steady rate only after a few seconds of
+        // generation (measured: its first 4 s ran at 0.7x of its rate from 8 s on), so one round is not enough.
+        for (let round = 0; round < args.warmup; round++) {
+          for (const name of names) yield* measure(args.clients, setups[name])
+        }
         const idle = yield* idleDelay(500)
         const runs = Object.fromEntries(names.map((name) => [name, [] as Array<SetupRun>])) as Record<
           SetupName,
@@ -358,7 +368,7 @@ export const benchHttp = Command.make(
         const decodeRatio = perRound((r) => r.decodeTokensPerSecond)
         const command =
           `offramp bench-http --model ${args.model} --clients ${args.clients} --max-tokens ${args.maxTokens} ` +
-          `--repeats ${args.repeats} --client ${args.client}`
+          `--repeats ${args.repeats} --warmup ${args.warmup} --client ${args.client}`
         if (args.json) {
           yield* Console.log(
             JSON.stringify({
@@ -368,6 +378,7 @@ export const benchHttp = Command.make(
               clients: args.clients,
               maxTokens: args.maxTokens,
               repeats: args.repeats,
+              warmup: args.warmup,
               client: args.client,
               idleEventLoopDelayMs: idle,
               inProcess: { engine: report.engine, http: report.inProcessHttp },
