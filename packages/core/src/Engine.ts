@@ -21,7 +21,7 @@ import { KvCache, type KvCacheStats } from "./KvCache.js"
 import { type HeadOutput, ModelRunner } from "./ModelRunner.js"
 import type { ModelSpec } from "./ModelSpec.js"
 import { buildRowBatch } from "./RowBatch.js"
-import { logProbability, type Rng, Sampler, type SamplingParams } from "./Sampler.js"
+import { logProbabilityFromTop, type Rng, Sampler, type SamplingParams } from "./Sampler.js"
 import { type BatchRow, type ScheduledSequence, Scheduler } from "./Scheduler.js"
 import { type DetokenizerStream, Tokenizer } from "./Tokenizer.js"
 
@@ -179,7 +179,7 @@ const makeEngine = (options: EngineOptions) =>
         text,
         exitLayer,
         confidence,
-        logprob: logProbability(head.logits, offset, dims.vocab, id),
+        logprob: logProbabilityFromTop(head.logits, offset, id, Number(head.topToken[row]), head.maxProb[row]!),
         finishReason,
       })
       if (finishReason !== null) end(seq, Exit.void)

@@ -374,6 +374,19 @@ export const logProbability = (logits: ArrayLike<number>, offset: number, vocab:
   return logits[offset + id]! - max - Math.log(sum)
 }
 
+/**
+ * A token's log-probability from what the head computed over the whole vocabulary already: with `top` its most
+ * likely token and `maxProb` that token's probability, log softmax[id] = logit[id] − logit[top] + log maxProb. One
+ * row of V exps less per generated token than `logProbability` (measured: ~7% of a decode step on the default model).
+ */
+export const logProbabilityFromTop = (
+  logits: ArrayLike<number>,
+  offset: number,
+  id: number,
+  top: number,
+  maxProb: number,
+): number => logits[offset + id]! - logits[offset + top]! + Math.log(maxProb)
+
 /** Checks params once per request, so `sample` can trust them. */
 export const validateSamplingParams = (params: SamplingParams): Effect.Effect<SamplingParams, InvalidRequestError> => {
   const problem =

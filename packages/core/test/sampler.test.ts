@@ -4,6 +4,8 @@ import fc from "fast-check"
 import {
   argmax,
   candidateTokens,
+  logProbability,
+  logProbabilityFromTop,
   makeRng,
   makeSampler,
   nucleus,
@@ -260,4 +262,28 @@ describe("Sampler", () => {
       expect(s.sample(logits, 0, 3, { temperature: 0, topK: 0, topP: 1 }, s.makeRng(1))).toBe(1)
     }).pipe(Effect.provide(Sampler.layer)),
   )
+})
+
+describe("logProbabilityFromTop", () => {
+  it("equals log softmax computed over the whole row, given the row's top token and its probability", () => {
+    fc.assert(
+      fc.property(
+        fc.array(fc.float({ min: -30, max: 30, noNaN: true }), { minLength: 2, maxLength: 64 }),
+        fc.nat(),
+        (values, pick) => {
+          const logits = Float32Array.from(values)
+          const top = logits.indexOf(Math.max(...logits))
+          // The head's max probability, computed independently in float64 (the head graph does it in float32).
+          const sum = logits.reduce((s, l) => s + Math.exp(l - logits[top]!), 0)
+          const id = pick % logits.length
+          const expected = logits[id]! - logits[top]! - Math.log(sum)
+          expect(logProbabilityFromTop(logits, 0, id, top, 1 / sum)).toBeCloseTo(expected, 10)
+          expect(logProbabilityFromTop(logits, 0, id, top, 1 / sum)).toBeCloseTo(
+            logProbability(logits, 0, logits.length, id),
+            10,
+          )
+        },
+      ),
+    )
+  })
 })

@@ -4,8 +4,10 @@
  * utilization in each setup while the streams generate.
  *
  * One process holds four setups over one model: the in-process engine driven directly (the throughput reference),
- * the worker engine driven directly, and the real server on loopback over each of them. Each round runs every setup
- * once with `--clients` concurrent greedy streams, in a rotating order; figures are medians over rounds, and the
+ * the worker engine driven directly, and the real server on loopback over each of them. The load is `--clients`
+ * concurrent clients, each running `--requests` greedy streams one after another (a closed loop, as a load generator
+ * with a concurrency limit runs it: a client's next request starts when its previous stream ends, not when every
+ * client's has). Each round runs every setup once, in a rotating order; figures are medians over rounds, and the
  * ratio of HTTP (worker engine) to the in-process engine is the median of the per-round ratios. The HTTP
  * clients (SSE, `include_usage` for the token count) run in a thread of their own, as remote clients would, so the
  * main thread's figures (`perf_hooks.monitorEventLoopDelay`, `eventLoopUtilization`) are the server's.
@@ -27,6 +29,10 @@ import { BENCH_PROMPTS } from "./bench.js"
 const clients = Options.integer("clients").pipe(
   Options.withDescription("concurrent streaming clients"),
   Options.withDefault(16),
+)
+const requests = Options.integer("requests").pipe(
+  Options.withDescription("streams each client runs one after another in a measurement"),
+  Options.withDefault(4),
 )
 const maxTokens = Options.integer("max-tokens").pipe(
   Options.withDescription("max_tokens of every stream"),
@@ -104,7 +110,14 @@ interface StreamResult {
   readonly firstAt: number
 }
 
-type Setup = (count: number) => Effect.Effect<ReadonlyArray<StreamResult>>
+/** The load of one measurement: `clients` concurrent clients, each running `requests` streams one after another. */
+interface Load {
+  readonly clients: number
+  readonly requests: number
+}
+
+/** Runs a load; one result per stream. */
+type Setup = (load: Load) => Effect.Effect<ReadonlyArray<StreamResult>>
 
 const delayFigures = (histogram: IntervalHistogram): DelayFigures => ({
   p50: histogram.percentile(50) / 1e6,
@@ -121,8 +134,8 @@ const mainThreadCpuMs = (): number | null => {
   }
 }
 
-/** Runs `count` streams of a setup at once under the main thread's event-loop monitors. */
-const measure = (count: number, setup: Setup) =>
+/** Runs a load on a setup under the main thread's event-loop monitors. */
+const measure = (load: Load, setup: Setup) =>
   Effect.gen(function* () {
     const histogram = monitorEventLoopDelay({ resolution: 1 })
     histogram.enable()
@@ -130,7 +143,7 @@ const measure = (count: number, setup: Setup) =>
     const mainCpu = mainThreadCpuMs()
     const processCpu = process.cpuUsage()
     const started = performance.now()
-    const results = yield* setup(count)
+    const results = yield* setup(load)
     const ended = performance.now()
     const processCpuMs = (({ user, system }) => (user + system) / 1000)(process.cpuUsage(processCpu))
     const mainCpuMs = mainCpu === null ? null : mainThreadCpuMs()! - mainCpu
@@ -141,37 +154,42 @@ const measure = (count: number, setup: Setup) =>
       tokens,
       wallMs: ended - started,
       tokensPerSecond: (tokens * 1000) / (ended - started),
-      decodeTokensPerSecond: ((tokens - count) * 1000) / (ended - firstToken),
+      decodeTokensPerSecond: ((tokens - results.length) * 1000) / (ended - firstToken),
       eventLoopDelayMs: delayFigures(histogram),
       eventLoopUtilization: performance.eventLoopUtilization(utilization).utilization,
       cpuMsPerToken: { mainThread: mainCpuMs === null ? null : mainCpuMs / tokens, process: processCpuMs / tokens },
     } satisfies SetupRun
   })
 
-const prompt = (i: number) => BENCH_PROMPTS[i % BENCH_PROMPTS.length]!
+/** Client c's r-th request continues this prompt: every client starts on a different one and moves on. */
+const prompt = (client: number, request: number) => BENCH_PROMPTS[(client + request) % BENCH_PROMPTS.length]!
 
-/** The engine driven directly: greedy streams, counted as they arrive. */
+/** The engine driven directly: each client a fiber that runs its greedy streams one after another. */
 const engineStreams =
   (engine: Engine["Type"], max: number): Setup =>
-  (count) =>
+  ({ clients, requests }) =>
     Effect.forEach(
-      Array.from({ length: count }, (_, i) => i),
-      (i) =>
-        Effect.suspend(() => {
-          let firstAt = Number.POSITIVE_INFINITY
-          return engine.generate({ prompt: prompt(i), maxTokens: max, sampling: greedyParams }).pipe(
-            Stream.tap((event) =>
-              Effect.sync(() => {
-                if (event.index === 0 && event.sample === 0) firstAt = performance.now()
-              }),
-            ),
-            Stream.runCount,
-            Effect.map((tokens) => ({ tokens, firstAt })),
-            Effect.orDie,
-          )
-        }),
+      Array.from({ length: clients }, (_, c) => c),
+      (c) =>
+        Effect.forEach(
+          Array.from({ length: requests }, (_, r) => prompt(c, r)),
+          (text) =>
+            Effect.suspend(() => {
+              let firstAt = Number.POSITIVE_INFINITY
+              return engine.generate({ prompt: text, maxTokens: max, sampling: greedyParams }).pipe(
+                Stream.tap((event) =>
+                  Effect.sync(() => {
+                    if (event.index === 0 && event.sample === 0) firstAt = performance.now()
+                  }),
+                ),
+                Stream.runCount,
+                Effect.map((tokens) => ({ tokens, firstAt })),
+                Effect.orDie,
+              )
+            }),
+        ),
       { concurrency: "unbounded" },
-    )
+    ).pipe(Effect.map((perClient) => perClient.flat()))
 
 /**
  * The HTTP clients run in a worker thread of their own, as remote clients would, so that the main thread's figures
@@ -238,9 +256,15 @@ const viaFetch = async (url, body) => {
   for await (const bytes of response.body) r.feed(decoder.decode(bytes, { stream: true }))
   return r.end()
 }
-parentPort.on("message", ({ url, bodies, client }) => {
+// Each client runs its requests one after another; the clients run at once.
+parentPort.on("message", ({ url, clients, client }) => {
   const one = client === "fetch" ? viaFetch : viaHttp
-  Promise.all(bodies.map((body) => one(url, body))).then(
+  const runClient = async (bodies) => {
+    const results = []
+    for (const body of bodies) results.push(await one(url, body))
+    return results
+  }
+  Promise.all(clients.map(runClient)).then((perClient) => perClient.flat()).then(
     (results) => parentPort.postMessage({ results }),
     (error) => parentPort.postMessage({ error: String(error) }),
   )
@@ -252,18 +276,20 @@ const clientThread = Effect.acquireRelease(
   (thread) => Effect.promise(() => thread.terminate()),
 )
 
-/** `count` concurrent streaming completions from the client thread against the server at `url`. */
+/** The load as streaming completions from the client thread against the server at `url`. */
 const httpStreams =
   (thread: Thread, url: string, max: number, client: Client): Setup =>
-  (count) =>
+  ({ clients, requests }) =>
     Effect.async<ReadonlyArray<StreamResult>, Error>((resume) => {
-      const bodies = Array.from({ length: count }, (_, i) => ({
-        prompt: prompt(i),
-        max_tokens: max,
-        temperature: 0,
-        stream: true,
-        stream_options: { include_usage: true },
-      }))
+      const bodies = Array.from({ length: clients }, (_, c) =>
+        Array.from({ length: requests }, (_, r) => ({
+          prompt: prompt(c, r),
+          max_tokens: max,
+          temperature: 0,
+          stream: true,
+          stream_options: { include_usage: true },
+        })),
+      )
       thread.once("message", (reply: { results?: ReadonlyArray<StreamResult>; error?: string }) =>
         resume(
           reply.results
@@ -271,7 +297,7 @@ const httpStreams =
             : Effect.fail(new Error(reply.error)),
         ),
       )
-      thread.postMessage({ url, bodies, client })
+      thread.postMessage({ url, clients: bodies, client })
     }).pipe(Effect.orDie)
 
 /** The real server on a loopback port over an engine layer; returns its URL and the engine. */
@@ -309,12 +335,13 @@ type SetupName = keyof typeof SETUPS
 
 export const benchHttp = Command.make(
   "bench-http",
-  { model, clients, maxTokens, repeats, warmup, client, json, kvCacheMb, threads },
+  { model, clients, requests, maxTokens, repeats, warmup, client, json, kvCacheMb, threads },
   (args) =>
     Effect.scoped(
       Effect.gen(function* () {
         for (const [flag, value] of [
           ["clients", args.clients],
+          ["requests", args.requests],
           ["max-tokens", args.maxTokens],
           ["repeats", args.repeats],
         ] as const) {
@@ -325,6 +352,7 @@ export const benchHttp = Command.make(
         if (!(Number.isInteger(args.warmup) && args.warmup >= 0)) {
           return yield* new InvalidRequestError({ message: `--warmup must be a whole number, got ${args.warmup}` })
         }
+        const load: Load = { clients: args.clients, requests: args.requests }
         const config = yield* engineConfig(args)
         const inProcess = yield* startServer(onnxEngineLayer(args.model, config))
         const worker = yield* startServer(
@@ -342,7 +370,7 @@ export const benchHttp = Command.make(
         // of both threads. The worker's code starts cold and reaches its steady rate only after a few seconds of
         // generation (measured: its first 4 s ran at 0.7x of its rate from 8 s on), so one round is not enough.
         for (let round = 0; round < args.warmup; round++) {
-          for (const name of names) yield* measure(args.clients, setups[name])
+          for (const name of names) yield* measure(load, setups[name])
         }
         const idle = yield* idleDelay(500)
         const runs = Object.fromEntries(names.map((name) => [name, [] as Array<SetupRun>])) as Record<
@@ -353,7 +381,7 @@ export const benchHttp = Command.make(
           // Rotate the order so that machine noise and warm caches do not favour one setup.
           for (let k = 0; k < names.length; k++) {
             const name = names[(round + k) % names.length]!
-            runs[name].push(yield* measure(args.clients, setups[name]))
+            runs[name].push(yield* measure(load, setups[name]))
           }
         }
         const report = Object.fromEntries(names.map((name) => [name, summarize(runs[name])])) as Record<
@@ -367,7 +395,8 @@ export const benchHttp = Command.make(
         const ratio = perRound((r) => r.tokensPerSecond)
         const decodeRatio = perRound((r) => r.decodeTokensPerSecond)
         const command =
-          `offramp bench-http --model ${args.model} --clients ${args.clients} --max-tokens ${args.maxTokens} ` +
+          `offramp bench-http --model ${args.model} --clients ${args.clients} --requests ${args.requests} ` +
+          `--max-tokens ${args.maxTokens} ` +
           `--repeats ${args.repeats} --warmup ${args.warmup} --client ${args.client}`
         if (args.json) {
           yield* Console.log(
@@ -376,6 +405,7 @@ export const benchHttp = Command.make(
               command,
               node: process.version,
               clients: args.clients,
+              requests: args.requests,
               maxTokens: args.maxTokens,
               repeats: args.repeats,
               warmup: args.warmup,
