@@ -47,6 +47,8 @@ export interface OpenAiServerShape {
   readonly isDraining: () => boolean
   /** Completes when in-flight streams must end (the shutdown grace period is over). */
   readonly aborted: Deferred.Deferred<void>
+  /** Whether `aborted` has completed. */
+  readonly isAborted: () => boolean
   /**
    * Graceful shutdown: refuse new generation requests, let in-flight ones finish for up to `grace`, then end the
    * rest cleanly (streams get an error event and `[DONE]`).
@@ -66,6 +68,7 @@ const make = (options: OpenAiServerOptions) =>
     const metrics = new ServerMetrics()
     const aborted = yield* Deferred.make<void>()
     let draining = false
+    let isAborted = false
     const idle = Effect.gen(function* () {
       while (metrics.active > 0) yield* Effect.sleep("10 millis")
     })
@@ -73,6 +76,7 @@ const make = (options: OpenAiServerOptions) =>
       Effect.gen(function* () {
         draining = true
         yield* Effect.timeoutOption(idle, grace)
+        isAborted = true
         yield* Deferred.succeed(aborted, undefined)
         // Ended streams finish their last writes.
         yield* Effect.timeoutOption(idle, "2 seconds")
@@ -90,6 +94,7 @@ const make = (options: OpenAiServerOptions) =>
       metrics,
       isDraining: () => draining,
       aborted,
+      isAborted: () => isAborted,
       shutdown,
     } satisfies OpenAiServerShape
   })

@@ -4,7 +4,7 @@
  * engine refusal is still an HTTP status), and metrics on the way.
  */
 import type { EarlyExitRequest, GenerationError, SamplingParams, TokenEvent } from "@offramp/core"
-import { Chunk, Deferred, Effect, Mailbox, Option, type Scope, Stream } from "effect"
+import { Chunk, Deferred, Effect, Option, type Scope, Stream } from "effect"
 import { ApiError, badRequest, fromGenerationError, queueFull, unavailable } from "../ApiError.js"
 import type { OpenAiServerShape } from "../OpenAiServer.js"
 import type { EarlyExitExtension } from "../Protocol.js"
@@ -169,12 +169,7 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
         metrics.requestDuration.observe((performance.now() - started) / 1000)
       }),
     )
-    // The engine streams run into one mailbox in fibers of the request's scope; the response takes from it. A shutdown
-    // fails the mailbox, so a response waiting for its next token ends at once. (Stream.interruptWhen would do the
-    // same at the cost of a forked fiber per element.)
-    const mailbox = yield* Mailbox.make<ChoiceEvent, GenerationError | ApiError>()
-    const last = new Map<number, number>()
-    const run = (prompt: Prompt, i: number) =>
+    const streams = p.prompts.map((prompt, i) =>
       server.engine
         .generate({
           prompt: prompt.text,
@@ -183,44 +178,33 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
           ...(p.earlyExit ? { earlyExit: p.earlyExit } : {}),
           ...(p.n > 1 ? { n: p.n } : {}),
         })
-        .pipe(
-          Stream.runForEachChunk((chunk) =>
-            Effect.sync(() => {
-              // Each event's choice, and each choice's inter-token latency, in one pass over the chunk.
-              const at = performance.now()
-              for (const event of chunk) {
-                const choice = i * p.n + event.sample
-                const previous = last.get(choice)
-                if (previous !== undefined) metrics.interTokenLatency.observe((at - previous) / 1000)
-                last.set(choice, at)
-                mailbox.unsafeOffer({ choice, event })
-              }
-            }),
-          ),
-        )
-    const shutdown = Deferred.await(server.aborted).pipe(
-      Effect.zipRight(Effect.fail(unavailable("the server shut down while the request was in flight"))),
+        .pipe(Stream.mapChunks(Chunk.map((event) => ({ choice: i * p.n + event.sample, event })))),
     )
-    yield* Effect.forEach(p.prompts, run, { concurrency: "unbounded", discard: true }).pipe(
-      Effect.raceFirst(shutdown),
-      Mailbox.into(mailbox),
-      Effect.forkScoped,
+    const engine = yield* Stream.toPull(
+      streams.length === 1 ? streams[0]! : Stream.mergeAll(streams, { concurrency: "unbounded" }),
     )
-    let ended = false
+    // The response runs the engine stream's pull itself: no fiber between the engine and the socket. A shutdown is
+    // checked before each pull (the next token of a generating stream is one engine step away) and raced with the
+    // first, which may wait in the queue for long. (Stream.interruptWhen would race every pull: a forked fiber per
+    // token.)
+    const aborted = unavailable("the server shut down while the request was in flight")
+    const shutdown = Deferred.await(server.aborted).pipe(Effect.zipRight(Effect.fail(Option.some(aborted))))
+    const last = new Map<number, number>()
     const pull: EventPull = Effect.suspend(() =>
-      ended
-        ? Effect.fail(Option.none())
-        : Effect.matchEffect(mailbox.takeAll, {
-            onFailure: (error) => Effect.fail(Option.some(toApiError(error))),
-            onSuccess: ([chunk, done]) => {
-              ended = done
-              return done && Chunk.isEmpty(chunk)
-                ? Effect.fail(Option.none())
-                : Effect.succeed(Chunk.toReadonlyArray(chunk))
-            },
-          }),
+      server.isAborted() ? Effect.fail(Option.some(aborted)) : Effect.mapError(engine, Option.map(toApiError)),
+    ).pipe(
+      Effect.map((chunk) => {
+        // Each choice's inter-token latency, in one pass over the chunk.
+        const at = performance.now()
+        for (const { choice } of chunk) {
+          const previous = last.get(choice)
+          if (previous !== undefined) metrics.interTokenLatency.observe((at - previous) / 1000)
+          last.set(choice, at)
+        }
+        return Chunk.toReadonlyArray(chunk)
+      }),
     )
-    const first = yield* pull.pipe(
+    const first = yield* Effect.raceFirst(pull, shutdown).pipe(
       Effect.catchAll(Option.match({ onNone: () => Effect.succeed([]), onSome: Effect.fail })),
       Effect.ensuring(Effect.sync(dequeue)),
     )
