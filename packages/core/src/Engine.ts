@@ -478,7 +478,7 @@ const makeEngine = (options: EngineOptions) =>
         const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
           Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
         )
-        const sampling = yield* sampler.validate(req.sampling)
+        const sampling = req.sampling
         const prompt = yield* tokenizer.encode(req.prompt)
         if (prompt.length >= dims.contextLength) {
           return yield* new InvalidRequestError({

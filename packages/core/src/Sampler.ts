@@ -5,8 +5,9 @@
  * `sample` runs once per token on rows of up to 32k+ logits, so it is synchronous and reuses scratch buffers: only
  * the top-k candidates (or, for top-p alone, the tokens that can possibly be in the nucleus) are ever sorted.
  */
-import { Context, Effect, Layer } from "effect"
-import { InvalidRequestError } from "./Errors.js"
+import { Context, Effect, Layer, Schema } from "effect"
+import { describeParseError, InvalidRequestError } from "./Errors.js"
+import { SamplingParamsSchema } from "./Generation.js"
 
 export interface SamplingParams {
   /** 0 = greedy (argmax, ties -> lowest id). */
@@ -387,20 +388,11 @@ export const logProbabilityFromTop = (
   maxProb: number,
 ): number => logits[offset + id]! - logits[offset + top]! + Math.log(maxProb)
 
-/** Checks params once per request, so `sample` can trust them. */
-export const validateSamplingParams = (params: SamplingParams): Effect.Effect<SamplingParams, InvalidRequestError> => {
-  const problem =
-    !Number.isFinite(params.temperature) || params.temperature < 0
-      ? `temperature must be a finite number >= 0, got ${params.temperature}`
-      : !Number.isInteger(params.topK) || params.topK < 0
-        ? `top_k must be an integer >= 0 (0 = off), got ${params.topK}`
-        : !(params.topP > 0 && params.topP <= 1)
-          ? `top_p must be in (0, 1] (1 = off), got ${params.topP}`
-          : params.seed !== undefined && !Number.isSafeInteger(params.seed)
-            ? `seed must be an integer, got ${params.seed}`
-            : undefined
-  return problem === undefined ? Effect.succeed(params) : Effect.fail(new InvalidRequestError({ message: problem }))
-}
+/** Checks params once per request, so `sample` can trust them (the same check and messages as a GenerationRequest's). */
+export const validateSamplingParams = (params: SamplingParams): Effect.Effect<SamplingParams, InvalidRequestError> =>
+  Schema.decodeUnknown(SamplingParamsSchema)(params).pipe(
+    Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
+  )
 
 export interface SamplerShape {
   /** Samples one token from logits[offset .. offset+vocab) (one row of a batch buffer); returns its id. */

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "@effect/vitest"
-import { Effect, Exit } from "effect"
+import { Effect } from "effect"
 import fc from "fast-check"
 import {
   argmax,
@@ -247,16 +247,19 @@ describe("Sampler", () => {
       const s = yield* Sampler
       const ok = { temperature: 0.7, topK: 40, topP: 0.95, seed: 3 }
       expect(yield* s.validate(ok)).toEqual(ok)
-      for (const bad of [
-        { temperature: -1, topK: 0, topP: 1 },
-        { temperature: Number.NaN, topK: 0, topP: 1 },
-        { temperature: 1, topK: 1.5, topP: 1 },
-        { temperature: 1, topK: 0, topP: 0 },
-        { temperature: 1, topK: 0, topP: 1.1 },
-        { temperature: 1, topK: 0, topP: 1, seed: 0.5 },
-      ]) {
-        const exit = yield* Effect.exit(s.validate(bad))
-        expect(Exit.isFailure(exit)).toBe(true)
+      for (const [bad, message] of [
+        [{ temperature: -1, topK: 0, topP: 1 }, "temperature: temperature must be a finite number >= 0, got -1"],
+        [
+          { temperature: Number.NaN, topK: 0, topP: 1 },
+          "temperature: temperature must be a finite number >= 0, got NaN",
+        ],
+        [{ temperature: 1, topK: 1.5, topP: 1 }, "topK: top_k must be an integer >= 0 (0 = off), got 1.5"],
+        [{ temperature: 1, topK: 0, topP: 0 }, "topP: top_p must be in (0, 1] (1 = off), got 0"],
+        [{ temperature: 1, topK: 0, topP: 1.1 }, "topP: top_p must be in (0, 1] (1 = off), got 1.1"],
+        [{ temperature: 1, topK: 0, topP: 1, seed: 0.5 }, "seed: seed must be an integer, got 0.5"],
+      ] as const) {
+        const error = yield* Effect.flip(s.validate(bad))
+        expect(error.message).toBe(message)
       }
       const logits = logitsOf([0.1, 0.6, 0.3])
       expect(s.sample(logits, 0, 3, { temperature: 0, topK: 0, topP: 1 }, s.makeRng(1))).toBe(1)
