@@ -478,7 +478,6 @@ const makeEngine = (options: EngineOptions) =>
         const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
           Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
         )
-        const sampling = req.sampling
         const prompt = yield* tokenizer.encode(req.prompt)
         if (prompt.length >= dims.contextLength) {
           return yield* new InvalidRequestError({
@@ -512,7 +511,7 @@ const makeEngine = (options: EngineOptions) =>
         const state: RequestState = {
           maxTokens: forcedTokens ? Math.min(req.maxTokens, forcedTokens.length) : req.maxTokens,
           forcedTokens,
-          sampling,
+          sampling: req.sampling,
           exit: resolveEarlyExit(spec, exitParams),
           mailbox,
           forks: [],

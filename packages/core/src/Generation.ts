@@ -5,19 +5,19 @@ import { Schema } from "effect"
 import { EarlyExitRequest } from "./EarlyExit.js"
 
 /** A number that passes `check`, failing with `problem` and the value (one message whichever way it is wrong). */
-const checked = (base: Schema.Schema<number>, check: (n: number) => boolean, problem: string) =>
-  base.pipe(Schema.filter(check, { message: (issue) => `${problem}, got ${String(issue.actual)}` }))
+const checked = (check: (n: number) => boolean, problem: string) =>
+  Schema.Number.pipe(Schema.filter(check, { message: (issue) => `${problem}, got ${String(issue.actual)}` }))
 
 /** The sampling parameters, with the messages a user sees for each wrong value (the engine's one check of them). */
 export const SamplingParamsSchema = Schema.Struct({
   /** 0 = greedy. */
-  temperature: checked(Schema.Number, (t) => Number.isFinite(t) && t >= 0, "temperature must be a finite number >= 0"),
+  temperature: checked((t) => Number.isFinite(t) && t >= 0, "temperature must be a finite number >= 0"),
   /** 0 = off. */
-  topK: checked(Schema.Number, (k) => Number.isInteger(k) && k >= 0, "top_k must be an integer >= 0 (0 = off)"),
+  topK: checked((k) => Number.isInteger(k) && k >= 0, "top_k must be an integer >= 0 (0 = off)"),
   /** 1 = off. */
-  topP: checked(Schema.Number, (p) => p > 0 && p <= 1, "top_p must be in (0, 1] (1 = off)"),
+  topP: checked((p) => p > 0 && p <= 1, "top_p must be in (0, 1] (1 = off)"),
   seed: Schema.optionalWith(
-    checked(Schema.Number, (n) => Number.isSafeInteger(n), "seed must be an integer"),
+    checked((n) => Number.isSafeInteger(n), "seed must be an integer"),
     { exact: true },
   ),
 })
