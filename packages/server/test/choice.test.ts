@@ -59,6 +59,7 @@ describe("stop strings", () => {
           )
         },
       ),
+      { numRuns: 2000 },
     )
   })
 
@@ -72,6 +73,16 @@ describe("stop strings", () => {
     expect(last.finishReason).toBe("stop")
     expect(choice.push(event("more", 4))).toBeUndefined()
     expect(choice.tokens).toBe(4)
+  })
+
+  it("a match does not end the text while an earlier stop string may still complete", () => {
+    // fast-check's counterexample: "a" matches at 1, but " a " starts at 0 and completes with the next token.
+    expect(run([" a", " ", ""], ["a", " a "]).deltas.join("")).toBe("")
+    const choice = new Choice(0, ["a", " a "])
+    expect(choice.push(event(" a", 0))!).toMatchObject({ text: "", finishReason: null })
+    expect(choice.push(event("b", 1))!).toMatchObject({ text: " ", finishReason: "stop" })
+    // Where the generation ends first, only the complete match counts.
+    expect(run([" a"], ["a", " a "]).choice.text).toBe(" ")
   })
 
   it("log-probabilities go with the released text; a stop token's is left out", () => {

@@ -66,9 +66,12 @@ export class Choice {
     const buffer = this.held + event.text
     const released = this.text.length
     const cut = this.firstStop(buffer)
-    if (cut >= 0) return this.release(buffer.slice(0, cut), "stop", (p) => p.offset < released + cut)
+    // A stop string that starts before the match may still complete with later text, and the earliest one wins:
+    // hold from its start. When the generation ends here, only complete matches count.
+    const open = cut >= 0 && event.finishReason === null ? this.holdLength(buffer, buffer.length - cut + 1) : 0
+    if (cut >= 0 && open === 0) return this.release(buffer.slice(0, cut), "stop", (p) => p.offset < released + cut)
     if (event.finishReason !== null) return this.release(buffer, event.finishReason, () => true)
-    const hold = this.holdLength(buffer)
+    const hold = cut >= 0 ? open : this.holdLength(buffer)
     const out = buffer.slice(0, buffer.length - hold)
     this.held = buffer.slice(buffer.length - hold)
     const upTo = released + out.length
@@ -97,9 +100,9 @@ export class Choice {
     return first
   }
 
-  /** The longest suffix of `text` that is a proper prefix of a stop string: it may yet become one. */
-  private holdLength(text: string): number {
-    for (let k = Math.min(this.longestStop - 1, text.length); k > 0; k--) {
+  /** The longest suffix of `text`, at least `atLeast` long, that is a proper prefix of a stop string (0 if none). */
+  private holdLength(text: string, atLeast = 1): number {
+    for (let k = Math.min(this.longestStop - 1, text.length); k >= atLeast; k--) {
       const suffix = text.slice(text.length - k)
       if (this.stops.some((s) => s.startsWith(suffix))) return k
     }
