@@ -49,12 +49,48 @@ export interface EngineStats {
   readonly kv: KvCacheStats
 }
 
+/**
+ * Where `submit` delivers a generation's output. The engine calls it from its loop, so it must return at once. After
+ * the generation is cancelled it hears nothing more.
+ */
+export interface GenerationSink {
+  readonly onEvent: (event: TokenEvent) => void
+  /** Called once, when every sample has finished (success) or the generation failed. */
+  readonly onEnd: (exit: Exit.Exit<void, GenerationError>) => void
+}
+
 export interface EngineShape {
   readonly spec: ModelSpec
   readonly defaults: EarlyExitParams
   readonly generate: (request: GenerationRequest) => Stream.Stream<TokenEvent, GenerationError>
+  /**
+   * `generate` as callbacks, for a host that multiplexes many generations itself (the engine worker sends every
+   * step's tokens of all of them in one message): no fiber or stream per generation. Fails as `generate` does on a
+   * request it refuses; succeeds with the effect that cancels the generation (idempotent).
+   */
+  readonly submit: (
+    request: GenerationRequest,
+    sink: GenerationSink,
+  ) => Effect.Effect<Effect.Effect<void>, GenerationError>
   readonly stats: Effect.Effect<EngineStats>
 }
+
+/** `generate` over a `submit`: the stream reads a mailbox that the sink fills; closing the stream cancels. */
+export const streamOfSubmit =
+  (submit: EngineShape["submit"]) =>
+  (request: GenerationRequest): Stream.Stream<TokenEvent, GenerationError> =>
+    Stream.unwrapScoped(
+      Effect.gen(function* () {
+        const mailbox = yield* Mailbox.make<TokenEvent, GenerationError>()
+        const cancel = yield* submit(request, {
+          onEvent: (event) => mailbox.unsafeOffer(event),
+          onEnd: (exit) => mailbox.unsafeDone(exit),
+        })
+        // Still open when the stream's scope closes: the consumer stopped reading (interrupted, or took what it wanted).
+        yield* Effect.addFinalizer(() => cancel)
+        return Mailbox.toStream(mailbox)
+      }),
+    )
 
 export class Engine extends Context.Tag("@offramp/core/Engine")<Engine, EngineShape>() {
   static readonly layer = (
@@ -88,7 +124,9 @@ interface RequestState {
   readonly forcedTokens: ReadonlyArray<number> | undefined
   readonly sampling: SamplingParams
   readonly exit: ResolvedEarlyExit
-  readonly mailbox: Mailbox.Mailbox<TokenEvent, GenerationError>
+  readonly sink: GenerationSink
+  /** Ended, failed or cancelled: the sink hears nothing more. */
+  closed: boolean
   /** Samples 1..n-1, started by forking sample 0 once the prompt is computed. */
   readonly forks: Array<() => Sequence>
   live: number
@@ -136,11 +174,17 @@ const makeEngine = (options: EngineOptions) =>
     const counters = { steps: 0, prefillTokens: 0, decodeTokens: 0, layersSkipped: 0, headMs: 0, kvFillMs: 0 }
     const exitHistogram: Record<number, number> = {}
 
+    const close = (request: RequestState, exit: Exit.Exit<void, GenerationError>) => {
+      if (request.closed) return
+      request.closed = true
+      request.sink.onEnd(exit)
+    }
+
     const end = (seq: Sequence, exit: Exit.Exit<void, GenerationError>) => {
       scheduler.finish(seq)
       sequences.delete(seq.id)
       seq.request.live--
-      if (Exit.isFailure(exit) || seq.request.live === 0) seq.request.mailbox.unsafeDone(exit)
+      if (Exit.isFailure(exit) || seq.request.live === 0) close(seq.request, exit)
     }
 
     const fail = (seqs: Iterable<Sequence>, error: GenerationError) => {
@@ -172,7 +216,7 @@ const makeEngine = (options: EngineOptions) =>
       const finishReason = stop ? "stop" : full ? "length" : null
       let text = stop ? "" : seq.detokenizer.push(id)
       if (finishReason !== null) text += seq.detokenizer.flush()
-      request.mailbox.unsafeOffer({
+      request.sink.onEvent({
         sample: seq.sample,
         index: seq.generated - 1,
         id,
@@ -441,7 +485,7 @@ const makeEngine = (options: EngineOptions) =>
         const error = new EngineStoppedError({ message: "the engine shut down while the request was in flight" })
         for (const seq of scheduler.drain()) {
           sequences.delete(seq.id)
-          ;(seq as Sequence).request.mailbox.unsafeDone(Exit.fail(error))
+          close((seq as Sequence).request, Exit.fail(error))
         }
       }),
     )
@@ -472,7 +516,7 @@ const makeEngine = (options: EngineOptions) =>
       return seq
     }
 
-    const admit = (request: GenerationRequest) =>
+    const submit = (request: GenerationRequest, sink: GenerationSink) =>
       Effect.gen(function* () {
         if (stopped) return yield* new EngineStoppedError({ message: "the engine has shut down" })
         const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
@@ -500,7 +544,6 @@ const makeEngine = (options: EngineOptions) =>
               "the classifier measure needs exit classifiers, and this model has none; use softmax, margin, entropy or saturation",
           })
         }
-        const mailbox = yield* Mailbox.make<TokenEvent, GenerationError>()
         const n = req.n ?? 1
         const forcedTokens = req.forcedTokens
         if (forcedTokens?.some((id) => id >= dims.vocab)) {
@@ -513,7 +556,8 @@ const makeEngine = (options: EngineOptions) =>
           forcedTokens,
           sampling: req.sampling,
           exit: resolveEarlyExit(spec, exitParams),
-          mailbox,
+          sink,
+          closed: false,
           forks: [],
           live: n,
         }
@@ -529,24 +573,22 @@ const makeEngine = (options: EngineOptions) =>
         }
         scheduler.submit(first)
         yield* Queue.offer(wake, undefined)
-        return state
+        return cancel(state)
       })
 
+    // The next step's schedule drops the cancelled sequences and frees their blocks; from now on nothing is emitted.
     const cancel = (state: RequestState) =>
-      Effect.gen(function* () {
-        for (const seq of sequences.values()) if (seq.request === state) seq.cancelled = true
+      Effect.suspend(() => {
+        if (state.closed) return Effect.void
+        state.closed = true
+        for (const seq of sequences.values()) {
+          if (seq.request !== state) continue
+          seq.cancelled = true
+          sequences.delete(seq.id)
+        }
         state.forks.length = 0
-        yield* Queue.offer(wake, undefined)
+        return Queue.offer(wake, undefined)
       })
-
-    const generate = (request: GenerationRequest): Stream.Stream<TokenEvent, GenerationError> =>
-      Stream.unwrapScoped(
-        Effect.gen(function* () {
-          const state = yield* admit(request)
-          yield* Effect.addFinalizer(() => cancel(state))
-          return Mailbox.toStream(state.mailbox)
-        }),
-      )
 
     const stats = Effect.sync((): EngineStats => {
       const generated = Object.values(exitHistogram).reduce((a, b) => a + b, 0)
@@ -562,5 +604,5 @@ const makeEngine = (options: EngineOptions) =>
       }
     })
 
-    return { spec, defaults, generate, stats } satisfies EngineShape
+    return { spec, defaults, generate: streamOfSubmit(submit), submit, stats } satisfies EngineShape
   })

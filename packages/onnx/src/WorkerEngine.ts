@@ -22,17 +22,17 @@ import {
   type EngineShape,
   type EngineStats,
   EngineStoppedError,
-  type GenerationError,
   GenerationRequest,
+  type GenerationSink,
   InvalidRequestError,
   ModelLoadError,
   ModelSpec,
-  type TokenEvent,
+  streamOfSubmit,
   Tokenizer,
   TokenizerError,
 } from "@offramp/core"
 import { HfTokenizer } from "@offramp/tokenizer"
-import { Cause, Context, Effect, Exit, Layer, Mailbox, type ParseResult, Queue, Schema, Stream } from "effect"
+import { Cause, Context, Effect, Exit, Layer, type ParseResult, Queue, Schema, Stream } from "effect"
 import { readStepEvents, StepEvents } from "./internal/StepEvents.js"
 import type { OnnxEngineConfig } from "./OnnxEngine.js"
 
@@ -152,24 +152,25 @@ const make = (modelDir: string, config: WorkerEngineConfig) =>
     const worker = yield* Worker.makeSerialized<EngineRequest>({}).pipe(Effect.mapError(cannotStart))
 
     // The open generations by ticket. The Events reader delivers their batches; whatever ends them removes them.
-    const open = new Map<number, Mailbox.Mailbox<TokenEvent, GenerationError>>()
+    const open = new Map<number, GenerationSink>()
     let nextTicket = 0
     // Set once the engine is gone (shut down, or the worker failed): what new requests get.
     let refusal: EngineStoppedError | undefined
     const endAll = (error: EngineStoppedError) => {
       refusal ??= error
-      for (const mailbox of open.values()) mailbox.unsafeDone(Exit.fail(error))
+      const sinks = [...open.values()]
       open.clear()
+      for (const sink of sinks) sink.onEnd(Exit.fail(error))
     }
     const deliver = (step: StepEvents) =>
       readStepEvents(
         step,
-        (ticket, event) => open.get(ticket)?.unsafeOffer(event),
+        (ticket, event) => open.get(ticket)?.onEvent(event),
         ({ ticket, error }) => {
-          const mailbox = open.get(ticket)
-          if (mailbox === undefined) return
+          const sink = open.get(ticket)
+          if (sink === undefined) return
           open.delete(ticket)
-          mailbox.unsafeDone(error ? Exit.fail(error) : Exit.void)
+          sink.onEnd(error ? Exit.fail(error) : Exit.void)
         },
       )
     yield* worker.execute(new Events()).pipe(
@@ -215,28 +216,21 @@ const make = (modelDir: string, config: WorkerEngineConfig) =>
         .pipe(Effect.catchAll((e) => Effect.sync(() => endAll(workerFailure(e)))))
     }).pipe(Effect.forever, Effect.forkIn(scope))
 
-    const generate = (request: GenerationRequest): Stream.Stream<TokenEvent, GenerationError> =>
-      Stream.unwrapScoped(
-        Effect.gen(function* () {
-          if (refusal) return yield* refusal
-          // The engine's own validation, here so that a bad request never crosses (same error, same message).
-          const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
-            Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
-          )
-          const ticket = nextTicket++
-          const mailbox = yield* Mailbox.make<TokenEvent, GenerationError>()
-          open.set(ticket, mailbox)
-          control.unsafeOffer({ start: { ticket, request: req } })
-          // Still open when the stream's scope closes: the consumer stopped reading (interrupted, or it took what it
-          // wanted), and the worker cancels the sequence.
-          yield* Effect.addFinalizer(() =>
-            Effect.sync(() => {
-              if (open.delete(ticket) && refusal === undefined) control.unsafeOffer({ cancel: ticket })
-            }),
-          )
-          return Mailbox.toStream(mailbox)
-        }),
-      )
+    const submit = (request: GenerationRequest, sink: GenerationSink) =>
+      Effect.gen(function* () {
+        if (refusal) return yield* refusal
+        // The engine's own validation, here so that a bad request never crosses (same error, same message).
+        const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
+          Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
+        )
+        const ticket = nextTicket++
+        open.set(ticket, sink)
+        control.unsafeOffer({ start: { ticket, request: req } })
+        // Cancelling a generation that is still open tells the worker to cancel its sequence.
+        return Effect.sync(() => {
+          if (open.delete(ticket) && refusal === undefined) control.unsafeOffer({ cancel: ticket })
+        })
+      })
 
     // Runs before the worker closes (finalizers run in reverse): new requests are refused, the worker's engine ends
     // its generations with EngineStoppedError, and those whose end has not arrived when it answers end so here.
@@ -255,7 +249,7 @@ const make = (modelDir: string, config: WorkerEngineConfig) =>
       ),
     )
 
-    const engine: EngineShape = { spec, defaults, generate, stats }
+    const engine: EngineShape = { spec, defaults, generate: streamOfSubmit(submit), submit, stats }
     return Context.make(Engine, engine).pipe(Context.add(Tokenizer, tokenizer))
   })
 

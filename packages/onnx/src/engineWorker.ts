@@ -1,15 +1,22 @@
 /**
  * The engine worker thread: serves the WorkerEngine protocol (see WorkerEngine.ts) over `onnxEngineLayer`.
  *
- * Every generation runs in a fiber keyed by the main thread's ticket; what it produces goes to an outbox that is
- * flushed as one Events element after the current engine step (setImmediate runs before onnxruntime's next
- * `run()`, which is itself scheduled with setImmediate). The engine lives in a scope of its own, so StopEngine can
+ * Every generation is submitted to the engine under the main thread's ticket with a sink (no fiber or stream per
+ * generation); what the sinks get goes to an outbox that is flushed as one Events element after the current engine
+ * step (setImmediate runs before onnxruntime's next `run()`, which is itself scheduled with setImmediate). The engine lives in a scope of its own, so StopEngine can
  * shut it down, ending its generations with EngineStoppedError, while the connection still carries those ends.
  */
 import { WorkerRunner } from "@effect/platform"
 import { NodeRuntime, NodeWorkerRunner } from "@effect/platform-node"
-import { Engine, type EngineShape, EngineStoppedError, type GenerationError, type TokenEvent } from "@offramp/core"
-import { Cause, Context, Effect, Exit, FiberMap, Layer, Mailbox, Option, Scope, Stream } from "effect"
+import {
+  Engine,
+  type EngineShape,
+  EngineStoppedError,
+  type GenerationError,
+  type GenerationRequest,
+  type GenerationSink,
+} from "@offramp/core"
+import { Cause, Context, Effect, Exit, Layer, Mailbox, Option, Scope } from "effect"
 import { type StepEvents, StepEventsBuilder } from "./internal/StepEvents.js"
 import { onnxEngineLayer } from "./OnnxEngine.js"
 import { EngineRequest } from "./WorkerEngine.js"
@@ -35,35 +42,36 @@ const Runner = Layer.unwrapScoped(
     const schedule = () => {
       if (pending.isEmpty) setImmediate(flush)
     }
-    const push = (ticket: number, events: Iterable<TokenEvent>) => {
-      schedule()
-      pending.add(ticket, events)
-    }
+    // Every open generation by ticket, with its cancel once submit has answered; its end removes it.
+    const open = new Map<number, Effect.Effect<void> | undefined>()
     const end = (ticket: number, error?: GenerationError) => {
+      open.delete(ticket)
       schedule()
       pending.end(error ? { ticket, error } : { ticket })
     }
-
-    const generations = yield* FiberMap.make<number, void, never>()
-    const run = (ticket: number, engine: EngineShape, request: Parameters<EngineShape["generate"]>[0]) =>
-      engine.generate(request).pipe(
-        Stream.runForEachChunk((chunk) => Effect.sync(() => push(ticket, chunk))),
-        Effect.onExit((exit) =>
-          Effect.sync(() => {
-            if (Exit.isSuccess(exit)) return end(ticket)
-            const failure = Cause.failureOption(exit.cause)
-            if (Option.isSome(failure)) end(ticket, failure.value)
-            // Interrupted only: cancelled by the main thread, which no longer listens. A defect ends the stream too.
-            else if (!Cause.isInterruptedOnly(exit.cause)) {
-              const error: GenerationError = new EngineStoppedError({
-                message: `the engine failed: ${Cause.pretty(exit.cause).split("\n")[0]}`,
-              })
-              end(ticket, error)
-            }
-          }),
-        ),
-        Effect.ignore,
+    const sink = (ticket: number): GenerationSink => ({
+      onEvent: (event) => {
+        schedule()
+        pending.add(ticket, event)
+      },
+      onEnd: (exit) => end(ticket, Exit.isSuccess(exit) ? undefined : errorOf(exit.cause)),
+    })
+    const start = (ticket: number, request: GenerationRequest) => {
+      open.set(ticket, undefined)
+      return Effect.flatMap(started, (engine) => engine.submit(request, sink(ticket))).pipe(
+        Effect.match({
+          onFailure: (error) => end(ticket, error),
+          onSuccess: (cancel) => {
+            if (open.has(ticket)) open.set(ticket, cancel)
+          },
+        }),
       )
+    }
+    const cancel = (ticket: number) => {
+      const cancel = open.get(ticket)
+      open.delete(ticket)
+      return cancel ?? Effect.void
+    }
 
     return WorkerRunner.layerSerialized(EngineRequest, {
       StartEngine: ({ modelDir, config }) =>
@@ -73,29 +81,23 @@ const Runner = Layer.unwrapScoped(
           return { spec: engine.spec, defaults: engine.defaults }
         }),
       Events: () => Mailbox.toStream(outbox),
-      Dispatch: ({ start, cancel }) =>
+      Dispatch: ({ start: starts, cancel: cancels }) =>
         Effect.gen(function* () {
-          for (const { ticket, request } of start) {
-            yield* FiberMap.run(
-              generations,
-              ticket,
-              Effect.matchEffect(started, {
-                onFailure: (error) => Effect.sync(() => end(ticket, error)),
-                onSuccess: (e) => run(ticket, e, request),
-              }),
-            )
-          }
-          for (const ticket of cancel) yield* FiberMap.remove(generations, ticket)
+          for (const { ticket, request } of starts) yield* start(ticket, request)
+          for (const ticket of cancels) yield* cancel(ticket)
         }),
       GetStats: () => Effect.flatMap(Effect.orDie(started), (e) => e.stats),
       // The engine's finalizer ends every generation with EngineStoppedError; their ends are flushed at once.
-      StopEngine: () =>
-        Scope.close(engineScope, Exit.void).pipe(
-          Effect.andThen(FiberMap.awaitEmpty(generations)),
-          Effect.andThen(Effect.sync(flush)),
-        ),
+      StopEngine: () => Scope.close(engineScope, Exit.void).pipe(Effect.andThen(Effect.sync(flush))),
     })
   }),
 )
+
+/** A failed generation's error; a defect (a bug) ends it as a stopped engine, with the defect's first line. */
+const errorOf = (cause: Cause.Cause<GenerationError>): GenerationError =>
+  Option.getOrElse(
+    Cause.failureOption(cause),
+    () => new EngineStoppedError({ message: `the engine failed: ${Cause.pretty(cause).split("\n")[0]}` }),
+  )
 
 NodeRuntime.runMain(NodeWorkerRunner.launch(Runner.pipe(Layer.provide(NodeWorkerRunner.layer))))

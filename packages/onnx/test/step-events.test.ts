@@ -29,7 +29,7 @@ describe("StepEvents", () => {
     fc.assert(
       fc.property(fc.array(fc.tuple(fc.nat(20), fc.array(tokenEvent, { maxLength: 4 })), { maxLength: 24 }), (adds) => {
         const builder = new StepEventsBuilder()
-        for (const [ticket, events] of adds) builder.add(ticket, events)
+        for (const [ticket, events] of adds) for (const event of events) builder.add(ticket, event)
         const ends: Array<GenerationEnd> = [
           { ticket: 3 },
           { ticket: 5, error: new InvalidRequestError({ message: "bad" }) },

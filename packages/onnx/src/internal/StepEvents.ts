@@ -49,13 +49,11 @@ export class StepEventsBuilder {
     return this.tickets.length === 0 && this.ends.length === 0
   }
 
-  add(ticket: number, events: Iterable<TokenEvent>) {
-    for (const e of events) {
-      this.tickets.push(ticket)
-      this.ints.push(e.sample, e.index, e.id, e.exitLayer, FINISH.indexOf(e.finishReason))
-      this.floats.push(e.confidence, e.logprob)
-      this.texts.push(e.text)
-    }
+  add(ticket: number, e: TokenEvent) {
+    this.tickets.push(ticket)
+    this.ints.push(e.sample, e.index, e.id, e.exitLayer, FINISH.indexOf(e.finishReason))
+    this.floats.push(e.confidence, e.logprob)
+    this.texts.push(e.text)
   }
 
   end(end: GenerationEnd) {
