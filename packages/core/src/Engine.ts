@@ -86,7 +86,7 @@ export const streamOfSubmit =
           onEvent: (event) => mailbox.unsafeOffer(event),
           onEnd: (exit) => mailbox.unsafeDone(exit),
         })
-        // Still open when the stream's scope closes: the consumer stopped reading (interrupted, or took what it wanted).
+        // Still open when the stream's scope closes: the consumer stopped reading (interrupted, or had enough).
         yield* Effect.addFinalizer(() => cancel)
         return Mailbox.toStream(mailbox)
       }),

@@ -3,8 +3,9 @@
  *
  * Every generation is submitted to the engine under the main thread's ticket with a sink (no fiber or stream per
  * generation); what the sinks get goes to an outbox that is flushed as one Events element after the current engine
- * step (setImmediate runs before onnxruntime's next `run()`, which is itself scheduled with setImmediate). The engine lives in a scope of its own, so StopEngine can
- * shut it down, ending its generations with EngineStoppedError, while the connection still carries those ends.
+ * step (setImmediate runs before onnxruntime's next `run()`, which is itself scheduled with setImmediate). The
+ * engine lives in a scope of its own, so StopEngine can shut it down, ending its generations with EngineStoppedError,
+ * while the connection still carries those ends.
  */
 import { WorkerRunner } from "@effect/platform"
 import { NodeRuntime, NodeWorkerRunner } from "@effect/platform-node"
@@ -68,9 +69,9 @@ const Runner = Layer.unwrapScoped(
       )
     }
     const cancel = (ticket: number) => {
-      const cancel = open.get(ticket)
+      const cancelSubmitted = open.get(ticket)
       open.delete(ticket)
-      return cancel ?? Effect.void
+      return cancelSubmitted ?? Effect.void
     }
 
     return WorkerRunner.layerSerialized(EngineRequest, {
