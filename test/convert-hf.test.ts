@@ -169,7 +169,7 @@ const compare = (
         hidden = yield* runner.segment(s, hidden, batch)
         const layer = spec.segments[s]!.endLayer
         const exitIndex = spec.exits.findIndex((e) => e.layer === layer)
-        const head = exitIndex >= 0 ? yield* runner.head(exitIndex, hidden, batch.rows * batch.tokens) : undefined
+        const head = exitIndex >= 0 ? yield* runner.head(exitIndex, hidden, batch.rows * batch.tokens, true) : undefined
         sequences.forEach((_, r) => {
           for (let t = 0; t < counts[r]!; t++) {
             const i = r * batch.tokens + t
@@ -181,7 +181,7 @@ const compare = (
             if (head === undefined) continue
             const dedicated = spec.headKind === "dedicated" && layer < spec.dims.layers
             const wantLogits = dedicated ? dedicatedHead(m, layer, wantHidden) : want.exitLogits[layer - 1]!
-            const got = head.logits.subarray(i * V, (i + 1) * V)
+            const got = head.logits!.subarray(i * V, (i + 1) * V)
             got.forEach((v, j) => {
               errors.logits = Math.max(errors.logits, Math.abs(v - wantLogits[j]!))
             })

@@ -5,7 +5,7 @@
  */
 
 import { describe, expect, it } from "@effect/vitest"
-import { buildRowBatch, ModelRunner, type RowInput } from "@offramp/core"
+import { argmax, buildRowBatch, ModelRunner, type RowInput } from "@offramp/core"
 import { OnnxModelRunner } from "@offramp/onnx"
 import { Effect } from "effect"
 import { beforeAll } from "vitest"
@@ -67,14 +67,19 @@ const step = (
       hidden = yield* runner.segment(s, hidden, batch)
       const layer = spec.segments[s]!.endLayer - 1
       const exitIndex = spec.exits.findIndex((e) => e.layer === layer + 1)
-      const head = yield* runner.head(exitIndex, hidden, batch.rows * batch.tokens)
+      const head = yield* runner.head(exitIndex, hidden, batch.rows * batch.tokens, true)
+      // Without logits (greedy decoding) the head returns the same statistics, and its top token is the argmax.
+      const statistics = yield* runner.head(exitIndex, hidden, batch.rows * batch.tokens, false)
+      expect(statistics.logits).toBeUndefined()
+      expect(statistics.maxProb).toEqual(head.maxProb)
       rows.forEach((row, r) => {
         for (let t = 0; t < counts[r]!; t++) {
           const i = r * batch.tokens + t
           const want = expected[r]![row.cached + t]!
           worst = Math.max(worst, maxAbsDiff(hidden.subarray(i * D, (i + 1) * D), want.hidden[layer]!))
           const V = spec.dims.vocab
-          worst = Math.max(worst, maxAbsDiff(head.logits.subarray(i * V, (i + 1) * V), want.exitLogits[layer]!))
+          worst = Math.max(worst, maxAbsDiff(head.logits!.subarray(i * V, (i + 1) * V), want.exitLogits[layer]!))
+          expect(Number(statistics.topToken[i])).toBe(argmax(want.exitLogits[layer]!))
         }
       })
     }

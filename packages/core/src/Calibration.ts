@@ -101,7 +101,7 @@ export const collectExitStatistics = (
         hidden = yield* runner.segment(s, hidden, batch)
         const exitIndex = spec.exits.findIndex((e) => e.layer === spec.segments[s]!.endLayer)
         if (exitIndex < 0) continue
-        const head = yield* runner.head(exitIndex, hidden, count)
+        const head = yield* runner.head(exitIndex, hidden, count, true)
         if (exitIndex === finalExit) {
           heads.push({ head, confidence: Float64Array.from(head.maxProb) })
           break
@@ -137,7 +137,7 @@ export const collectExitStatistics = (
           samples[e]!.push({
             confidence: confidence[p]!,
             agrees: head.topToken[p] === final.topToken[p],
-            logprob: p + 1 < count ? logProbability(head.logits, p * vocab, vocab, ids[p + 1]!) : Number.NaN,
+            logprob: p + 1 < count ? logProbability(head.logits!, p * vocab, vocab, ids[p + 1]!) : Number.NaN,
           })
         }
       })

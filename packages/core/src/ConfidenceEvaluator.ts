@@ -25,6 +25,11 @@ export interface ConfidenceInput {
 
 export interface ConfidenceEvaluatorShape {
   readonly confidence: (input: ConfidenceInput) => number
+  /**
+   * True when `confidence` reads `head.logits`: the engine then fetches the logits of every head it scores, a
+   * rows × vocab copy per call that greedy decoding otherwise skips.
+   */
+  readonly needsLogits?: boolean
 }
 
 const cosine = (a: Float32Array, b: Float32Array) => {

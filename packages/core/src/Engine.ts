@@ -123,6 +123,8 @@ interface RequestState {
   readonly maxTokens: number
   readonly forcedTokens: ReadonlyArray<number> | undefined
   readonly sampling: SamplingParams
+  /** Samples from the logits, or scores forced tokens with them; a greedy request takes the head's top token. */
+  readonly usesLogits: boolean
   readonly exit: ResolvedEarlyExit
   readonly sink: GenerationSink
   /** Ended, failed or cancelled: the sink hears nothing more. */
@@ -207,7 +209,10 @@ const makeEngine = (options: EngineOptions) =>
       const { request } = seq
       const offset = row * dims.vocab
       const forced = request.forcedTokens?.[seq.generated]
-      const id = forced ?? sampler.sample(head.logits, offset, dims.vocab, request.sampling, seq.rng)
+      const top = Number(head.topToken[row])
+      const id =
+        forced ??
+        (request.usesLogits ? sampler.sample(head.logits!, offset, dims.vocab, request.sampling, seq.rng) : top)
       const stop = forced === undefined && stopIds.has(id)
       seq.generated++
       exitHistogram[exitLayer] = (exitHistogram[exitLayer] ?? 0) + 1
@@ -223,7 +228,10 @@ const makeEngine = (options: EngineOptions) =>
         text,
         exitLayer,
         confidence,
-        logprob: logProbabilityFromTop(head.logits, offset, id, Number(head.topToken[row]), head.maxProb[row]!),
+        logprob:
+          id === top
+            ? Math.log(head.maxProb[row]!)
+            : logProbabilityFromTop(head.logits!, offset, id, top, head.maxProb[row]!),
         finishReason,
       })
       if (finishReason !== null) end(seq, Exit.void)
@@ -312,7 +320,12 @@ const makeEngine = (options: EngineOptions) =>
         const { head, classifier } = yield* timed(
           "headMs",
           Effect.all({
-            head: runner.head(exitIndex, hidden, scored.length),
+            head: runner.head(
+              exitIndex,
+              hidden,
+              scored.length,
+              evaluator.needsLogits === true || scored.some((r) => rows[r]!.seq.request.usesLogits),
+            ),
             classifier: scored.some((r) => rows[r]!.seq.request.exit.params.measure === "classifier")
               ? runner.classify(exitIndex, hidden, scored.length)
               : Effect.succeed(undefined),
@@ -447,7 +460,14 @@ const makeEngine = (options: EngineOptions) =>
       if (deep.length > 0) {
         const hidden = new Float32Array(deep.length * D)
         deep.forEach((r, i) => hidden.set(r.hidden, i * D))
-        const head = yield* Effect.either(runner.head(finalExit, hidden, deep.length))
+        const head = yield* Effect.either(
+          runner.head(
+            finalExit,
+            hidden,
+            deep.length,
+            deep.some((r) => r.seq.request.usesLogits),
+          ),
+        )
         if (head._tag === "Left")
           fail(
             deep.map((r) => r.seq),
@@ -555,6 +575,7 @@ const makeEngine = (options: EngineOptions) =>
           maxTokens: forcedTokens ? Math.min(req.maxTokens, forcedTokens.length) : req.maxTokens,
           forcedTokens,
           sampling: req.sampling,
+          usesLogits: req.sampling.temperature > 0 || forcedTokens !== undefined,
           exit: resolveEarlyExit(spec, exitParams),
           sink,
           closed: false,

@@ -24,9 +24,14 @@ export interface RowBatch {
   readonly slots: Int32Array
 }
 
-/** What an exit head says about each row: logits plus the confidence statistics computed in-graph. */
+/**
+ * What an exit head says about each row: the confidence statistics computed in-graph, and the logits when asked for.
+ * Logits are rows × vocab floats that onnxruntime copies into a fresh buffer on every call, so a runner fetches them
+ * only for the rows that sample or score a given token; greedy decoding needs only `topToken` and `maxProb`.
+ */
 export interface HeadOutput {
-  readonly logits: Float32Array
+  /** [rows × vocab]; undefined unless the call asked for logits. */
+  readonly logits: Float32Array | undefined
   readonly maxProb: Float32Array
   readonly margin: Float32Array
   readonly entropy: Float32Array
@@ -41,8 +46,13 @@ export interface ModelRunnerShape {
   readonly embed: (ids: BigInt64Array, rows: number, tokens: number) => Effect.Effect<Float32Array, RunnerError>
   /** Runs segment `index` and writes its new K/V rows into the pools at `batch.slots`; returns the hidden out. */
   readonly segment: (index: number, hidden: Float32Array, batch: RowBatch) => Effect.Effect<Float32Array, RunnerError>
-  /** Runs the head of exit `index` (position in spec.exits) on `count` hidden rows. */
-  readonly head: (index: number, hidden: Float32Array, count: number) => Effect.Effect<HeadOutput, RunnerError>
+  /** Runs the head of exit `index` (position in spec.exits) on `count` hidden rows; `logits` asks for the logits too. */
+  readonly head: (
+    index: number,
+    hidden: Float32Array,
+    count: number,
+    logits: boolean,
+  ) => Effect.Effect<HeadOutput, RunnerError>
   /** The exit classifier of exit `index` on `count` hidden rows; undefined when the model has none there. */
   readonly classify: (
     index: number,

@@ -10,7 +10,7 @@ import { describeParseError, InvalidRequestError } from "./Errors.js"
 import { SamplingParamsSchema } from "./Generation.js"
 
 export interface SamplingParams {
-  /** 0 = greedy (argmax, ties -> lowest id). */
+  /** 0 = greedy: the argmax (ties -> lowest id), which the engine takes from the exit head's in-graph top token. */
   readonly temperature: number
   /** Keep only the k most likely tokens; 0 = off. */
   readonly topK: number

@@ -54,6 +54,10 @@ const acquireSession = (dir: string, file: string, threads: number) =>
     (session) => Effect.promise(() => session.release()),
   )
 
+/** The head's small outputs; without the logits, a call returns a few floats per row instead of a vocabulary's. */
+const HEAD_STATISTICS = [G.maxProb, G.margin, G.entropy, G.topToken]
+const HEAD_OUTPUTS = [G.logits, ...HEAD_STATISTICS]
+
 const f32 = (data: Float32Array, dims: ReadonlyArray<number>) => new ort.Tensor("float32", data, dims)
 const i64 = (data: BigInt64Array, dims: ReadonlyArray<number>) => new ort.Tensor("int64", data, dims)
 
@@ -93,9 +97,14 @@ export const makeOnnxModelRunner = (
     const kPoolTensors = kPools.map((p) => f32(p, poolDims))
     const vPoolTensors = vPools.map((p) => f32(p, poolDims))
 
-    const run = (stage: string, session: ort.InferenceSession, feeds: Record<string, ort.Tensor>) =>
+    const run = (
+      stage: string,
+      session: ort.InferenceSession,
+      feeds: Record<string, ort.Tensor>,
+      fetches?: ReadonlyArray<string>,
+    ) =>
       Effect.tryPromise({
-        try: () => session.run(feeds),
+        try: () => (fetches ? session.run(feeds, fetches) : session.run(feeds)),
         catch: (e) => new RunnerError({ stage, message: (e as Error).message }),
       })
 
@@ -140,13 +149,16 @@ export const makeOnnxModelRunner = (
       )
     }
 
-    const head: ModelRunnerShape["head"] = (index, hidden, count) =>
-      run(`head of exit ${spec.exits[index]!.layer}`, headSessions[index]!, {
-        [G.hidden]: f32(hidden, [count, dims.hidden]),
-      }).pipe(
+    const head: ModelRunnerShape["head"] = (index, hidden, count, logits) =>
+      run(
+        `head of exit ${spec.exits[index]!.layer}`,
+        headSessions[index]!,
+        { [G.hidden]: f32(hidden, [count, dims.hidden]) },
+        logits ? HEAD_OUTPUTS : HEAD_STATISTICS,
+      ).pipe(
         Effect.map(
           (out): HeadOutput => ({
-            logits: out[G.logits]!.data as Float32Array,
+            logits: logits ? (out[G.logits]!.data as Float32Array) : undefined,
             maxProb: out[G.maxProb]!.data as Float32Array,
             margin: out[G.margin]!.data as Float32Array,
             entropy: out[G.entropy]!.data as Float32Array,
