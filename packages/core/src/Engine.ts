@@ -437,12 +437,14 @@ const makeEngine = (options: EngineOptions) =>
         seq.pending = []
         seq.exact = 0
       }
-      fail(
-        plan.starved as ReadonlyArray<Sequence>,
-        new InvalidRequestError({
-          message: `the KV cache (${kv.numBlocks} blocks of ${kv.blockSize} tokens) cannot hold this sequence's next position; raise the KV cache budget`,
-        }),
-      )
+      if (plan.starved.length > 0) {
+        fail(
+          plan.starved as ReadonlyArray<Sequence>,
+          new InvalidRequestError({
+            message: `the KV cache (${kv.numBlocks} blocks of ${kv.blockSize} tokens) cannot hold this sequence's next position; raise the KV cache budget`,
+          }),
+        )
+      }
       // A row with one new token whose earlier tokens are all computed is a decode row; anything else prefills.
       const isDecode = (r: BatchRow) => r.count === 1 && r.seq.computed > 0
       const decodeRows = plan.rows.filter(isDecode)
