@@ -6,8 +6,12 @@
  * Without --serve it asks both routes once, prints the answers and exits; with it, it keeps serving on port 8000.
  */
 import { createServer } from "node:http"
-import { HttpMiddleware, HttpRouter, HttpServer, HttpServerResponse } from "@effect/platform"
-import { NodeHttpServer, NodeRuntime } from "@effect/platform-node"
+import * as HttpMiddleware from "@effect/platform/HttpMiddleware"
+import * as HttpRouter from "@effect/platform/HttpRouter"
+import * as HttpServer from "@effect/platform/HttpServer"
+import * as HttpServerResponse from "@effect/platform/HttpServerResponse"
+import * as NodeHttpServer from "@effect/platform-node/NodeHttpServer"
+import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { onnxEngineLayer } from "@offramp/onnx"
 import { OpenAiRouter, OpenAiServer } from "@offramp/server"
 import { Console, Effect, Layer } from "effect"

@@ -2,7 +2,8 @@
  * The `offramp` command.
  */
 import { Command } from "@effect/cli"
-import { NodeContext, NodeRuntime } from "@effect/platform-node"
+import * as NodeContext from "@effect/platform-node/NodeContext"
+import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Effect } from "effect"
 import { bench } from "./commands/bench.js"
 import { benchHttp } from "./commands/bench-http.js"

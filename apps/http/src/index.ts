@@ -3,7 +3,7 @@
  * these flags and this handler.
  */
 import { Command, Options } from "@effect/cli"
-import { HttpServer } from "@effect/platform"
+import * as HttpServer from "@effect/platform/HttpServer"
 import { InvalidRequestError } from "@offramp/core"
 import { DEFAULT_MODEL_DIR, onnxEngineLayer, WorkerEngine } from "@offramp/onnx"
 import {

@@ -13,8 +13,9 @@
  */
 import { join } from "node:path"
 import { Worker as NodeThread } from "node:worker_threads"
-import { Worker, type WorkerError } from "@effect/platform"
-import { NodeWorker } from "@effect/platform-node"
+import * as Worker from "@effect/platform/Worker"
+import type * as WorkerError from "@effect/platform/WorkerError"
+import * as NodeWorker from "@effect/platform-node/NodeWorker"
 import {
   describeParseError,
   EarlyExitParams,

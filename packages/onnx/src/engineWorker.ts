@@ -7,8 +7,9 @@
  * engine lives in a scope of its own, so StopEngine can shut it down, ending its generations with EngineStoppedError,
  * while the connection still carries those ends.
  */
-import { WorkerRunner } from "@effect/platform"
-import { NodeRuntime, NodeWorkerRunner } from "@effect/platform-node"
+import * as WorkerRunner from "@effect/platform/WorkerRunner"
+import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
+import * as NodeWorkerRunner from "@effect/platform-node/NodeWorkerRunner"
 import {
   Engine,
   type EngineShape,

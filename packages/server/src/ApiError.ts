@@ -2,7 +2,7 @@
  * Errors as OpenAI sends them: `{ error: { message, type, param, code } }` with the matching HTTP status.
  * Every failure a handler can meet becomes one of these; nothing else (no stack, no cause) reaches the client.
  */
-import { HttpServerResponse } from "@effect/platform"
+import * as HttpServerResponse from "@effect/platform/HttpServerResponse"
 import type { GenerationError } from "@offramp/core"
 import { Schema } from "effect"
 

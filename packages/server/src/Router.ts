@@ -7,8 +7,9 @@
  * closes and the engine cancels the sequences (their KV blocks return at its next step).
  */
 import { randomUUID } from "node:crypto"
-import { HttpRouter, HttpServerResponse } from "@effect/platform"
+import * as HttpRouter from "@effect/platform/HttpRouter"
 import type { HttpServerRequest } from "@effect/platform/HttpServerRequest"
+import * as HttpServerResponse from "@effect/platform/HttpServerResponse"
 import { Chunk, Effect, Either, Option, type Scope, Stream } from "effect"
 import { type ApiError, badRequest, errorBody, errorResponse, internal, notFound } from "./ApiError.js"
 import { type ChatTurn, transcript } from "./ChatTemplate.js"

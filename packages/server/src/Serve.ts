@@ -6,8 +6,8 @@
  * error event and `data: [DONE]`; then the listener closes and the engine stops.
  */
 import { createServer } from "node:http"
-import { HttpServer } from "@effect/platform"
-import { NodeHttpServer } from "@effect/platform-node"
+import * as HttpServer from "@effect/platform/HttpServer"
+import * as NodeHttpServer from "@effect/platform-node/NodeHttpServer"
 import { type Duration, Effect, Layer } from "effect"
 import { OpenAiServer } from "./OpenAiServer.js"
 import { OpenAiApp } from "./Router.js"

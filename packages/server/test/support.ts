@@ -1,7 +1,7 @@
 /**
  * Test helpers: a real server on a loopback port (port 0), an `openai` client for it, and raw HTTP helpers.
  */
-import { HttpServer } from "@effect/platform"
+import * as HttpServer from "@effect/platform/HttpServer"
 import { Engine, type GenerationRequest, type Tokenizer } from "@offramp/core"
 import { Chunk, Effect, Layer, ManagedRuntime, Stream } from "effect"
 import OpenAI from "openai"

@@ -4,8 +4,9 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto"
 import { IncomingMessage } from "node:http"
-import { HttpIncomingMessage, HttpServerRequest } from "@effect/platform"
-import { NodeHttpServerRequest } from "@effect/platform-node"
+import * as HttpIncomingMessage from "@effect/platform/HttpIncomingMessage"
+import * as HttpServerRequest from "@effect/platform/HttpServerRequest"
+import * as NodeHttpServerRequest from "@effect/platform-node/NodeHttpServerRequest"
 import { Effect, Option, ParseResult, Schema } from "effect"
 import { type ApiError, badRequest, tooLarge, unauthorized } from "../ApiError.js"
 
