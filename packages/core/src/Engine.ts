@@ -106,6 +106,15 @@ interface Pending {
   readonly layer: number
 }
 
+/** A reusable buffer: each call returns a view of n floats over storage that grows as needed. */
+const scratch = () => {
+  let storage = new Float32Array(0)
+  return (n: number) => {
+    if (storage.length < n) storage = new Float32Array(Math.max(n, storage.length * 2))
+    return storage.subarray(0, n)
+  }
+}
+
 /** One sample of a request, as the engine loop sees it. */
 interface Sequence extends ScheduledSequence {
   readonly request: RequestState
@@ -165,6 +174,11 @@ const makeEngine = (options: EngineOptions) =>
     const { spec } = runner
     const { dims } = spec
     const D = dims.hidden
+    // Inputs of the runner's calls are assembled in these, reused from call to call (a call reads its input only
+    // while it runs). Each step used to allocate them anew: with the runner's outputs, enough ArrayBuffer bytes for
+    // V8 to run a full mark-compact about three times a second in the engine worker's small heap.
+    const segmentInput = scratch()
+    const headInput = scratch()
     const finalExit = spec.exits.length - 1
     const exitAfterSegment = spec.segments.map((s) => spec.exits.findIndex((e) => e.layer === s.endLayer))
     const stopIds = new Set(spec.tokens.stop)
@@ -295,11 +309,16 @@ const makeEngine = (options: EngineOptions) =>
           rows.map((r) => ({ cached: r.positions[0]!, count: r.positions.length, blocks: r.seq.blocks!.blocks })),
           runner.blockSize,
         )
-        const input = new Float32Array(batch.rows * batch.tokens * D)
-        rows.forEach((r, i) => input.set(r.hidden, i * batch.tokens * D))
+        const input = segmentInput(batch.rows * batch.tokens * D)
+        rows.forEach((r, i) => {
+          input.set(r.hidden, i * batch.tokens * D)
+          // Padding after a shorter row's tokens: the call ignores it, but stale values need not go in.
+          input.fill(0, i * batch.tokens * D + r.hidden.length, (i + 1) * batch.tokens * D)
+        })
         const output = yield* runner.segment(index, input, batch)
         rows.forEach((r, i) => {
-          r.hidden = output.slice(i * batch.tokens * D, (i * batch.tokens + r.positions.length) * D)
+          // A view: the output is the runner's own buffer, never written again.
+          r.hidden = output.subarray(i * batch.tokens * D, (i * batch.tokens + r.positions.length) * D)
           const upTo = r.positions.at(-1)! + 1
           for (let l = firstLayer; l < endLayer; l++) kv.markFilled(r.seq.blocks!, l, upTo)
         })
@@ -315,7 +334,7 @@ const makeEngine = (options: EngineOptions) =>
         )
         const scored = rows.flatMap((_, i) => (thresholds[i]! <= 1 ? [i] : []))
         if (scored.length === 0) return { exiting: [] as Array<number>, head: undefined, confidences: [] }
-        const hidden = new Float32Array(scored.length * D)
+        const hidden = headInput(scored.length * D)
         scored.forEach((r, i) => hidden.set(current(rows[r]!), i * D))
         const { head, classifier } = yield* timed(
           "headMs",
@@ -402,8 +421,8 @@ const makeEngine = (options: EngineOptions) =>
         let active: Array<DecodeRow> = rows.map(({ seq }, i) => ({
           seq: seq as Sequence,
           positions: [seq.computed],
-          hidden: embedded.slice(i * D, (i + 1) * D),
-          previous: embedded.slice(i * D, (i + 1) * D),
+          hidden: embedded.subarray(i * D, (i + 1) * D),
+          previous: embedded.subarray(i * D, (i + 1) * D),
         }))
         for (const row of active) {
           row.seq.computed += 1
@@ -424,7 +443,7 @@ const makeEngine = (options: EngineOptions) =>
             const gone = new Set(exiting)
             active = active.filter((_, r) => !gone.has(r))
           }
-          for (const row of active) row.previous = current(row).slice()
+          for (const row of active) row.previous = current(row)
         }
         return { finished, atEnd: active }
       })
@@ -460,7 +479,7 @@ const makeEngine = (options: EngineOptions) =>
       // Everything that ran the whole depth shares one call of the final head.
       const deep = [...prefilled, ...atEnd.map((row) => ({ seq: row.seq, hidden: current(row) }))]
       if (deep.length > 0) {
-        const hidden = new Float32Array(deep.length * D)
+        const hidden = headInput(deep.length * D)
         deep.forEach((r, i) => hidden.set(r.hidden, i * D))
         const head = yield* Effect.either(
           runner.head(

@@ -38,6 +38,10 @@ export interface HeadOutput {
   readonly topToken: BigInt64Array
 }
 
+/**
+ * A runner's calls read their input arrays only while they run (callers reuse them), and return arrays of their own
+ * that they never write again (callers keep views of them).
+ */
 export interface ModelRunnerShape {
   readonly spec: ModelSpec
   readonly blockSize: number
