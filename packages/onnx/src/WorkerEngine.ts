@@ -212,9 +212,13 @@ const make = (modelDir: string, config: WorkerEngineConfig) =>
       const batch = [first, ...(yield* Queue.takeAll(control))]
       const start = batch.flatMap((c) => ("start" in c ? [c.start] : []))
       const cancel = batch.flatMap((c) => ("cancel" in c ? [c.cancel] : []))
-      yield* worker
-        .executeEffect(new Dispatch({ start, cancel }))
-        .pipe(Effect.catchAll((e) => Effect.sync(() => endAll(workerFailure(e)))))
+      // Sent without waiting for the worker's answer to the previous one (the port keeps messages in order): waiting
+      // put the worker's step time into the first-token time of every request behind it (measured at 16 clients:
+      // 10 ms median, 47 ms p90).
+      yield* worker.executeEffect(new Dispatch({ start, cancel })).pipe(
+        Effect.catchAll((e) => Effect.sync(() => endAll(workerFailure(e)))),
+        Effect.forkIn(scope),
+      )
     }).pipe(Effect.forever, Effect.forkIn(scope))
 
     const submit = (request: GenerationRequest, sink: GenerationSink) =>

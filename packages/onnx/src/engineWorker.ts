@@ -46,8 +46,11 @@ const Runner = Layer.unwrapScoped(
     }
     // Every open generation by ticket, with its cancel once submit has answered; its end removes it.
     const open = new Map<number, Effect.Effect<void> | undefined>()
+    // Tickets cancelled while their submit was still running (Dispatch messages are handled concurrently).
+    const cancelledEarly = new Set<number>()
     const end = (ticket: number, error?: GenerationError) => {
       open.delete(ticket)
+      cancelledEarly.delete(ticket)
       schedule()
       pending.end(error ? { ticket, error } : { ticket })
     }
@@ -61,17 +64,21 @@ const Runner = Layer.unwrapScoped(
     const start = (ticket: number, request: GenerationRequest) => {
       open.set(ticket, undefined)
       return Effect.flatMap(started, (engine) => engine.submit(request, sink(ticket))).pipe(
-        Effect.match({
-          onFailure: (error) => end(ticket, error),
+        Effect.matchEffect({
+          onFailure: (error) => Effect.sync(() => end(ticket, error)),
           onSuccess: (cancel) => {
+            if (cancelledEarly.delete(ticket)) return cancel
             if (open.has(ticket)) open.set(ticket, cancel)
+            return Effect.void
           },
         }),
       )
     }
     const cancel = (ticket: number) => {
+      if (!open.has(ticket)) return Effect.void
       const cancelSubmitted = open.get(ticket)
       open.delete(ticket)
+      if (cancelSubmitted === undefined) cancelledEarly.add(ticket)
       return cancelSubmitted ?? Effect.void
     }
 
