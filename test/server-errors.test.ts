@@ -6,7 +6,7 @@
 import { Engine, EngineStoppedError, Tokenizer } from "@offramp/core"
 import { onnxEngineLayer } from "@offramp/onnx"
 import { OpenAiServer } from "@offramp/server"
-import { Context, Effect, Layer, Stream } from "effect"
+import { Context, Effect, Fiber, Layer, Stream } from "effect"
 import OpenAI from "openai"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { json, metric, postJson, readSse, startServer, type TestServer } from "../packages/server/test/support.js"
@@ -256,7 +256,16 @@ describe("queue limit, engine down, shutdown, chat template", () => {
                     .pipe(Stream.tap(() => (control.delayMs > 0 ? Effect.sleep(control.delayMs) : Effect.void))),
                 ),
               )
-        return Context.make(Engine, { ...engine, generate }).pipe(Context.add(Tokenizer, tokenizer))
+        // The server takes generations through submit: the same gated stream, fed to the sink by a fiber.
+        const submit: typeof engine.submit = (request, sink) =>
+          Effect.forkDaemon(
+            generate(request).pipe(
+              Stream.runForEach((event) => Effect.sync(() => sink.onEvent(event))),
+              Effect.exit,
+              Effect.flatMap((exit) => Effect.sync(() => sink.onEnd(exit))),
+            ),
+          ).pipe(Effect.map((fiber) => Effect.asVoid(Fiber.interrupt(fiber))))
+        return Context.make(Engine, { ...engine, generate, submit }).pipe(Context.add(Tokenizer, tokenizer))
       }),
     ).pipe(Layer.provide(onnxEngineLayer(modelDir)))
     gated = await startServer(wrapped, {

@@ -1,10 +1,10 @@
 /**
- * From a decoded request to engine streams and back: request parameters → GenerationRequests (one per prompt,
+ * From a decoded request to engine generations and back: request parameters → GenerationRequests (one per prompt,
  * with the engine's `n`), admission (queue limit, shutdown), the first pull before any byte is sent (so that an
  * engine refusal is still an HTTP status), and metrics on the way.
  */
 import type { EarlyExitRequest, GenerationError, SamplingParams, TokenEvent } from "@offramp/core"
-import { Chunk, Deferred, Effect, Option, type Scope, Stream } from "effect"
+import { Chunk, Deferred, Effect, Exit, Mailbox, Option, type Scope } from "effect"
 import { ApiError, badRequest, fromGenerationError, queueFull, unavailable } from "../ApiError.js"
 import type { OpenAiServerShape } from "../OpenAiServer.js"
 import type { EarlyExitExtension } from "../Protocol.js"
@@ -144,9 +144,9 @@ const toApiError = (error: GenerationError | ApiError): ApiError =>
 export type EventPull = Effect.Effect<ReadonlyArray<ChoiceEvent>, Option.Option<ApiError>>
 
 /**
- * Starts the plan's engine streams and waits for the first event, so that admission failures (queue full, engine
- * refusal, shutdown) fail here, before a response is chosen. The streams belong to the caller's scope: closing it
- * (the request ends, or the client went away) cancels the sequences.
+ * Submits the plan's generations and waits for the first event, so that admission failures (queue full, engine
+ * refusal, shutdown) fail here, before a response is chosen. The generations belong to the caller's scope: closing
+ * it (the request ends, or the client went away) cancels the sequences.
  */
 export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPull, ApiError, Scope.Scope> =>
   Effect.gen(function* () {
@@ -169,41 +169,58 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
         metrics.requestDuration.observe((performance.now() - started) / 1000)
       }),
     )
-    const streams = p.prompts.map((prompt, i) =>
-      server.engine
-        .generate({
-          prompt: prompt.text,
-          maxTokens: p.maxTokens,
-          sampling: p.sampling,
-          ...(p.earlyExit ? { earlyExit: p.earlyExit } : {}),
-          ...(p.n > 1 ? { n: p.n } : {}),
-        })
-        .pipe(Stream.mapChunks(Chunk.map((event) => ({ choice: i * p.n + event.sample, event })))),
-    )
-    const engine = yield* Stream.toPull(
-      streams.length === 1 ? streams[0]! : Stream.mergeAll(streams, { concurrency: "unbounded" }),
-    )
-    // The response runs the engine stream's pull itself: no fiber between the engine and the socket. A shutdown is
-    // checked before each pull (the next token of a generating stream is one engine step away) and raced with the
-    // first, which may wait in the queue for long. (Stream.interruptWhen would race every pull: a forked fiber per
-    // token.)
-    const aborted = unavailable("the server shut down while the request was in flight")
-    const shutdown = Deferred.await(server.aborted).pipe(Effect.zipRight(Effect.fail(Option.some(aborted))))
+    // The engine's callbacks feed one mailbox for the whole response: one take per pull, with no Stream stage (or
+    // fiber) per prompt between the engine and the socket.
+    const events = yield* Mailbox.make<ChoiceEvent, ApiError>()
+    let generating = p.prompts.length
+    for (const [i, prompt] of p.prompts.entries()) {
+      const cancel = yield* server.engine
+        .submit(
+          {
+            prompt: prompt.text,
+            maxTokens: p.maxTokens,
+            sampling: p.sampling,
+            ...(p.earlyExit ? { earlyExit: p.earlyExit } : {}),
+            ...(p.n > 1 ? { n: p.n } : {}),
+          },
+          {
+            onEvent: (event) => events.unsafeOffer({ choice: i * p.n + event.sample, event }),
+            onEnd: (exit) => {
+              if (Exit.isFailure(exit)) events.unsafeDone(Exit.mapError(exit, toApiError))
+              else if (--generating === 0) events.unsafeDone(Exit.void)
+            },
+          },
+        )
+        .pipe(Effect.mapError(toApiError))
+      // The response's scope closes when it ends or the client goes away: what is still generating is cancelled.
+      yield* Effect.addFinalizer(() => cancel)
+    }
+    // A shutdown is checked before each pull (the next token of a generating stream is one engine step away) and
+    // raced with the first, which may wait in the queue for long. (Stream.interruptWhen would race every pull: a
+    // forked fiber per token.)
+    const aborted = () => Option.some(unavailable("the server shut down while the request was in flight"))
+    const shutdown = Deferred.await(server.aborted).pipe(Effect.zipRight(Effect.failSync(aborted)))
     const last = new Map<number, number>()
-    const pull: EventPull = Effect.suspend(() =>
-      server.isAborted() ? Effect.fail(Option.some(aborted)) : Effect.mapError(engine, Option.map(toApiError)),
-    ).pipe(
-      Effect.map((chunk) => {
-        // Each choice's inter-token latency, in one pass over the chunk.
-        const at = performance.now()
-        for (const { choice } of chunk) {
-          const previous = last.get(choice)
-          if (previous !== undefined) metrics.interTokenLatency.observe((at - previous) / 1000)
-          last.set(choice, at)
-        }
-        return Chunk.toReadonlyArray(chunk)
-      }),
-    )
+    let finished = false
+    const pull: EventPull = Effect.suspend(() => {
+      if (server.isAborted()) return Effect.failSync(aborted)
+      if (finished) return Effect.fail(Option.none())
+      return events.takeAll.pipe(
+        Effect.mapError(Option.some),
+        Effect.flatMap(([chunk, done]) => {
+          finished = done
+          if (Chunk.isEmpty(chunk)) return Effect.fail(Option.none())
+          // Each choice's inter-token latency, in one pass over the chunk.
+          const at = performance.now()
+          for (const { choice } of chunk) {
+            const previous = last.get(choice)
+            if (previous !== undefined) metrics.interTokenLatency.observe((at - previous) / 1000)
+            last.set(choice, at)
+          }
+          return Effect.succeed(Chunk.toReadonlyArray(chunk))
+        }),
+      )
+    })
     const first = yield* Effect.raceFirst(pull, shutdown).pipe(
       Effect.catchAll(Option.match({ onNone: () => Effect.succeed([]), onSome: Effect.fail })),
       Effect.ensuring(Effect.sync(dequeue)),
