@@ -242,10 +242,7 @@ const makeEngine = (options: EngineOptions) =>
         text,
         exitLayer,
         confidence,
-        logprob:
-          id === top
-            ? Math.log(head.maxProb[row]!)
-            : logProbabilityFromTop(head.logits!, offset, id, top, head.maxProb[row]!),
+        logprob: logProbabilityFromTop(head.logits, offset, id, top, head.maxProb[row]!),
         finishReason,
       })
       if (finishReason !== null) end(seq, Exit.void)

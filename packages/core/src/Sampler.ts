@@ -379,14 +379,15 @@ export const logProbability = (logits: ArrayLike<number>, offset: number, vocab:
  * A token's log-probability from what the head computed over the whole vocabulary already: with `top` its most
  * likely token and `maxProb` that token's probability, log softmax[id] = logit[id] − logit[top] + log maxProb. One
  * row of V exps less per generated token than `logProbability` (measured: ~7% of a decode step on the default model).
+ * The top token itself needs no logits (a head called without them, for greedy decoding, has none).
  */
 export const logProbabilityFromTop = (
-  logits: ArrayLike<number>,
+  logits: ArrayLike<number> | undefined,
   offset: number,
   id: number,
   top: number,
   maxProb: number,
-): number => logits[offset + id]! - logits[offset + top]! + Math.log(maxProb)
+): number => (id === top ? Math.log(maxProb) : logits![offset + id]! - logits![offset + top]! + Math.log(maxProb))
 
 /** Checks params once per request, so `sample` can trust them (the same check and messages as a GenerationRequest's). */
 export const validateSamplingParams = (params: SamplingParams): Effect.Effect<SamplingParams, InvalidRequestError> =>
