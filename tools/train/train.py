@@ -38,6 +38,7 @@ def parse_args():
                    "deadline to leave time for the final eval + save")
     g.add_argument("--threads", type=int, default=1)
     g.add_argument("--max-steps", type=int, default=0, help="optional step cap (0 = none)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     g = ap.add_argument_group("model")
     g.add_argument("--layers", type=int, default=8)
     g.add_argument("--hidden", type=int, default=192)
@@ -59,8 +60,13 @@ def parse_args():
                    "comma list, one per exit incl. the last; normalised to sum 1")
     g.add_argument("--exit-frac", type=float, default=0.25, help="fraction of token positions (random each "
                    "step) on which the early exits' loss is computed; the final exit always uses all (1 = all)")
-    g.add_argument("--distill", type=float, default=0.0, help="alpha: early-exit loss = (1-a)*CE + "
-                   "a*KL(final || exit), final detached (0 = off)")
+    g.add_argument("--distill", type=float, default=1.0, help="self-distillation weight a: an early exit's "
+                   "loss is CE + a*KL(final || exit), the final exit's distribution detached (0 = off)")
+    g.add_argument("--layer-drop", type=float, default=0.1, help="LayerSkip layer dropout: layer l (0-based) is "
+                   "skipped for a sequence with probability layer-drop * l/(L-1) (0 = off)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout on each sublayer's residual branch")
+    g.add_argument("--val-frac", type=float, default=0.02, help="tail of the training token stream held back as "
+                   "validation: checkpoint selection reads it, never the held-out text")
     g.add_argument("--seed", type=int, default=1337)
     g = ap.add_argument_group("io")
     g.add_argument("--corpus", default=os.path.join(BUILD, "corpus.txt"))
@@ -94,6 +100,10 @@ from safetensors_io import load_file, save_file  # noqa: E402
 from tokenizer import BOS_ID, EOS_ID, BPETokenizer  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
+DEV = torch.device("cuda" if ARGS.device == "auto" and torch.cuda.is_available() else
+                   ("cpu" if ARGS.device == "auto" else ARGS.device))
+if DEV.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
 try:
     torch.set_num_interop_threads(1)
 except RuntimeError:
@@ -136,8 +146,11 @@ class Attention(nn.Module):
         rep = self.h // self.kv                 # HF repeat_kv: kv head j -> q heads j*rep..j*rep+rep-1
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.d)) + mask[:T, :T]
-        y = att.softmax(-1) @ v
+        if hasattr(F, "scaled_dot_product_attention"):   # torch >= 2: fused kernels
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(self.d)) + mask[:T, :T]
+            y = att.softmax(-1) @ v
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.h * self.d))
 
 
@@ -160,9 +173,9 @@ class Layer(nn.Module):
         self.input_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
         self.post_attention_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, p=0.0):
+        x = x + F.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask), p, self.training)
+        return x + F.dropout(self.mlp(self.post_attention_layernorm(x)), p, self.training)
 
 
 class Inner(nn.Module):  # "model." prefix in HF names
@@ -200,14 +213,24 @@ class EarlyExitLlama(nn.Module):
     def head(self, h):  # shared exit head: final norm + tied LM head
         return F.linear(self.model.norm(h), self.model.embed_tokens.weight)
 
-    def forward(self, idx):
-        """Returns {exit_layer: hidden state after that layer} (pre-norm)."""
-        T = idx.shape[1]
+    def forward(self, idx, dropout=0.0, layer_drop=0.0):
+        """Returns {exit_layer: hidden state after that layer} (pre-norm).
+
+        layer_drop: LayerSkip's layer dropout (training only): layer l (0-based) of a sequence is skipped with
+        probability layer_drop * l / (L-1), so the early layers, which the exits need, are never dropped and later
+        layers learn to refine rather than rebuild."""
+        B, T = idx.shape
         x = self.model.embed_tokens(idx)
         cos, sin = self.cos[:, :, :T], self.sin[:, :, :T]
         outs = {}
+        n = len(self.model.layers)
         for i, L in enumerate(self.model.layers, start=1):
-            x = L(x, cos, sin, self.mask)
+            p = layer_drop * (i - 1) / max(1, n - 1) if self.training else 0.0
+            y = L(x, cos, sin, self.mask, dropout)
+            if p > 0:
+                keep = (torch.rand(B, 1, 1, device=x.device) >= p).to(x.dtype)
+                y = x + keep * (y - x)
+            x = y
             if i in self.exits:
                 outs[i] = x
         return outs
@@ -272,7 +295,7 @@ def evaluate(model, held, ctx, max_tokens, batch):
     last = model.exits[-1]
     for b0 in range(0, n, batch):
         rows = [held[i * ctx:(i * ctx) + ctx + 1] for i in range(b0, min(n, b0 + batch))]
-        xy = torch.from_numpy(np.stack(rows).astype(np.int64))
+        xy = torch.from_numpy(np.stack(rows).astype(np.int64)).to(DEV)
         x, y = xy[:, :-1], xy[:, 1:]
         hs = model(x)
         final_top = None
@@ -299,7 +322,7 @@ def sample(model, tok, prompt, n=40):
     ids = tok.encode(prompt, add_bos=True)
     last = model.exits[-1]
     for _ in range(n):
-        x = torch.tensor([ids[-model.c["max_position_embeddings"]:]])
+        x = torch.tensor([ids[-model.c["max_position_embeddings"]:]], device=DEV)
         nxt = int(model.head(model(x)[last][:, -1]).argmax(-1))
         if nxt == EOS_ID:
             break
@@ -349,6 +372,9 @@ def main():
     key = hashlib.sha1(open(tok_path, "rb").read()).hexdigest()[:10]
     train = encode_file(args.corpus, tok, key)
     held = encode_file(args.heldout, tok, key)
+    n_val = int(len(train) * args.val_frac)
+    val = train[len(train) - n_val:] if n_val > 0 else None
+    train = train[:len(train) - n_val]
 
     exits = sorted({int(e) for e in args.exits.split(",") if e.strip()} - {args.layers})
     cfg = {
@@ -376,7 +402,7 @@ def main():
         "early_exit_layers": exits,
     }
     assert args.hidden % args.heads == 0 and args.heads % args.kv_heads == 0
-    model = EarlyExitLlama(cfg)
+    model = EarlyExitLlama(cfg).to(DEV)
     all_exits = model.exits
     if args.exit_weights == "depth":
         w = [float(e) for e in all_exits]
@@ -393,12 +419,14 @@ def main():
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     step, tokens_seen, train_time = 0, 0, 0.0
+    resumed_best = None
     state_path = args.state
     if args.resume:
-        st = torch.load(args.resume)
+        st = torch.load(args.resume, map_location=DEV, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, tokens_seen, train_time = st["step"], st["tokens"], st.get("train_time", 0.0)
+        resumed_best = st.get("best")
         log(f"resumed from {args.resume} at step {step}")
 
     budget = stop_at - t_start
@@ -416,17 +444,29 @@ def main():
         m = args.min_lr_frac
         return args.lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
+    best = {"loss": math.inf, "step": None, "state": None}
+
     def do_eval(tag):
         t0 = time.time()
         res, cnt = evaluate(model, held, args.ctx, args.eval_tokens, args.batch)
+        val_res = evaluate(model, val, args.ctx, args.eval_tokens, args.batch)[0] if val is not None else None
         smp = sample(model, tok, "In the beginning")
         rec = {"type": "eval", "tag": tag, "time": dt.datetime.utcnow().isoformat() + "Z", "step": step,
                "tokens": tokens_seen, "elapsed_min": round((time.time() - t_start) / 60, 2),
-               "eval_tokens": cnt, "exits": res, "sample": smp, "eval_sec": round(time.time() - t0, 1)}
+               "eval_tokens": cnt, "exits": res, "val": val_res, "sample": smp,
+               "eval_sec": round(time.time() - t0, 1)}
         append_jsonl(args.log, rec)
-        log("eval " + " | ".join(f"L{e}: loss {r['loss']:.3f} ppl {r['ppl']:.1f} agree {r['top1_agree_final']:.3f}"
-                                 for e, r in res.items()) + f" ({rec['eval_sec']}s)")
-        log(f"sample: {smp!r}")
+        for name, r in (("val", val_res), ("heldout", res)):
+            if r is not None:
+                log(f"eval {name} " + " | ".join(f"L{e}: loss {x['loss']:.3f} ppl {x['ppl']:.1f} agree "
+                                                 f"{x['top1_agree_final']:.3f}" for e, x in r.items()))
+        log(f"sample: {smp!r} ({rec['eval_sec']}s)")
+        # The model kept is the one with the lowest full-depth validation loss (the corpus is small enough to
+        # overfit when compute is plentiful); the held-out text never decides.
+        if val_res is not None and tag != "final":
+            vl = val_res[str(all_exits[-1])]["loss"]
+            if vl < best["loss"]:
+                best.update(loss=vl, step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
         return rec
 
     def checkpoint(tag):
@@ -434,12 +474,14 @@ def main():
         save_hf(model, cfg, args, meta)
         n = check_saved(model, os.path.join(args.out, "model.safetensors"))
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "tokens": tokens_seen,
-                    "train_time": train_time, "config": cfg}, state_path + ".tmp")
+                    "train_time": train_time, "config": cfg, "best": best}, state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
         append_jsonl(args.log, {"type": "checkpoint", "tag": tag, "time": dt.datetime.utcnow().isoformat() + "Z",
                                 "step": step, "tokens": tokens_seen, "path": args.out, "tensors": n})
         log(f"checkpoint ({tag}) step {step}, {tokens_seen} tokens -> {args.out} ({n} tensors verified)")
 
+    if resumed_best is not None:
+        best.update(resumed_best)
     model.train()
     T, B = args.ctx, args.batch
     last_eval = last_ckpt = time.time()
@@ -451,23 +493,23 @@ def main():
     while time.time() < stop_at and (not args.max_steps or step < args.max_steps):
         ts = time.time()
         starts = rng.integers(0, len(train) - T - 1, size=B)
-        xy = torch.from_numpy(np.stack([train[s:s + T + 1] for s in starts]).astype(np.int64))
+        xy = torch.from_numpy(np.stack([train[s:s + T + 1] for s in starts]).astype(np.int64)).to(DEV)
         x, y = xy[:, :-1], xy[:, 1:]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, (time.time() - t_start) / max(1.0, budget))
-        hs = model(x)
+        hs = model(x, args.dropout, args.layer_drop)
         loss = 0.0
         final_logp = None
         # early exits: CE on a random subset of positions (same for all exits) to save LM-head compute
         k = max(1, int(round(args.exit_frac * T)))
-        sub = torch.randperm(T)[:k] if k < T else None
+        sub = torch.randperm(T, device=DEV)[:k] if k < T else None
         for e in reversed(all_exits):
             h, yy = hs[e], y
             if e != last_exit and sub is not None:
                 h, yy = h[:, sub], y[:, sub]
             lg = model.head(h).reshape(-1, cfg["vocab_size"])
             ce = F.cross_entropy(lg, yy.reshape(-1))
-            acc[e] += ce.item()
+            acc[e] += ce.detach()
             if e == last_exit:
                 final_logp = F.log_softmax(lg.detach(), -1).view(B, T, -1)
                 if sub is not None:
@@ -476,7 +518,7 @@ def main():
                 term = ce
             elif args.distill > 0:
                 kl = F.kl_div(F.log_softmax(lg, -1), final_logp, log_target=True, reduction="batchmean")
-                term = (1 - args.distill) * ce + args.distill * kl
+                term = ce + args.distill * kl
             else:
                 term = ce
             loss = loss + weights[e] * term
@@ -495,7 +537,7 @@ def main():
             rec = {"type": "train", "step": step, "tokens": tokens_seen, "lr": round(opt.param_groups[0]["lr"], 6),
                    "grad_norm": round(float(gn), 3), "tok_per_s": round(tps, 1),
                    "elapsed_min": round((now - t_start) / 60, 2),
-                   "loss": {str(e): round(acc[e] / acc_n, 4) for e in all_exits}}
+                   "loss": {str(e): round(float(acc[e]) / acc_n, 4) for e in all_exits}}
             append_jsonl(args.log, rec)
             log(f"step {step} tok {tokens_seen} lr {rec['lr']:.2e} gn {rec['grad_norm']:.2f} "
                 f"{tps:.0f} tok/s loss " + " ".join(f"L{e}={v}" for e, v in rec["loss"].items()))
@@ -512,12 +554,16 @@ def main():
             last_ckpt = time.time()
             win_t, win_tok = time.time(), 0
 
+    do_eval("last")
+    if best["state"] is not None:
+        log(f"keeping the step-{best['step']} weights (lowest full-depth validation loss {best['loss']:.4f})")
+        model.load_state_dict(best["state"])
     eval_rec = do_eval("final")
     checkpoint("final")
     summary = {"finished": dt.datetime.utcnow().isoformat() + "Z", "steps": step, "tokens": tokens_seen,
                "tokens_per_s_train": round(tokens_seen / max(1e-9, train_time), 1),
                "wall_min": round((time.time() - t_start) / 60, 2), "model_dir": args.out,
-               "final_eval": eval_rec["exits"]}
+               "final_eval": eval_rec["exits"], "final_val": eval_rec["val"], "kept_step": best["step"]}
     append_jsonl(args.log, {"type": "done", **summary})
     with open(args.done_file, "w") as f:
         json.dump(summary, f, indent=2)
