@@ -13,7 +13,8 @@ const modelDir = process.argv[2] ?? "build/stories260K"
 
 const gatedSoftmax = (input: ConfidenceInput): number => {
   // Other measures keep their default meaning; only "softmax" is redefined.
-  if (input.measure !== "softmax") return defaultConfidence(input)
+  // This evaluator declares no head-free measure, so the engine always passes the head.
+  if (input.measure !== "softmax" || input.head === undefined) return defaultConfidence(input)
   const margin = input.head.margin[input.row]!
   return margin >= 0.7 ? input.head.maxProb[input.row]! : 0
 }

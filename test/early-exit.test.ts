@@ -119,6 +119,23 @@ const alone = (prompt: string, maxTokens: number, kv: KvStrategy, threshold: num
     return { events, runner }
   })
 
+describe("samples of one request", () => {
+  it.effect("n samples all finish when a cached prompt leaves one token to compute, even at threshold 0", () =>
+    Effect.gen(function* () {
+      // Blocks of 4: the first request publishes the prompt's first block, so the second computes only the prompt's
+      // last token, as a decode row that could exit early; its forks start from the full-depth head.
+      const prompt = BENCH_PROMPTS[0]!
+      yield* collect(request(prompt, 1))
+      const events = yield* collect({ ...request(prompt, 3, { threshold: 0 }), n: 3 })
+      for (let sample = 0; sample < 3; sample++) {
+        const mine = events.filter((e) => e.sample === sample)
+        expect(mine.map((e) => e.index)).toEqual([0, 1, 2])
+        expect(mine[0]!.exitLayer).toBe(5)
+      }
+    }).pipe(Effect.provide(onnxEngineLayer(modelDir, { runner: { blockSize: 4 } }))),
+  )
+})
+
 describe("K/V of skipped layers", () => {
   it.effect("fill writes the reference projection of the exit hidden state into every skipped layer", () =>
     Effect.gen(function* () {

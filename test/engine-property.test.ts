@@ -1,6 +1,6 @@
 /**
  * A property test of the engine over random arrivals, lengths, samples, cancellations, early-exit settings
- * (every policy, KV strategy and measure) and small pools:
+ * (every policy, KV strategy and measure, gated decisions, random exit classifiers) and small pools:
  * every request completes or fails with a typed error, and once the engine is idle no block is held
  * (cached blocks evict to zero).
  */
@@ -10,12 +10,15 @@ import { Effect, Fiber, Stream } from "effect"
 import fc from "fast-check"
 import { beforeAll, describe, expect, it } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
+import { writeRandomClassifiers } from "./support/classifiers.js"
 import { convertStories, tempDir } from "./support/stories.js"
 
 let modelDir = ""
 beforeAll(async () => {
   modelDir = tempDir("property")
   await convertStories(modelDir)
+  // Random classifiers: the classifier measure's decisions are arbitrary, which is what the property wants.
+  writeRandomClassifiers(modelDir, 11)
 })
 
 const TYPED_ERRORS = new Set(["InvalidRequestError", "RunnerError", "TokenizerError"])
@@ -32,7 +35,15 @@ const arrival = fc.record({
     minExitLayer: fc.integer({ min: 1, max: 5 }),
     policy: fc.constantFrom("per-sequence" as const, "all" as const),
     kv: fc.constantFrom("fill" as const, "recompute" as const),
-    measure: fc.constantFrom("softmax" as const, "margin" as const, "entropy" as const, "saturation" as const),
+    measure: fc.constantFrom(
+      "softmax" as const,
+      "margin" as const,
+      "entropy" as const,
+      "saturation" as const,
+      "classifier" as const,
+    ),
+    // A gated decision (a head-free measure, then the head confirms); ignored by the head measures.
+    confirm: fc.option(fc.constantFrom(0.05, 0.3), { nil: undefined }),
   }),
   /** Interrupt the stream after this many events (none: let it finish). */
   cancelAfter: fc.option(fc.integer({ min: 0, max: 20 }), { nil: undefined }),
@@ -51,7 +62,7 @@ const run = (arrivals: ReadonlyArray<typeof arrival extends fc.Arbitrary<infer A
         maxTokens: a.maxTokens,
         sampling: { temperature: a.temperature, topK: 0, topP: 1, seed: a.delayMs },
         n: a.n,
-        earlyExit: a.earlyExit,
+        earlyExit: (({ confirm, ...rest }) => (confirm === undefined ? rest : { ...rest, confirm }))(a.earlyExit),
       }
       const stream =
         a.cancelAfter === undefined

@@ -31,6 +31,15 @@ VARIANTS = {
     "ld10-do10-kl2": ["--layer-drop", "0.1", "--dropout", "0.1", "--distill", "2"],
     "ld10-do10-kl1-depthw": ["--layer-drop", "0.1", "--dropout", "0.1", "--distill", "1", "--exit-weights", "depth"],
     "ld10-do10-kl0": ["--layer-drop", "0.1", "--dropout", "0.1", "--distill", "0"],
+    # Second round: more distillation and more weight on the early exits (the first round's agreement grew with both).
+    "ld10-do10-kl3": ["--layer-drop", "0.1", "--dropout", "0.1", "--distill", "3"],
+    "ld10-do10-kl4": ["--layer-drop", "0.1", "--dropout", "0.1", "--distill", "4"],
+    "ld20-do10-kl2": ["--layer-drop", "0.2", "--dropout", "0.1", "--distill", "2"],
+    "ld20-do10-kl3": ["--layer-drop", "0.2", "--dropout", "0.1", "--distill", "3"],
+    "ld10-do10-kl2-uniform": ["--layer-drop", "0.1", "--dropout", "0.1", "--distill", "2", "--exit-weights", "1,1,1,1"],
+    "ld10-do10-kl3-uniform": ["--layer-drop", "0.1", "--dropout", "0.1", "--distill", "3", "--exit-weights", "1,1,1,1"],
+    "ld20-do10-kl2-uniform": ["--layer-drop", "0.2", "--dropout", "0.1", "--distill", "2", "--exit-weights", "1,1,1,1"],
+    "ld10-do10-kl2-early": ["--layer-drop", "0.1", "--dropout", "0.1", "--distill", "2", "--exit-weights", "2,2,1.5,1"],
 }
 
 
@@ -42,6 +51,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per run")
     ap.add_argument("--loss-slack", type=float, default=0.02, help="full-depth validation loss allowed above the "
                     "best run's (0.02 ≈ 2%% perplexity)")
+    ap.add_argument("--max-val-ppl", type=float, default=0.0, help="instead of --loss-slack: every run whose "
+                    "full-depth validation perplexity is at most this is eligible")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: flags for every train.py run")
     args = ap.parse_args()
     extra = [a for a in args.train_args if a != "--"]
@@ -80,13 +91,14 @@ def main():
     layers = sorted(int(k) for k in next(iter(results.values()))["final_val"])
     final, early = layers[-1], layers[:-1]
     best_loss = min(val(n, final)["loss"] for n in results)
-    eligible = [n for n in results if val(n, final)["loss"] <= best_loss + args.loss_slack]
+    limit = math.log(args.max_val_ppl) if args.max_val_ppl > 0 else best_loss + args.loss_slack
+    eligible = [n for n in results if val(n, final)["loss"] <= limit] or [min(results, key=lambda n: val(n, final)["loss"])]
     agreement = {n: sum(val(n, e)["top1_agree_final"] for e in early) / max(1, len(early)) for n in results}
     chosen = max(eligible, key=lambda n: agreement[n])
     summary = {
         "chosen": chosen,
         "rule": f"highest mean validation top-1 agreement of exits {early} among runs whose full-depth validation "
-                f"loss is within {args.loss_slack} of the best ({best_loss})",
+                f"loss is at most {limit:.4f} (best run: {best_loss})",
         "runs": {n: {"val_final_loss": val(n, final)["loss"], "val_final_ppl": round(math.exp(val(n, final)["loss"]), 2),
                      "val_mean_agreement": round(agreement[n], 4),
                      "val_agreement": {e: val(n, e)["top1_agree_final"] for e in early},

@@ -154,12 +154,13 @@ export class GraphBuilder {
     return this.nodeN(op, inputs, 1, attrs, op, MS_DOMAIN)[0]!
   }
 
-  /** Serializes the model. */
-  encode(): Uint8Array {
+  /** Serializes the model; `metadata` becomes the model's metadata_props (key → string value). */
+  encode(metadata: Readonly<Record<string, string>> = {}): Uint8Array {
     const model = onnx.ModelProto.create({
       irVersion: IR_VERSION,
       producerName: "offramp",
       producerVersion: "0.1.0",
+      metadataProps: Object.entries(metadata).map(([key, value]) => ({ key, value })),
       opsetImport: [
         { domain: "", version: OPSET },
         { domain: MS_DOMAIN, version: 1 },

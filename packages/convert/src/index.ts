@@ -1,3 +1,4 @@
+export * from "./ClassifierGraph.js"
 export * from "./Errors.js"
 export * from "./Float16.js"
 export * from "./GraphBuilder.js"

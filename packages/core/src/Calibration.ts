@@ -7,6 +7,7 @@ import { Effect } from "effect"
 import type { ConfidenceEvaluatorShape } from "./ConfidenceEvaluator.js"
 import type { ConfidenceMeasure, EarlyExitParams, ExitPolicy, KvStrategy } from "./EarlyExit.js"
 import { InvalidRequestError, type RunnerError } from "./Errors.js"
+import { featureCount, writeFeatures } from "./ExitClassifier.js"
 import type { HeadOutput, ModelRunnerShape } from "./ModelRunner.js"
 import { buildRowBatch } from "./RowBatch.js"
 import { logProbability } from "./Sampler.js"
@@ -31,6 +32,8 @@ export interface ExitStatistics {
   /** The exit's layer count (spec.exits[i].layer). */
   readonly layer: number
   readonly samples: ReadonlyArray<ExitSample>
+  /** With `features`: the exit classifier's features of every sample, [samples × featureCount(hidden)]. */
+  readonly features?: Float32Array
 }
 
 /** The threshold found for one exit, and what it does on the calibration text. */
@@ -50,6 +53,8 @@ export interface CollectOptions {
   readonly window?: number
   /** Also return the full-depth exit's statistics, as the last entry (for evaluation). */
   readonly includeFinal?: boolean
+  /** Also return each early exit's classifier features (for fitting exit classifiers). */
+  readonly features?: boolean
 }
 
 /** The window length used for a model: positions per prefill call, BOS included. */
@@ -88,6 +93,8 @@ export const collectExitStatistics = (
     const finalExit = spec.exits.length - 1
     const earlyExits = options.includeFinal ? spec.exits : spec.exits.slice(0, finalExit)
     const samples: Array<Array<ExitSample>> = earlyExits.map(() => [])
+    const F = featureCount(D)
+    const features: Array<Array<Float32Array>> = earlyExits.map(() => [])
 
     for (let start = 0; start < tokens.length; start += window - 1) {
       const ids = [spec.tokens.bos, ...tokens.slice(start, start + window - 1)]
@@ -107,7 +114,7 @@ export const collectExitStatistics = (
           break
         }
         const classifier =
-          options.measure === "classifier" ? yield* runner.classify(exitIndex, hidden, count) : undefined
+          options.measure === "classifier" ? yield* runner.classify(exitIndex, hidden, previous, count) : undefined
         if (options.measure === "classifier" && classifier === undefined) {
           return yield* new InvalidRequestError({
             message: `no exit classifier after layer ${spec.exits[exitIndex]!.layer}; use another measure`,
@@ -129,6 +136,17 @@ export const collectExitStatistics = (
           confidence[p] = Number.isNaN(c) ? 0 : Math.min(1, Math.max(0, c))
         }
         heads.push({ head, confidence })
+        if (options.features) {
+          const rows = new Float32Array(count * F)
+          for (let p = 0; p < count; p++) {
+            writeFeatures(
+              hidden.subarray(p * D, (p + 1) * D),
+              previous.subarray(p * D, (p + 1) * D),
+              rows.subarray(p * F, (p + 1) * F),
+            )
+          }
+          features[heads.length - 1]!.push(rows)
+        }
         previous = hidden
       }
       const final = heads.at(-1)!.head
@@ -142,7 +160,20 @@ export const collectExitStatistics = (
         }
       })
     }
-    return earlyExits.map((exit, e) => ({ layer: exit.layer, samples: samples[e]! }))
+    const concat = (parts: ReadonlyArray<Float32Array>) => {
+      const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0))
+      let offset = 0
+      for (const p of parts) {
+        out.set(p, offset)
+        offset += p.length
+      }
+      return out
+    }
+    return earlyExits.map((exit, e) => ({
+      layer: exit.layer,
+      samples: samples[e]!,
+      ...(options.features && e < finalExit ? { features: concat(features[e]!) } : {}),
+    }))
   })
 
 /** Perplexity and top-1 agreement with the full-depth head of one exit, over its scored positions. Pure. */

@@ -5,15 +5,18 @@
  * is a graph of the model directory. Replace the layer to plug in another measure.
  */
 import { Context, Layer } from "effect"
-import type { ConfidenceMeasure } from "./EarlyExit.js"
+import { type ConfidenceMeasure, isHeadFree } from "./EarlyExit.js"
 import type { HeadOutput } from "./ModelRunner.js"
 
 export interface ConfidenceInput {
   readonly measure: ConfidenceMeasure
   /** Position of the exit in spec.exits. */
   readonly exitIndex: number
-  /** Row i of the head's outputs belongs to the i-th evaluated row. */
-  readonly head: HeadOutput
+  /**
+   * Row `row` of the head's outputs belongs to this row. Undefined when the measure is one the evaluator decides
+   * without a head (`headFree`): the engine then runs the head only for the rows that exit.
+   */
+  readonly head: HeadOutput | undefined
   readonly row: number
   /** The row's hidden state at this exit and at the previous exit (the embedding for the first), [hidden]. */
   readonly hidden: Float32Array
@@ -30,6 +33,11 @@ export interface ConfidenceEvaluatorShape {
    * rows × vocab copy per call that greedy decoding otherwise skips.
    */
   readonly needsLogits?: boolean
+  /**
+   * The measures `confidence` answers without `head` (default: none, so a custom evaluator always gets a head). The
+   * default evaluator decides classifier and saturation from hidden states alone.
+   */
+  readonly headFree?: (measure: ConfidenceMeasure) => boolean
 }
 
 const cosine = (a: Float32Array, b: Float32Array) => {
@@ -44,16 +52,21 @@ const cosine = (a: Float32Array, b: Float32Array) => {
   return na === 0 || nb === 0 ? 0 : dot / Math.sqrt(na * nb)
 }
 
+const needHead = (input: ConfidenceInput): HeadOutput => {
+  if (input.head === undefined) throw new Error(`the ${input.measure} measure needs the exit head's output`)
+  return input.head
+}
+
 export const defaultConfidence = (input: ConfidenceInput): number => {
-  const { head, row } = input
+  const { row } = input
   switch (input.measure) {
     case "softmax":
-      return head.maxProb[row]!
+      return needHead(input).maxProb[row]!
     case "margin":
-      return head.margin[row]!
+      return needHead(input).margin[row]!
     case "entropy":
       // 1 at a one-hot distribution, 0 at the uniform one.
-      return Math.max(0, 1 - head.entropy[row]! / Math.log(input.vocab))
+      return Math.max(0, 1 - needHead(input).entropy[row]! / Math.log(input.vocab))
     case "saturation":
       // CALM's state saturation; negative similarity counts as no confidence.
       return Math.max(0, cosine(input.hidden, input.previousHidden))
@@ -68,5 +81,6 @@ export class ConfidenceEvaluator extends Context.Tag("@offramp/core/ConfidenceEv
 >() {
   static readonly layer: Layer.Layer<ConfidenceEvaluator> = Layer.succeed(ConfidenceEvaluator, {
     confidence: defaultConfidence,
+    headFree: isHeadFree,
   })
 }

@@ -9,6 +9,9 @@ import type { ModelSpec } from "./ModelSpec.js"
 export const ConfidenceMeasure = Schema.Literal("softmax", "margin", "entropy", "saturation", "classifier")
 export type ConfidenceMeasure = typeof ConfidenceMeasure.Type
 
+/** Measures decided from hidden states alone: the engine runs an exit's head only for the rows that take it. */
+export const isHeadFree = (measure: ConfidenceMeasure): boolean => measure === "classifier" || measure === "saturation"
+
 /** `per-sequence`: a confident row exits alone; `all` (the paper's): rows exit together when every one is confident. */
 export const ExitPolicy = Schema.Literal("per-sequence", "all")
 export type ExitPolicy = typeof ExitPolicy.Type
@@ -31,6 +34,12 @@ export const EarlyExitParams = Schema.Struct({
   decayTau: Schema.optionalWith(Schema.Number.pipe(Schema.nonNegative()), { exact: true }),
   /** No exit before this many layers. */
   minExitLayer: Schema.Int.pipe(Schema.positive()),
+  /**
+   * A gated decision, for the measures that need no exit head (classifier, saturation): a row that passes the measure
+   * takes its token only if the head's max probability also reaches `confirm`; otherwise it goes on, having paid one
+   * head. Absent: the cheap measure decides alone. Ignored by the head measures (softmax, margin, entropy).
+   */
+  confirm: Schema.optionalWith(Schema.Number.pipe(Schema.between(0, 1)), { exact: true }),
   policy: ExitPolicy,
   kv: KvStrategy,
 })

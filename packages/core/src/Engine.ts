@@ -43,10 +43,26 @@ export interface EngineStats {
   readonly meanExitDepth: number
   /** Layers skipped by early exits, summed over generated tokens. */
   readonly layersSkipped: number
-  /** Time in intermediate exit heads (and classifiers), and in KV fill of skipped layers. */
+  /** Time deciding at intermediate exits (heads and classifiers, the `exits` summed), and in KV fill. */
   readonly headMs: number
   readonly kvFillMs: number
+  /** What deciding cost at each early exit. */
+  readonly exits: ReadonlyArray<ExitDecisionStats>
   readonly kv: KvCacheStats
+}
+
+/** Decisions at one early exit, since the engine started. */
+export interface ExitDecisionStats {
+  readonly layer: number
+  /** Decode rows scored at this exit (their request could exit here). */
+  readonly scored: number
+  /** Rows the exit head ran for: all scored rows under a head measure, only the candidates under a head-free one. */
+  readonly headRows: number
+  /** Rows that took their token here. */
+  readonly exited: number
+  /** Time in the exit head's calls, and in head-free decisions (classifier, saturation), in ms. */
+  readonly headMs: number
+  readonly decisionMs: number
 }
 
 /**
@@ -106,6 +122,15 @@ interface Pending {
   readonly layer: number
 }
 
+/** The longest the engine loop runs steps back to back before Node's event loop turns. */
+const EVENT_LOOP_TURN_MS = 4
+
+/** Lets Node's event loop run its pending timers and I/O once. */
+const eventLoopTurn = Effect.async<void>((resume) => {
+  const handle = setImmediate(() => resume(Effect.void))
+  return Effect.sync(() => clearImmediate(handle))
+})
+
 /** A reusable buffer: each call returns a view of n floats over storage that grows as needed. */
 const scratch = () => {
   let storage = new Float32Array(0)
@@ -154,6 +179,13 @@ interface DecodeRow {
   previous: Float32Array
 }
 
+/** A scored row at an exit: its confidence, its row in the exit head's call, and whether it takes its token there. */
+interface Scored {
+  readonly confidence: number
+  readonly row: number
+  readonly confident: boolean
+}
+
 /** A row that is done with the network this step: it samples from `logits` row `row`. */
 interface Finished {
   readonly seq: Sequence
@@ -179,6 +211,9 @@ const makeEngine = (options: EngineOptions) =>
     // V8 to run a full mark-compact about three times a second in the engine worker's small heap.
     const segmentInput = scratch()
     const headInput = scratch()
+    const classifierInput = scratch()
+    const previousInput = scratch()
+    const headFree = evaluator.headFree ?? (() => false)
     const finalExit = spec.exits.length - 1
     const exitAfterSegment = spec.segments.map((s) => spec.exits.findIndex((e) => e.layer === s.endLayer))
     const stopIds = new Set(spec.tokens.stop)
@@ -187,7 +222,10 @@ const makeEngine = (options: EngineOptions) =>
     const sequences = new Map<number, Sequence>()
     let nextId = 0
     let stopped = false
-    const counters = { steps: 0, prefillTokens: 0, decodeTokens: 0, layersSkipped: 0, headMs: 0, kvFillMs: 0 }
+    const counters = { steps: 0, prefillTokens: 0, decodeTokens: 0, layersSkipped: 0, kvFillMs: 0 }
+    const exitStats = spec.exits
+      .slice(0, finalExit)
+      .map((e) => ({ layer: e.layer, scored: 0, headRows: 0, exited: 0, headMs: 0, decisionMs: 0 }))
     const exitHistogram: Record<number, number> = {}
 
     const close = (request: RequestState, exit: Exit.Exit<void, GenerationError>) => {
@@ -207,7 +245,7 @@ const makeEngine = (options: EngineOptions) =>
       for (const seq of seqs) if (sequences.has(seq.id)) end(seq, Exit.fail(error))
     }
 
-    const timed = <A, E>(counter: "headMs" | "kvFillMs", effect: Effect.Effect<A, E>) =>
+    const timed = <A, E>(counter: "kvFillMs", effect: Effect.Effect<A, E>) =>
       Effect.suspend(() => {
         const start = performance.now()
         return Effect.ensuring(
@@ -323,52 +361,103 @@ const makeEngine = (options: EngineOptions) =>
 
     const current = (row: DecodeRow) => row.hidden.subarray((row.positions.length - 1) * D)
 
-    /** Scores the rows at early exit `exitIndex` and returns the indices of those that exit there. */
+    /**
+     * Decides which rows take their token at early exit `exitIndex`. Rows whose measure needs no head (classifier,
+     * saturation) are decided first, from hidden states; then the head runs once, for the rows that may still exit
+     * here: those whose measure reads the head, and those that passed a head-free measure (they need the head for
+     * their token, and it confirms them where the request sets `confirm`). A row that a head-free measure sends on
+     * pays no head. Returns the exiting rows' indices, the head, and each scored row's confidence and head row.
+     */
     const decideExits = (exitIndex: number, rows: ReadonlyArray<DecodeRow>) =>
       Effect.gen(function* () {
+        const stats = exitStats[exitIndex]!
+        // A row whose request has samples still to fork goes the whole depth: the forks start at the final head from
+        // its exact K/V (a prompt whose last token is its only uncached one comes here as a decode row).
         const thresholds = rows.map((r) =>
-          thresholdAt(r.seq.request.exit, exitIndex, r.seq.generated, r.seq.request.maxTokens),
+          r.seq.request.forks.length > 0
+            ? Number.POSITIVE_INFINITY
+            : thresholdAt(r.seq.request.exit, exitIndex, r.seq.generated, r.seq.request.maxTokens),
         )
+        const params = (r: number) => rows[r]!.seq.request.exit.params
         const scored = rows.flatMap((_, i) => (thresholds[i]! <= 1 ? [i] : []))
-        if (scored.length === 0) return { exiting: [] as Array<number>, head: undefined, confidences: [] }
-        const hidden = headInput(scored.length * D)
-        scored.forEach((r, i) => hidden.set(current(rows[r]!), i * D))
-        const { head, classifier } = yield* timed(
-          "headMs",
-          Effect.all({
-            head: runner.head(
+        const none = { exiting: [] as Array<number>, head: undefined, confidences: new Map<number, Scored>() }
+        if (scored.length === 0) return none
+        stats.scored += scored.length
+        const free = scored.filter((r) => headFree(params(r).measure))
+
+        // Head-free measures first: one classifier call for the rows that use it, then the evaluator per row.
+        const cheap = new Map<number, number>()
+        if (free.length > 0) {
+          const started = performance.now()
+          const classified = free.filter((r) => params(r).measure === "classifier")
+          let classifier: Float32Array | undefined
+          if (classified.length > 0) {
+            const hidden = classifierInput(classified.length * D)
+            const previous = previousInput(classified.length * D)
+            classified.forEach((r, i) => {
+              hidden.set(current(rows[r]!), i * D)
+              previous.set(rows[r]!.previous, i * D)
+            })
+            classifier = yield* runner.classify(exitIndex, hidden, previous, classified.length)
+          }
+          for (const r of free) {
+            const c = evaluator.confidence({
+              measure: params(r).measure,
               exitIndex,
-              hidden,
-              scored.length,
-              evaluator.needsLogits === true || scored.some((r) => rows[r]!.seq.request.usesLogits),
-            ),
-            classifier: scored.some((r) => rows[r]!.seq.request.exit.params.measure === "classifier")
-              ? runner.classify(exitIndex, hidden, scored.length)
-              : Effect.succeed(undefined),
-          }),
+              head: undefined,
+              row: 0,
+              hidden: current(rows[r]!),
+              previousHidden: rows[r]!.previous,
+              vocab: dims.vocab,
+              ...(classifier ? { classifier: classifier[classified.indexOf(r)]! } : {}),
+            })
+            cheap.set(r, c)
+          }
+          stats.decisionMs += performance.now() - started
+        }
+        const passes = (r: number) => (cheap.has(r) ? cheap.get(r)! >= thresholds[r]! : true)
+        // The paper's policy: rows under `all` leave together, when every one of them is confident. One that a
+        // head-free measure already holds back keeps them all, so none of them needs the head.
+        const allRows = rows.flatMap((_, r) => (params(r).policy === "all" ? [r] : []))
+        const allPossible = allRows.every((r) => thresholds[r]! <= 1 && passes(r))
+        const candidates = scored.filter((r) => passes(r) && (params(r).policy !== "all" || allPossible))
+        if (candidates.length === 0) return none
+
+        const hidden = headInput(candidates.length * D)
+        candidates.forEach((r, i) => hidden.set(current(rows[r]!), i * D))
+        const started = performance.now()
+        const head = yield* runner.head(
+          exitIndex,
+          hidden,
+          candidates.length,
+          evaluator.needsLogits === true || candidates.some((r) => rows[r]!.seq.request.usesLogits),
         )
-        const confidences = new Map<number, { confidence: number; row: number }>()
-        scored.forEach((r, i) => {
+        stats.headMs += performance.now() - started
+        stats.headRows += candidates.length
+        const confidences = new Map<number, Scored>()
+        candidates.forEach((r, i) => {
           const row = rows[r]!
-          const confidence = evaluator.confidence({
-            measure: row.seq.request.exit.params.measure,
-            exitIndex,
-            head,
-            row: i,
-            hidden: current(row),
-            previousHidden: row.previous,
-            vocab: dims.vocab,
-            ...(classifier ? { classifier: classifier[i]! } : {}),
-          })
-          confidences.set(r, { confidence, row: i })
+          const confidence =
+            cheap.get(r) ??
+            evaluator.confidence({
+              measure: params(r).measure,
+              exitIndex,
+              head,
+              row: i,
+              hidden: current(row),
+              previousHidden: row.previous,
+              vocab: dims.vocab,
+            })
+          const { confirm } = params(r)
+          const confident = cheap.has(r)
+            ? confirm === undefined || head.maxProb[i]! >= confirm
+            : confidence >= thresholds[r]!
+          confidences.set(r, { confidence, row: i, confident })
         })
-        const confident = (r: number) => (confidences.get(r)?.confidence ?? -1) >= thresholds[r]!
-        // The paper's policy: rows under `all` leave together, when the least confident of them is confident.
-        const allRows = rows.flatMap((row, r) => (row.seq.request.exit.params.policy === "all" ? [r] : []))
+        const confident = (r: number) => confidences.get(r)?.confident === true
         const allExit = allRows.length > 0 && allRows.every(confident)
-        const exiting = rows.flatMap((row, r) =>
-          (row.seq.request.exit.params.policy === "all" ? allExit : confident(r)) ? [r] : [],
-        )
+        const exiting = rows.flatMap((_, r) => ((params(r).policy === "all" ? allExit : confident(r)) ? [r] : []))
+        stats.exited += exiting.length
         return { exiting, head, confidences }
       })
 
@@ -509,11 +598,19 @@ const makeEngine = (options: EngineOptions) =>
     })
 
     const loop = Effect.gen(function* () {
+      let lastTurn = performance.now()
       while (true) {
         if (scheduler.running() + scheduler.waiting() === 0) yield* Queue.take(wake)
         yield* step
         // Let request fibers run between steps (their submissions and cancellations).
         yield* Effect.yieldNow()
+        // A runner's calls may be synchronous (onnxruntime's are), and yieldNow yields only to other fibers, so the
+        // event loop gets a turn every few milliseconds: timers, I/O and worker messages (a disconnect, a shutdown)
+        // would otherwise wait for the whole generation. A turn costs ~50 µs, so not every step takes one.
+        if (performance.now() - lastTurn >= EVENT_LOOP_TURN_MS) {
+          yield* eventLoopTurn
+          lastTurn = performance.now()
+        }
       }
     })
 
@@ -639,6 +736,8 @@ const makeEngine = (options: EngineOptions) =>
         preemptions: scheduler.preemptions(),
         exitHistogram: { ...exitHistogram },
         meanExitDepth: generated === 0 ? 0 : depth / generated,
+        headMs: exitStats.reduce((ms, e) => ms + e.headMs + e.decisionMs, 0),
+        exits: exitStats.map((e) => ({ ...e })),
         kv: kv.stats(),
       }
     })

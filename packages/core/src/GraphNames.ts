@@ -8,11 +8,13 @@
  *          → hidden_out [R,T,D], k_new_<l>, v_new_<l> [R,T,kvHeads,headDim]
  * head:    hidden [N,D] → logits [N,V], max_prob, margin, entropy [N], top_token [N] int64
  * kvfill:  hidden [R,T,D], positions [R,T] → k_new_<l>, v_new_<l> for every layer after the exit
- * classifier (optional, per exit): hidden [N,D] → exit_prob [N], the probability that exiting is safe
+ * classifier (optional, per exit): hidden [N,D], previous_hidden [N,D] (the previous exit's state, the embedding
+ *          before the first exit) → exit_prob [N], the probability that the exit's top token is full depth's
  */
 export const GraphNames = {
   ids: "ids",
   hidden: "hidden",
+  previousHidden: "previous_hidden",
   hiddenOut: "hidden_out",
   positions: "positions",
   blockTable: "block_table",

@@ -57,10 +57,14 @@ export interface ModelRunnerShape {
     count: number,
     logits: boolean,
   ) => Effect.Effect<HeadOutput, RunnerError>
-  /** The exit classifier of exit `index` on `count` hidden rows; undefined when the model has none there. */
+  /**
+   * The exit classifier of exit `index` on `count` rows: their hidden states there and at the previous exit (the
+   * embedding before the first exit), [count × hidden] each. Undefined when the model has none there.
+   */
   readonly classify: (
     index: number,
     hidden: Float32Array,
+    previous: Float32Array,
     count: number,
   ) => Effect.Effect<Float32Array | undefined, RunnerError>
   /** Writes the K/V of every layer after early exit `index`, computed from the exit hidden state. */

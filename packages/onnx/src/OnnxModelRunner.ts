@@ -1,8 +1,10 @@
 /**
- * ModelRunner on onnxruntime-node. One InferenceSession per stage, acquired in a Scope and released with it.
+ * ModelRunner on onnxruntime-node. One onnxruntime session per stage, called synchronously, acquired in a Scope and
+ * released with it.
  * The K/V pools are JS-owned Float32Arrays passed as zero-copy inputs; graphs return only the new rows,
  * which are copied into the pools here (onnxruntime copies every output, so returning whole caches is slow).
  */
+import { readFile } from "node:fs/promises"
 import { join } from "node:path"
 import {
   GraphNames as G,
@@ -10,11 +12,14 @@ import {
   ModelLoadError,
   ModelRunner,
   type ModelRunnerShape,
+  predictExit,
   type RowBatch,
   RunnerError,
 } from "@offramp/core"
 import { Effect, Layer, type Scope } from "effect"
 import * as ort from "onnxruntime-node"
+import { readClassifierWeights } from "./internal/ClassifierFile.js"
+import { loadNativeSession, type NativeSession } from "./internal/NativeSession.js"
 import { openModelDirectory } from "./ModelDirectory.js"
 
 export interface RunnerOptions {
@@ -41,18 +46,38 @@ const sessionOptions = (threads: number): ort.InferenceSession.SessionOptions =>
   graphOptimizationLevel: "all",
 })
 
+/**
+ * A session on one graph file. Sessions are called synchronously (see internal/NativeSession.ts): the native run
+ * blocks the thread either way, and the public promise API adds an event-loop turn and a fiber suspension per call.
+ */
 const acquireSession = (dir: string, file: string, threads: number) =>
   Effect.acquireRelease(
-    Effect.tryPromise({
-      try: () => ort.InferenceSession.create(join(dir, file), sessionOptions(threads)),
+    Effect.try({
+      try: () => loadNativeSession(join(dir, file), sessionOptions(threads)),
       catch: (e) =>
         new ModelLoadError({
           path: join(dir, file),
           message: `onnxruntime cannot load ${file} (${(e as Error).message.split("\n")[0]}); the file is corrupt or from an incompatible converter`,
         }),
     }),
-    (session) => Effect.promise(() => session.release()),
+    (session) => Effect.sync(() => session.dispose()),
   )
+
+/** An exit classifier: weights evaluated in JavaScript, or a session for a graph of another origin. */
+const loadClassifier = (dir: string, file: string, hidden: number, threads: number) =>
+  Effect.gen(function* () {
+    const path = join(dir, file)
+    const weights = yield* Effect.tryPromise({
+      try: async () => readClassifierWeights(new Uint8Array(await readFile(path)), hidden),
+      catch: (e) =>
+        new ModelLoadError({
+          path,
+          message: `cannot read the exit classifier ${file} (${(e as Error).message}); fit it again with \`offramp calibrate --classifiers\``,
+        }),
+    })
+    if (weights) return { weights, session: undefined }
+    return { weights: undefined, session: yield* acquireSession(dir, file, threads) }
+  })
 
 /** The head's small outputs; without the logits, a call returns a few floats per row instead of a vocabulary's. */
 const HEAD_STATISTICS = [G.maxProb, G.margin, G.entropy, G.topToken]
@@ -78,7 +103,7 @@ export const makeOnnxModelRunner = (
     const embedSession = yield* acquireSession(modelDir, spec.files.embed, threads)
     const segmentSessions = yield* Effect.forEach(spec.segments, (s) => acquireSession(modelDir, s.file, threads))
     // Exits that share one head file share one session.
-    const headByFile = new Map<string, ort.InferenceSession>()
+    const headByFile = new Map<string, NativeSession>()
     for (const e of spec.exits) {
       if (!headByFile.has(e.head)) headByFile.set(e.head, yield* acquireSession(modelDir, e.head, threads))
     }
@@ -87,8 +112,10 @@ export const makeOnnxModelRunner = (
       e.kvfill ? acquireSession(modelDir, e.kvfill, threads) : Effect.succeed(undefined),
     )
 
-    const classifierSessions = yield* Effect.forEach(spec.exits, (e) =>
-      e.classifier ? acquireSession(modelDir, e.classifier, threads) : Effect.succeed(undefined),
+    // Offramp's own classifier graphs run in JavaScript (a session call costs more than the classifier); any other
+    // classifier graph runs in a session.
+    const classifiers = yield* Effect.forEach(spec.exits, (e) =>
+      e.classifier ? loadClassifier(modelDir, e.classifier, dims.hidden, threads) : Effect.succeed(undefined),
     )
 
     const poolDims = [numBlocks, blockSize, dims.kvHeads, dims.headDim]
@@ -99,12 +126,12 @@ export const makeOnnxModelRunner = (
 
     const run = (
       stage: string,
-      session: ort.InferenceSession,
+      session: NativeSession,
       feeds: Record<string, ort.Tensor>,
       fetches?: ReadonlyArray<string>,
     ) =>
-      Effect.tryPromise({
-        try: () => (fetches ? session.run(feeds, fetches) : session.run(feeds)),
+      Effect.try({
+        try: () => session.run(feeds, fetches),
         catch: (e) => new RunnerError({ stage, message: (e as Error).message }),
       })
 
@@ -167,12 +194,27 @@ export const makeOnnxModelRunner = (
         ),
       )
 
-    const classify: ModelRunnerShape["classify"] = (index, hidden, count) => {
-      const session = classifierSessions[index]
-      if (!session) return Effect.succeed(undefined)
-      return run(`classifier of exit ${spec.exits[index]!.layer}`, session, {
-        [G.hidden]: f32(hidden, [count, dims.hidden]),
-      }).pipe(Effect.map((out) => out[G.exitProb]!.data as Float32Array))
+    const classify: ModelRunnerShape["classify"] = (index, hidden, previous, count) => {
+      const classifier = classifiers[index]
+      if (!classifier) return Effect.succeed(undefined)
+      const { weights } = classifier
+      if (weights) {
+        return Effect.sync(() => {
+          const D = dims.hidden
+          const out = new Float32Array(count)
+          for (let r = 0; r < count; r++) {
+            out[r] = predictExit(weights, hidden.subarray(r * D, (r + 1) * D), previous.subarray(r * D, (r + 1) * D))
+          }
+          return out
+        })
+      }
+      const session = classifier.session!
+      const feeds: Record<string, ort.Tensor> = { [G.hidden]: f32(hidden, [count, dims.hidden]) }
+      // A classifier graph may read the hidden state alone.
+      if (session.inputNames.includes(G.previousHidden)) feeds[G.previousHidden] = f32(previous, [count, dims.hidden])
+      return run(`classifier of exit ${spec.exits[index]!.layer}`, session, feeds).pipe(
+        Effect.map((out) => out[G.exitProb]!.data as Float32Array),
+      )
     }
 
     const kvFill: ModelRunnerShape["kvFill"] = (index, hidden, positions, slots) => {

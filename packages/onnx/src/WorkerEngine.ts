@@ -109,6 +109,9 @@ export const EngineStatsSchema = Schema.Struct({
   layersSkipped: Count,
   headMs: Count,
   kvFillMs: Count,
+  exits: Schema.Array(
+    Schema.Struct({ layer: Count, scored: Count, headRows: Count, exited: Count, headMs: Count, decisionMs: Count }),
+  ),
   kv: Schema.Struct({
     blockSize: Count,
     totalBlocks: Count,

@@ -5,6 +5,8 @@
  * measured in one run, side by side.
  */
 import { readFile, writeFile } from "node:fs/promises"
+import { relative, resolve } from "node:path"
+import { fileURLToPath } from "node:url"
 import { Command, Options } from "@effect/cli"
 import {
   type EarlyExitRequest,
@@ -15,7 +17,7 @@ import {
   type KvStrategy,
   Tokenizer,
 } from "@offramp/core"
-import { onnxEngineLayer } from "@offramp/onnx"
+import { DEFAULT_MODEL_DIR, DEFAULT_MODEL_HELDOUT, onnxEngineLayer } from "@offramp/onnx"
 import { Chunk, Console, Effect, Layer, Option, Stream } from "effect"
 import { type ChartPoint, speedupQualityChart } from "../bench/chart.js"
 import { median, perplexity, rougeL, tokenMatchRate } from "../bench/quality.js"
@@ -61,16 +63,28 @@ const kvStrategies = Options.text("kv").pipe(
   Options.withDescription("KV strategies to sweep"),
   Options.withDefault("fill,recompute"),
 )
-const measureOption = Options.choice("measure", ["softmax", "margin", "entropy", "saturation"]).pipe(
-  Options.withDescription("confidence measure"),
-  Options.withDefault("softmax" as const),
+const measureOption = Options.choice("measure", ["softmax", "margin", "entropy", "saturation", "classifier"]).pipe(
+  Options.withDescription(
+    "confidence measure of the --thresholds sweep (default: the model's calibrated measure, else softmax)",
+  ),
+  Options.optional,
+)
+const confirmOption = Options.text("confirm").pipe(
+  Options.withDescription(
+    "gated decisions: with a head-free measure (classifier, saturation), also sweep these head max-probability " +
+      "confirmations, e.g. 0.2,0.4 (each threshold runs without and with each)",
+  ),
+  Options.optional,
 )
 const minExitLayer = Options.integer("min-exit-layer").pipe(
   Options.withDescription("no exit before this many layers"),
   Options.withDefault(1),
 )
 const heldout = Options.file("heldout", { exists: "yes" }).pipe(
-  Options.withDescription("held-out text for teacher-forced perplexity (default: the bundled stories)"),
+  Options.withDescription(
+    "held-out text for teacher-forced perplexity (default: the default model's own held-out sample for it, " +
+      "models/heldout-sample.txt; the bundled stories for any other model)",
+  ),
   Options.optional,
 )
 const chart = Options.file("chart").pipe(
@@ -78,7 +92,9 @@ const chart = Options.file("chart").pipe(
   Options.optional,
 )
 const calibratedOption = Options.boolean("calibrated").pipe(
-  Options.withDescription("also measure the model's calibrated per-exit thresholds (calibration.json)"),
+  Options.withDescription(
+    "also measure the model's calibrated defaults (calibration.json: its measure and thresholds)",
+  ),
 )
 const json = Options.boolean("json").pipe(Options.withDescription("print one JSON document"))
 
@@ -89,6 +105,9 @@ export interface BenchRun {
   readonly threshold: number | null
   /** The point uses the model's calibrated per-exit thresholds (calibration.json) instead of `threshold`. */
   readonly calibrated: boolean
+  /** The confidence measure, and the head confirmation of a gated decision (null: none). */
+  readonly measure: string
+  readonly confirm: number | null
   readonly streams: number
   /** Median over repeats of Σ(tokens − 1) over streams ÷ seconds from the first token of any stream to the end. */
   readonly decodeTokensPerSecond: number
@@ -108,6 +127,16 @@ export interface BenchRun {
   readonly perplexityIncreasePct: number
   /** Greedy continuations against full depth's, mean over streams. */
   readonly agreement: { readonly tokenMatch: number; readonly rougeL: number }
+  /** What deciding cost at each early exit, per decoded token of the throughput runs (all repeats together). */
+  readonly exits: ReadonlyArray<{
+    readonly layer: number
+    /** Exit-head rows run per decoded token, and the µs in those heads and in head-free decisions. */
+    readonly headRowsPerToken: number
+    readonly headUsPerToken: number
+    readonly decisionUsPerToken: number
+    /** Fraction of decoded tokens that took their token at this exit. */
+    readonly exitedPerToken: number
+  }>
   readonly repeats: number
   readonly runs: ReadonlyArray<{
     readonly decodeTokensPerSecond: number
@@ -125,6 +154,10 @@ const parseList = <A>(flag: string, text: string, parse: (s: string) => A | unde
 
 const positiveInt = (s: string) => (/^\d+$/.test(s) && Number(s) > 0 ? Number(s) : undefined)
 const number = (s: string) => (s !== "" && Number.isFinite(Number(s)) && Number(s) >= 0 ? Number(s) : undefined)
+const probability = (s: string) => {
+  const n = number(s)
+  return n !== undefined && n <= 1 ? n : undefined
+}
 const oneOf =
   <A extends string>(...values: ReadonlyArray<A>) =>
   (s: string) =>
@@ -134,6 +167,7 @@ const oneOf =
 const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitRequest) =>
   Effect.gen(function* () {
     const engine = yield* Engine
+    const before = yield* engine.stats
     const started = performance.now()
     let firstToken = Number.POSITIVE_INFINITY
     const firsts: Array<number> = []
@@ -162,8 +196,19 @@ const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitReques
       { concurrency: "unbounded" },
     )
     const ended = performance.now()
+    const after = yield* engine.stats
     const total = outputs.reduce((n, o) => n + o.length, 0)
     const decodeExits = outputs.flatMap((o) => o.slice(1).map((e) => e.exitLayer))
+    const exits = after.exits.map((e, i) => {
+      const b = before.exits[i]!
+      return {
+        layer: e.layer,
+        headRows: e.headRows - b.headRows,
+        headMs: e.headMs - b.headMs,
+        decisionMs: e.decisionMs - b.decisionMs,
+        exited: e.exited - b.exited,
+      }
+    })
     return {
       decodeTokensPerSecond: ((total - count) * 1000) / (ended - firstToken),
       tokensPerSecond: (total * 1000) / (ended - started),
@@ -171,6 +216,8 @@ const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitReques
       tokens: total,
       wallMs: ended - started,
       outputs: outputs.map((o) => o.map((e) => e.id)),
+      decodeTokens: after.decodeTokens - before.decodeTokens,
+      exits,
       meanExitDepth: decodeExits.length > 0 ? decodeExits.reduce((a, b) => a + b, 0) / decodeExits.length : 0,
     }
   })
@@ -213,6 +260,7 @@ export const bench = Command.make(
     policies,
     kvStrategies,
     measure: measureOption,
+    confirm: confirmOption,
     minExitLayer,
     heldout,
     chart,
@@ -227,12 +275,20 @@ export const bench = Command.make(
       const sweep = Option.isSome(args.thresholds) ? yield* parseList("thresholds", args.thresholds.value, number) : []
       const policyList = yield* parseList("policies", args.policies, oneOf<ExitPolicy>("per-sequence", "all"))
       const kvList = yield* parseList("kv", args.kvStrategies, oneOf<KvStrategy>("fill", "recompute"))
+      const confirms = Option.isSome(args.confirm) ? yield* parseList("confirm", args.confirm.value, probability) : []
       const engine = yield* Engine
       const tokenizer = yield* Tokenizer
       const layers = engine.spec.dims.layers
-      const heldoutText = yield* Effect.promise(() =>
-        readFile(Option.isSome(args.heldout) ? args.heldout.value : DEFAULT_HELDOUT, "utf8"),
+      const measure = Option.getOrElse(args.measure, () => engine.defaults.measure)
+      if (confirms.length > 0 && measure !== "classifier" && measure !== "saturation") {
+        return yield* new InvalidRequestError({
+          message: `--confirm gates a head-free measure (classifier, saturation); the sweep's measure is ${measure}`,
+        })
+      }
+      const heldoutPath = Option.getOrElse(args.heldout, () =>
+        resolve(args.model) === resolve(DEFAULT_MODEL_DIR) ? DEFAULT_MODEL_HELDOUT : fileURLToPath(DEFAULT_HELDOUT),
       )
+      const heldoutText = yield* Effect.promise(() => readFile(heldoutPath, "utf8"))
       const heldoutIds = yield* tokenizer.encode(heldoutText, { addSpecialTokens: false })
 
       yield* throughput(2, 16, { threshold: 2 }) // warm-up: first-run allocations and onnxruntime's lazy initialisation
@@ -245,13 +301,22 @@ export const bench = Command.make(
                 `${String(run.streams).padStart(3)} streams`,
                 run.mode === "full"
                   ? "full depth".padEnd(30)
-                  : `${run.policy}/${run.kv} @ ${run.calibrated ? "calibrated" : run.threshold}`.padEnd(30),
+                  : `${run.policy}/${run.kv} @ ${run.calibrated ? "calibrated" : run.threshold}${run.confirm !== null ? `+${run.confirm}` : ""} ${run.measure}`.padEnd(
+                      40,
+                    ),
                 `${run.decodeTokensPerSecond.toFixed(0).padStart(6)} decode tok/s`,
                 `x${run.speedup.toFixed(2)} (ideal x${run.idealSpeedup.toFixed(2)})`,
                 `depth ${run.meanExitDepth.toFixed(2)}`,
                 `ppl ${run.perplexity.toFixed(3)} (${run.perplexityIncreasePct >= 0 ? "+" : ""}${run.perplexityIncreasePct.toFixed(2)}%)`,
                 `match ${(run.agreement.tokenMatch * 100).toFixed(1)}%`,
                 `ROUGE-L ${run.agreement.rougeL.toFixed(3)}`,
+                ...(run.mode === "early"
+                  ? [
+                      `decide µs/token ${run.exits
+                        .map((e) => `L${e.layer}:${(e.headUsPerToken + e.decisionUsPerToken).toFixed(0)}`)
+                        .join(" ")}`,
+                    ]
+                  : []),
               ].join("  "),
             )
 
@@ -260,20 +325,47 @@ export const bench = Command.make(
         kv: KvStrategy | null
         threshold: number | null
         calibrated: boolean
+        measure: string
+        confirm: number | null
       }
       const calibrated = Object.keys(engine.defaults.thresholds ?? {}).length > 0
       const configs: Array<{ settings: Settings; earlyExit: EarlyExitRequest }> = [
         // An explicit threshold above 1: full depth even where calibration.json sets per-exit defaults.
-        { settings: { policy: null, kv: null, threshold: null, calibrated: false }, earlyExit: { threshold: 2 } },
+        {
+          settings: { policy: null, kv: null, threshold: null, calibrated: false, measure: "-", confirm: null },
+          earlyExit: { threshold: 2 },
+        },
         ...policyList.flatMap((policy) =>
           kvList.flatMap((kv) => [
-            ...sweep.map((threshold) => ({
-              settings: { policy, kv, threshold, calibrated: false },
-              earlyExit: { policy, kv, threshold, measure: args.measure, minExitLayer: args.minExitLayer },
-            })),
-            // The model's calibrated per-exit thresholds (calibration.json), under this policy and KV strategy.
+            ...sweep.flatMap((threshold) =>
+              [null, ...confirms].map((confirm) => ({
+                settings: { policy, kv, threshold, calibrated: false, measure, confirm },
+                earlyExit: {
+                  policy,
+                  kv,
+                  threshold,
+                  measure,
+                  minExitLayer: args.minExitLayer,
+                  ...(confirm !== null ? { confirm } : {}),
+                },
+              })),
+            ),
+            // The model's calibrated defaults (calibration.json: measure and per-exit thresholds), under this policy
+            // and KV strategy.
             ...(calibrated && args.calibrated
-              ? [{ settings: { policy, kv, threshold: null, calibrated: true }, earlyExit: { policy, kv } }]
+              ? [
+                  {
+                    settings: {
+                      policy,
+                      kv,
+                      threshold: null,
+                      calibrated: true,
+                      measure: engine.defaults.measure,
+                      confirm: engine.defaults.confirm ?? null,
+                    },
+                    earlyExit: { policy, kv },
+                  },
+                ]
               : []),
           ]),
         ),
@@ -315,6 +407,18 @@ export const bench = Command.make(
               tokenMatch: median(outputs.map((o, s) => tokenMatchRate(fullOutputs[s]!, o))),
               rougeL: median(outputs.map((o, s) => rougeL(fullOutputs[s]!, o).f1)),
             },
+            exits: measured[0]!.exits.map((e, x) => {
+              const tokens = measured.reduce((n, r) => n + r.decodeTokens, 0)
+              const sum = (f: (e: (typeof measured)[number]["exits"][number]) => number) =>
+                measured.reduce((n, r) => n + f(r.exits[x]!), 0) / Math.max(1, tokens)
+              return {
+                layer: e.layer,
+                headRowsPerToken: sum((e) => e.headRows),
+                headUsPerToken: sum((e) => e.headMs) * 1000,
+                decisionUsPerToken: sum((e) => e.decisionMs) * 1000,
+                exitedPerToken: sum((e) => e.exited),
+              }
+            }),
             repeats: args.repeats,
             runs: measured.map(({ decodeTokensPerSecond, tokens, wallMs }) => ({
               decodeTokensPerSecond,
@@ -332,7 +436,9 @@ export const bench = Command.make(
         ...(sweep.length > 0
           ? [
               `--thresholds ${sweep.join(",")} --policies ${args.policies} --kv ${args.kvStrategies}`,
-              `--measure ${args.measure} --min-exit-layer ${args.minExitLayer}${args.calibrated ? " --calibrated" : ""}`,
+              `--measure ${measure}${confirms.length > 0 ? ` --confirm ${confirms.join(",")}` : ""}`,
+              `--min-exit-layer ${args.minExitLayer}${args.calibrated ? " --calibrated" : ""}`,
+              `--heldout ${Option.isSome(args.heldout) ? args.heldout.value : relative(process.cwd(), heldoutPath)}`,
             ]
           : []),
       ].join(" ")
@@ -341,7 +447,7 @@ export const bench = Command.make(
           .filter((r) => r.mode === "early")
           .map((r) => ({
             series: `${r.policy}/${r.kv} @ ${r.streams} stream${r.streams > 1 ? "s" : ""}`,
-            label: r.calibrated ? "cal" : String(r.threshold),
+            label: r.calibrated ? "cal" : `${r.threshold}${r.confirm !== null ? `+${r.confirm}` : ""}`,
             x: r.perplexityIncreasePct,
             y: r.speedup,
           }))

@@ -29,6 +29,13 @@ import {
 } from "@offramp/onnx"
 import { HfTokenizer } from "@offramp/tokenizer"
 import { Console, Effect, Layer } from "effect"
+import {
+  CLASSIFIERS_FILE,
+  type ClassifierKind,
+  classifierTable,
+  fitClassifiers,
+  writeClassifiers,
+} from "../calibrate/classifiers.js"
 
 /** Fewer positions than this cannot resolve an agreement rate worth writing down. */
 export const MIN_CALIBRATION_TOKENS = 100
@@ -41,9 +48,23 @@ const target = Options.float("target").pipe(
   Options.withDescription("agreement rate with full depth that early-exit tokens must keep, in (0, 1]"),
   Options.withDefault(0.99),
 )
-const measure = Options.choice("measure", ["softmax", "margin", "entropy", "saturation"]).pipe(
-  Options.withDescription("the confidence measure the thresholds are for"),
+const measure = Options.choice("measure", ["softmax", "margin", "entropy", "saturation", "classifier"]).pipe(
+  Options.withDescription("the confidence measure the thresholds are for (classifier: the model's exit classifiers)"),
   Options.withDefault("softmax"),
+)
+const classifiers = Options.boolean("classifiers").pipe(
+  Options.withDescription(
+    "first fit an exit classifier per early exit on the text (written as classifier_<layer>.onnx, with " +
+      "classifiers.json, into the model directory), then calibrate the classifier measure on the held-out positions",
+  ),
+)
+const classifierKind = Options.choice("classifier-kind", ["auto", "logistic", "mlp"]).pipe(
+  Options.withDescription("logistic regression, a one-hidden-layer MLP, or auto: the MLP where it measurably helps"),
+  Options.withDefault("auto"),
+)
+const heldoutFraction = Options.float("heldout-fraction").pipe(
+  Options.withDescription("with --classifiers: the last part of the text's positions, held out from fitting"),
+  Options.withDefault(0.25),
 )
 const policy = Options.choice("policy", ["per-sequence", "all"]).pipe(
   Options.withDescription("batch exit policy written with the thresholds"),
@@ -85,6 +106,7 @@ export const textExitStatistics = (
   maxTokens: number,
   measure: ConfidenceMeasure,
   includeFinal = false,
+  features = false,
 ) =>
   Effect.gen(function* () {
     if (maxTokens < 1) {
@@ -114,7 +136,12 @@ export const textExitStatistics = (
             "are needed (give a longer text, or raise --max-tokens)",
         })
       }
-      const statistics = yield* collectExitStatistics(runner, evaluator, tokens, { measure, window, includeFinal })
+      const statistics = yield* collectExitStatistics(runner, evaluator, tokens, {
+        measure,
+        window,
+        includeFinal,
+        features,
+      })
       return { statistics, tokens: tokens.length }
     }).pipe(Effect.provide(services))
   })
@@ -134,33 +161,82 @@ const table = (exits: ReadonlyArray<ExitCalibration>) =>
     ),
   ].join("\n")
 
-export const calibrate = Command.make("calibrate", { model, text, target, measure, policy, kv, maxTokens }, (args) =>
+/** Fits and writes exit classifiers; returns the first held-out position (thresholds are calibrated after it). */
+const trainClassifiers = (args: {
+  readonly model: string
+  readonly text: string
+  readonly maxTokens: number
+  readonly classifierKind: ClassifierKind
+  readonly heldoutFraction: number
+}) =>
   Effect.gen(function* () {
-    if (!(args.target > 0 && args.target <= 1)) {
-      return yield* new InvalidRequestError({ message: `--target is an agreement rate in (0, 1], got ${args.target}` })
+    if (!(args.heldoutFraction > 0 && args.heldoutFraction < 1)) {
+      return yield* new InvalidRequestError({
+        message: `--heldout-fraction is a fraction in (0, 1), got ${args.heldoutFraction}`,
+      })
     }
-    const { statistics, tokens } = yield* textExitStatistics(args.model, args.text, args.maxTokens, args.measure)
-    const exits = thresholdsForTarget(statistics, args.target)
-
-    const file: typeof CalibrationFile.Type = {
-      earlyExit: calibratedEarlyExit(exits, { measure: args.measure, policy: args.policy, kv: args.kv }),
-      calibration: {
-        target: args.target,
-        text: basename(args.text),
-        tokens,
-        measure: args.measure,
-        exits,
-      },
-    }
-    const path = join(args.model, CALIBRATION_FILE)
-    yield* Effect.tryPromise({
-      try: () => writeFile(path, `${JSON.stringify(file, null, 2)}\n`),
-      catch: (e) => new ModelLoadError({ path, message: `cannot write calibration: ${(e as Error).message}` }),
-    })
-    yield* Console.log(table(exits))
-    yield* Console.error(
-      `[${tokens} tokens of ${basename(args.text)}, target ${percent(args.target)}, measure ${args.measure}; ` +
-        `wrote ${path}]`,
+    const { spec } = yield* openModelDirectory(args.model)
+    const { statistics, tokens } = yield* textExitStatistics(
+      args.model,
+      args.text,
+      args.maxTokens,
+      "softmax",
+      false,
+      true,
     )
-  }),
+    const positions = statistics[0]?.samples.length ?? 0
+    if (positions === 0) {
+      return yield* new InvalidRequestError({ message: "the model has no early exit to fit a classifier for" })
+    }
+    const split = Math.floor(positions * (1 - args.heldoutFraction))
+    const fitted = fitClassifiers(statistics, spec.dims.hidden, { kind: args.classifierKind, split, seed: 1 })
+    yield* writeClassifiers(args.model, spec.dims.hidden, fitted, { text: basename(args.text), tokens })
+    yield* Console.log(classifierTable(fitted))
+    yield* Console.error(
+      `[exit classifiers: ${split} positions fitted, ${positions - split} held out; wrote ` +
+        `${fitted.map((f) => f.file).join(", ")} and ${CLASSIFIERS_FILE} into ${args.model}]`,
+    )
+    return split
+  })
+
+export const calibrate = Command.make(
+  "calibrate",
+  { model, text, target, measure, policy, kv, maxTokens, classifiers, classifierKind, heldoutFraction },
+  (args) =>
+    Effect.gen(function* () {
+      if (!(args.target > 0 && args.target <= 1)) {
+        return yield* new InvalidRequestError({
+          message: `--target is an agreement rate in (0, 1], got ${args.target}`,
+        })
+      }
+      const from = args.classifiers ? yield* trainClassifiers(args) : 0
+      const measure = args.classifiers ? "classifier" : args.measure
+      const collected = yield* textExitStatistics(args.model, args.text, args.maxTokens, measure)
+      const statistics = collected.statistics.map((s) => ({ layer: s.layer, samples: s.samples.slice(from) }))
+      const { tokens } = collected
+      const exits = thresholdsForTarget(statistics, args.target)
+
+      const file: typeof CalibrationFile.Type = {
+        earlyExit: calibratedEarlyExit(exits, { measure, policy: args.policy, kv: args.kv }),
+        calibration: {
+          target: args.target,
+          text: basename(args.text),
+          tokens,
+          ...(from > 0 ? { fromPosition: from } : {}),
+          measure,
+          exits,
+        },
+      }
+      const path = join(args.model, CALIBRATION_FILE)
+      yield* Effect.tryPromise({
+        try: () => writeFile(path, `${JSON.stringify(file, null, 2)}\n`),
+        catch: (e) => new ModelLoadError({ path, message: `cannot write calibration: ${(e as Error).message}` }),
+      })
+      yield* Console.log(table(exits))
+      yield* Console.error(
+        `[${tokens} tokens of ${basename(args.text)}${from > 0 ? ` (thresholds from position ${from} on)` : ""}, ` +
+          `target ${percent(args.target)}, measure ${measure}; ` +
+          `wrote ${path}]`,
+      )
+    }),
 ).pipe(Command.withDescription("find per-exit thresholds that keep early-exit tokens in agreement with full depth"))

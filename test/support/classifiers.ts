@@ -1,0 +1,40 @@
+/**
+ * Exit classifiers for test models: fitted on a text by the calibrate command's own code path, or random weights
+ * (any decision pattern, for engine properties).
+ */
+import { readFileSync, writeFileSync } from "node:fs"
+import { join } from "node:path"
+import { buildClassifierGraph } from "@offramp/convert"
+import { type ExitClassifierWeights, featureCount, type ModelSpec } from "@offramp/core"
+
+/** Writes a random logistic or MLP classifier for every early exit of the model in `dir`, and lists them in model.json. */
+export const writeRandomClassifiers = (dir: string, seed = 1): void => {
+  const specPath = join(dir, "model.json")
+  const spec = JSON.parse(readFileSync(specPath, "utf8")) as {
+    dims: ModelSpec["dims"]
+    exits: Array<{ layer: number; classifier?: string }>
+  }
+  let state = seed
+  const random = () => {
+    state = (state * 1103515245 + 12345) % 2 ** 31
+    return state / 2 ** 31 - 0.5
+  }
+  const D = spec.dims.hidden
+  const inputs = featureCount(D)
+  spec.exits.slice(0, -1).forEach((exit, i) => {
+    const hidden = i % 2 === 0 ? 0 : 4
+    const units = Math.max(1, hidden)
+    const weights: ExitClassifierWeights = {
+      kind: hidden === 0 ? "logistic" : "mlp",
+      inputs,
+      hidden,
+      w1: Float32Array.from({ length: units * inputs }, () => random()),
+      b1: Float32Array.from({ length: units }, () => random()),
+      w2: Float32Array.from({ length: hidden }, () => random() * 2),
+      b2: random(),
+    }
+    exit.classifier = `classifier_${exit.layer}.onnx`
+    writeFileSync(join(dir, exit.classifier), buildClassifierGraph(weights, D))
+  })
+  writeFileSync(specPath, `${JSON.stringify(spec, null, 2)}\n`)
+}
