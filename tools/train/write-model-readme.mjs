@@ -3,7 +3,7 @@
 // Usage (after package-model.sh): node tools/train/write-model-readme.mjs
 import { execFileSync } from "node:child_process"
 import { createHash } from "node:crypto"
-import { readdirSync, readFileSync, statSync, writeFileSync } from "node:fs"
+import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 
 const root = new URL("../..", import.meta.url).pathname
@@ -19,12 +19,20 @@ const quick = evaluate(2000)
 const spec = JSON.parse(readFileSync(join(model, "model.json"), "utf8"))
 const calibration = JSON.parse(readFileSync(join(model, "calibration.json"), "utf8"))
 const sources = JSON.parse(readFileSync(join(root, "build/train/sources.json"), "utf8"))
-const log = readFileSync(join(root, "build/train/log.jsonl"), "utf8")
+// The run the model comes from: sweep.py's chosen run, else a single train.py run.
+const sweepSummary = join(root, "build/sweep/summary.json")
+const sweep = existsSync(sweepSummary) ? JSON.parse(readFileSync(sweepSummary, "utf8")) : undefined
+const runDir = sweep ? join(root, "build/sweep", sweep.chosen) : join(root, "build/train")
+const log = readFileSync(join(runDir, "log.jsonl"), "utf8")
   .trim()
   .split("\n")
   .map((line) => JSON.parse(line))
-const lastTrain = log.filter((e) => e.type === "train").at(-1)
-const trainOut = readFileSync(join(root, "build/train/train.out"), "utf8")
+const start = log.find((e) => e.type === "start")
+const done = log.find((e) => e.type === "done")
+const trainOut = readFileSync(join(runDir, "train.out"), "utf8")
+const classifiers = JSON.parse(readFileSync(join(model, "classifiers.json"), "utf8"))
+const flags = sweep ? sweep.runs[sweep.chosen].flags.join(" ") : ""
+const pct = (x) => `${(100 * x).toFixed(1)}%`
 const params = Number(/params (\d+)/.exec(trainOut)[1])
 const resumes = [...trainOut.matchAll(/resumed from \S+ at step (\d+)/g)].map((m) => Number(m[1]))
 const files = readdirSync(model).sort()
@@ -56,9 +64,10 @@ download: \`offramp generate\` and \`offramp serve\` use it when no \`--model\` 
 scratch, by the recipe in [\`tools/train\`](../tools/train/README.md), on public-domain and CC0 text only, then
 converted by the same \`offramp convert hf\` that converts any Hugging Face checkpoint.
 
-It is a tiny model (${(params / 1e6).toFixed(2)}M parameters, about ${(lastTrain.tokens / 1e6).toFixed(1)}M training tokens on
-one CPU core): its text reads like English in the style of its corpus (the King James Bible and American
-State of the Union addresses) but it does not make sense for long. It exists to show and test early exit.
+It is a tiny model (${(params / 1e6).toFixed(2)}M parameters, ${(done.tokens / 1e6).toFixed(1)}M training tokens${sweep ? ", about " + (done.tokens / start.train_tokens).toFixed(1) + " epochs" : ""}): its text reads like
+English in the style of its corpus (the King James Bible and American State of the Union addresses) but it does
+not make sense for long. It exists to show and test early exit, and it is trained for it: every exit learns the
+next token and, by self-distillation, the final layer's distribution, under LayerSkip's layer dropout.
 
 | | |
 |---|---|
@@ -66,9 +75,10 @@ State of the Union addresses) but it does not make sense for long. It exists to 
 | layers / hidden / heads | ${spec.dims.layers} / ${spec.dims.hidden} / ${spec.dims.heads} query, ${spec.dims.kvHeads} key-value (head dim ${spec.dims.headDim}) |
 | vocabulary / context | ${spec.dims.vocab} (byte-level BPE) / ${spec.dims.contextLength} tokens |
 | exits | after layers ${spec.exits.map((e) => e.layer).join(", ")}; one shared final norm + LM head (LayerSkip style) |
-| training | early-exit loss at every exit (weights 0.1, 0.2, 0.3, 0.4), ${lastTrain.step} steps of 16 × 256 tokens |
+| training | CE at every exit (weights ${start.config.early_exit_loss_weights.join(", ")}) + ${start.args.distill} × KL(final ‖ exit) at the early exits, layer dropout up to ${start.args.layer_drop}, dropout ${start.args.dropout}; ${done.steps} steps of ${start.args.batch} × ${start.args.ctx} tokens${sweep ? " (`sweep.py`: the run `" + sweep.chosen + "`, flags `" + flags + "`)" : ""}; the weights kept are the step-${done.kept_step} ones (lowest full-depth validation loss) |
 | storage | weights fp16 (cast to fp32 at load), ${(total / 1024 / 1024).toFixed(2)} MiB in ${files.length} files |
-| early-exit defaults | \`calibration.json\`: softmax thresholds per exit for ${calibration.calibration.target * 100}% agreement with full depth on training text |
+| exit classifiers | \`classifier_<layer>.onnx\` (${classifiers.exits.map((e) => e.kind).join(", ")}), fitted by \`offramp calibrate --classifiers\` on validation text; see below |
+| early-exit defaults | \`calibration.json\`: ${calibration.earlyExit.measure} thresholds per exit for ${calibration.calibration.target * 100}% agreement with full depth on validation text |
 
 ## Provenance and licences
 
@@ -79,14 +89,22 @@ State of the Union addresses) but it does not make sense for long. It exists to 
   ${sources.split.heldout_docs} held out. \`models/heldout-sample.txt\` is the first 60 kB of the held-out split
   (never trained on, never used for calibration).
 - The tokenizer, the weights and this directory are the project's own work, under the project's licence.
-${resumes.map((step) => `- Training was interrupted once and resumed from the step-${step} checkpoint (\`train.py --resume\`).\n`).join("")}
+${resumes.map((step) => `- Training was interrupted once and resumed from the step-${step} checkpoint (\`train.py --resume\`).\n`).join("")}${
+  sweep
+    ? `- Trained on one GPU (an H200, borrowed for this) as one of eight variants run side by side by \`tools/train/sweep.py\`
+  (${sweep.rule}); the recipe runs on the CPU too, only slower.\n`
+    : ""
+}
 ## Rebuild
 
 \`\`\`sh
 bash tools/train/setup.sh && bash tools/train/fetch-data.sh   # Debian packages and the corpus
 /usr/bin/python3 tools/train/tokenizer.py                      # byte-level BPE → build/train/model/tokenizer.json
-/usr/bin/python3 tools/train/train.py --minutes 75 --threads 1 # → build/train/model (HF config + safetensors)
-bash tools/train/package-model.sh                              # convert (fp16), calibrate, evaluate
+# eight variants side by side for 5 minutes on a GPU (on the CPU: --device cpu, fewer --only variants, longer)
+/usr/bin/python3 tools/train/sweep.py --minutes 5 --max-val-ppl 40 \\
+  --only ld10-do10-kl3,ld10-do10-kl4,ld20-do10-kl2,ld20-do10-kl3,ld10-do10-kl2-uniform,ld10-do10-kl3-uniform,ld20-do10-kl2-uniform,ld10-do10-kl2-early \\
+  -- --device cuda --batch 64 --exit-frac 1 --eval-every-min 0.5 --eval-tokens 80000 --reserve-sec 30 --warmup 200
+bash tools/train/package-model.sh                              # convert (fp16), exit classifiers, calibrate, evaluate
 node tools/train/write-model-readme.mjs                        # this file
 \`\`\`
 
@@ -107,6 +125,19 @@ ${table(quick)}
 
 Full-depth held-out perplexity is ${finalPpl.toFixed(2)}. Early exit trades depth for quality through the thresholds;
 see BENCHMARKS.md for speed against perplexity.
+
+## Exit classifiers
+
+\`offramp calibrate --classifiers\` ran the model teacher-forced over ${classifiers.tokens} tokens of validation text
+and fitted, per early exit, a classifier of "this exit's top-1 token is full depth's" from the exit's hidden state
+(${classifiers.features}). Held-out figures (the last ${classifiers.exits[0].heldout.samples} positions), at a 0.5 cut:
+
+| exit after layer | kind | accuracy | majority class | precision | recall | AUC | softmax AUC (needs the head) |
+|---:|---|---:|---:|---:|---:|---:|---:|
+${classifiers.exits.map((e) => `| ${e.layer} | ${e.kind} | ${pct(e.heldout.accuracy)} | ${pct(e.heldout.majorityAccuracy)} | ${pct(e.heldout.precision)} | ${pct(e.heldout.recall)} | ${e.heldout.auc.toFixed(3)} | ${e.softmaxAuc.toFixed(3)} |`).join("\n")}
+
+They rank worse than the head's own max probability: a hidden state alone says less than the vocabulary head does.
+What they buy is the price: a decision costs a dot product (BENCHMARKS.md).
 
 ## Files
 
