@@ -61,6 +61,13 @@ const minExitLayer = Options.integer("min-exit-layer").pipe(
   Options.withDescription("no exit before this many layers"),
   Options.optional,
 )
+const confirm = Options.float("confirm").pipe(
+  Options.withDescription(
+    "gated decision: a row that passes a head-free measure (classifier, saturation) exits only if the exit head's " +
+      "max probability also reaches this",
+  ),
+  Options.optional,
+)
 
 /** The early-exit flags that were given, over the engine defaults (calibration.json, else full depth). */
 const earlyExitFlags = (flags: {
@@ -69,6 +76,7 @@ const earlyExitFlags = (flags: {
   policy: Option.Option<EarlyExitParams["policy"]>
   kv: Option.Option<EarlyExitParams["kv"]>
   minExitLayer: Option.Option<number>
+  confirm: Option.Option<number>
 }): EarlyExitRequest | undefined => {
   const options: Record<string, Option.Option<unknown>> = flags
   const given = Object.fromEntries(
@@ -112,6 +120,7 @@ export const generate = Command.make(
     policy,
     kv,
     minExitLayer,
+    confirm,
     kvCacheMb,
     threads,
   },
