@@ -186,6 +186,23 @@ interface Scored {
   readonly confident: boolean
 }
 
+/** `Scored.row` of a row whose token comes from the step's final head call (see decideExits). */
+const DEFERRED = -1
+
+/** A row that exited early and takes its token from the step's final head call. */
+interface Deferred {
+  readonly seq: Sequence
+  readonly hidden: Float32Array
+  readonly exitIndex: number
+  readonly confidence: number
+}
+
+/** A row that exited early under the fill strategy: its skipped layers' K/V are filled at the step's end. */
+interface Fill {
+  readonly row: DecodeRow
+  readonly exitIndex: number
+}
+
 /** A row that is done with the network this step: it samples from `logits` row `row`. */
 interface Finished {
   readonly seq: Sequence
@@ -214,6 +231,7 @@ const makeEngine = (options: EngineOptions) =>
     const classifierInput = scratch()
     const previousInput = scratch()
     const headFree = evaluator.headFree ?? (() => false)
+    const sharedHead = spec.exits.every((e) => e.head === spec.exits.at(-1)!.head)
     const finalExit = spec.exits.length - 1
     const exitAfterSegment = spec.segments.map((s) => spec.exits.findIndex((e) => e.layer === s.endLayer))
     const stopIds = new Set(spec.tokens.stop)
@@ -422,27 +440,36 @@ const makeEngine = (options: EngineOptions) =>
         const allPossible = allRows.every((r) => thresholds[r]! <= 1 && passes(r))
         const candidates = scored.filter((r) => passes(r) && (params(r).policy !== "all" || allPossible))
         if (candidates.length === 0) return none
-
-        const hidden = headInput(candidates.length * D)
-        candidates.forEach((r, i) => hidden.set(current(rows[r]!), i * D))
-        const started = performance.now()
-        const head = yield* runner.head(
-          exitIndex,
-          hidden,
-          candidates.length,
-          evaluator.needsLogits === true || candidates.some((r) => rows[r]!.seq.request.usesLogits),
-        )
-        stats.headMs += performance.now() - started
-        stats.headRows += candidates.length
+        // A row that a head-free measure lets go without confirmation needs the head only for its token; where every
+        // exit shares one head, it takes it from the step's one final head call, with the rows that ran full depth.
+        const deferred = (r: number) => sharedHead && cheap.has(r) && params(r).confirm === undefined
         const confidences = new Map<number, Scored>()
-        candidates.forEach((r, i) => {
+        for (const r of candidates) {
+          if (deferred(r)) confidences.set(r, { confidence: cheap.get(r)!, row: DEFERRED, confident: true })
+        }
+        const headed = candidates.filter((r) => !deferred(r))
+        let head: HeadOutput | undefined
+        if (headed.length > 0) {
+          const hidden = headInput(headed.length * D)
+          headed.forEach((r, i) => hidden.set(current(rows[r]!), i * D))
+          const started = performance.now()
+          head = yield* runner.head(
+            exitIndex,
+            hidden,
+            headed.length,
+            evaluator.needsLogits === true || headed.some((r) => rows[r]!.seq.request.usesLogits),
+          )
+          stats.headMs += performance.now() - started
+          stats.headRows += headed.length
+        }
+        headed.forEach((r, i) => {
           const row = rows[r]!
           const confidence =
             cheap.get(r) ??
             evaluator.confidence({
               measure: params(r).measure,
               exitIndex,
-              head,
+              head: head!,
               row: i,
               hidden: current(row),
               previousHidden: row.previous,
@@ -450,7 +477,7 @@ const makeEngine = (options: EngineOptions) =>
             })
           const { confirm } = params(r)
           const confident = cheap.has(r)
-            ? confirm === undefined || head.maxProb[i]! >= confirm
+            ? confirm === undefined || head!.maxProb[i]! >= confirm
             : confidence >= thresholds[r]!
           confidences.set(r, { confidence, row: i, confident })
         })
@@ -461,37 +488,50 @@ const makeEngine = (options: EngineOptions) =>
         return { exiting, head, confidences }
       })
 
-    /** K/V of the skipped layers for rows that exited at `exitIndex`: filled now, or left pending. */
-    const skipLayers = (exitIndex: number, rows: ReadonlyArray<DecodeRow>) =>
-      Effect.gen(function* () {
-        const exitLayer = spec.exits[exitIndex]!.layer
-        const fill = rows.filter((r) => r.seq.request.exit.params.kv === "fill")
-        for (const row of rows) {
-          if (row.seq.request.exit.params.kv !== "recompute") continue
-          const stopped = row.positions.map((position, i) => ({
-            position,
-            hidden: row.hidden.slice(i * D, (i + 1) * D),
-            layer: exitLayer,
-          }))
-          row.seq.pending = [...row.seq.pending, ...stopped].sort((a, b) => a.position - b.position)
+    /** K/V of the skipped layers of rows that exited at `exitIndex`: left pending (recompute), or queued for fill. */
+    const skipLayers = (exitIndex: number, rows: ReadonlyArray<DecodeRow>, fills: Array<Fill>) => {
+      const exitLayer = spec.exits[exitIndex]!.layer
+      for (const row of rows) {
+        if (row.seq.request.exit.params.kv === "fill") {
+          fills.push({ row, exitIndex })
+          continue
         }
-        if (fill.length === 0) return
-        const count = fill.reduce((n, r) => n + r.positions.length, 0)
+        const stopped = row.positions.map((position, i) => ({
+          position,
+          hidden: row.hidden.slice(i * D, (i + 1) * D),
+          layer: exitLayer,
+        }))
+        row.seq.pending = [...row.seq.pending, ...stopped].sort((a, b) => a.position - b.position)
+      }
+    }
+
+    /**
+     * Fills the K/V of the layers the step's exited rows skipped, in one call for all of them: the earliest exit's
+     * kvfill graph computes every layer from its exit on, and each row writes only the layers after its own exit.
+     * (No row of this step reads another's skipped K/V, so the fill can wait for the step's end.)
+     */
+    const fillSkipped = (fills: ReadonlyArray<Fill>) =>
+      Effect.gen(function* () {
+        if (fills.length === 0) return
+        const first = Math.min(...fills.map((f) => f.exitIndex))
+        const count = fills.reduce((n, f) => n + f.row.positions.length, 0)
         const hidden = new Float32Array(count * D)
         const positions = new BigInt64Array(count)
         const slots = new Int32Array(count)
+        const fromLayers = new Int32Array(count)
         let i = 0
-        for (const row of fill) {
+        for (const { row, exitIndex } of fills) {
           hidden.set(row.hidden, i * D)
           for (const position of row.positions) {
             positions[i] = BigInt(position)
+            fromLayers[i] = spec.exits[exitIndex]!.layer
             slots[i++] = kv.slot(row.seq.blocks!, position)
           }
         }
-        yield* timed("kvFillMs", runner.kvFill(exitIndex, hidden, positions, slots))
-        for (const row of fill) {
+        yield* timed("kvFillMs", runner.kvFill(first, hidden, positions, slots, fromLayers))
+        for (const { row, exitIndex } of fills) {
           const upTo = row.positions.at(-1)! + 1
-          for (let l = exitLayer; l < dims.layers; l++) kv.markFilled(row.seq.blocks!, l, upTo)
+          for (let l = spec.exits[exitIndex]!.layer; l < dims.layers; l++) kv.markFilled(row.seq.blocks!, l, upTo)
           // Filled K/V approximate the full-depth ones: nothing from here on enters the prefix cache.
           row.seq.exact = Math.min(row.seq.exact, row.positions[0]!)
         }
@@ -501,7 +541,9 @@ const makeEngine = (options: EngineOptions) =>
     const decode = (rows: ReadonlyArray<BatchRow>) =>
       Effect.gen(function* () {
         const finished: Array<Finished> = []
-        if (rows.length === 0) return { finished, atEnd: [] as Array<DecodeRow> }
+        const deferred: Array<Deferred> = []
+        const fills: Array<Fill> = []
+        if (rows.length === 0) return { finished, deferred, atEnd: [] as Array<DecodeRow> }
         const ids = BigInt64Array.from(rows, (r) => BigInt(r.seq.tokens[r.seq.computed]!))
         const embedded = yield* runner.embed(ids, rows.length, 1)
         let active: Array<DecodeRow> = rows.map(({ seq }, i) => ({
@@ -519,19 +561,26 @@ const makeEngine = (options: EngineOptions) =>
           const exitIndex = exitAfterSegment[s]!
           if (exitIndex < 0 || exitIndex === finalExit) continue
           const { exiting, head, confidences } = yield* decideExits(exitIndex, active)
-          if (exiting.length > 0 && head) {
-            const leaving = exiting.map((r) => active[r]!)
-            yield* skipLayers(exitIndex, leaving)
+          if (exiting.length > 0) {
+            skipLayers(
+              exitIndex,
+              exiting.map((r) => active[r]!),
+              fills,
+            )
+            const exitLayer = spec.exits[exitIndex]!.layer
             for (const r of exiting) {
               const { confidence, row } = confidences.get(r)!
-              finished.push({ seq: active[r]!.seq, head, row, exitLayer: spec.exits[exitIndex]!.layer, confidence })
+              const seq = active[r]!.seq
+              if (row === DEFERRED) deferred.push({ seq, hidden: current(active[r]!), exitIndex, confidence })
+              else finished.push({ seq, head: head!, row, exitLayer, confidence })
             }
             const gone = new Set(exiting)
             active = active.filter((_, r) => !gone.has(r))
           }
           for (const row of active) row.previous = current(row)
         }
-        return { finished, atEnd: active }
+        yield* fillSkipped(fills)
+        return { finished, deferred, atEnd: active }
       })
 
     const step = Effect.gen(function* () {
@@ -560,11 +609,19 @@ const makeEngine = (options: EngineOptions) =>
           decodeRows.map((r) => r.seq as Sequence),
           decoded.left,
         )
-      const { finished, atEnd } = decoded._tag === "Right" ? decoded.right : { finished: [], atEnd: [] }
+      const { finished, deferred, atEnd } =
+        decoded._tag === "Right" ? decoded.right : { finished: [], deferred: [], atEnd: [] }
 
-      // Everything that ran the whole depth shares one call of the final head.
-      const deep = [...prefilled, ...atEnd.map((row) => ({ seq: row.seq, hidden: current(row) }))]
+      // Everything that ran the whole depth shares one call of the final head, with the rows that exited early
+      // without needing a head to decide (their exits share this head).
+      const deep = [
+        ...prefilled,
+        ...atEnd.map((row) => ({ seq: row.seq, hidden: current(row) })),
+        ...deferred.map(({ seq, hidden }) => ({ seq, hidden })),
+      ]
+      const fullDepth = deep.length - deferred.length
       if (deep.length > 0) {
+        const started = performance.now()
         const hidden = headInput(deep.length * D)
         deep.forEach((r, i) => hidden.set(r.hidden, i * D))
         const head = yield* Effect.either(
@@ -575,6 +632,12 @@ const makeEngine = (options: EngineOptions) =>
             deep.some((r) => r.seq.request.usesLogits),
           ),
         )
+        // The early rows' share of the call is their exits' head time.
+        const share = (performance.now() - started) / deep.length
+        for (const d of deferred) {
+          exitStats[d.exitIndex]!.headMs += share
+          exitStats[d.exitIndex]!.headRows++
+        }
         if (head._tag === "Left")
           fail(
             deep.map((r) => r.seq),
@@ -582,7 +645,11 @@ const makeEngine = (options: EngineOptions) =>
           )
         else {
           for (const row of atEnd) row.seq.pending = []
-          deep.forEach(({ seq }, row) => {
+          deferred.forEach(({ seq, exitIndex, confidence }, i) => {
+            const exitLayer = spec.exits[exitIndex]!.layer
+            finished.push({ seq, head: head.right, row: fullDepth + i, exitLayer, confidence })
+          })
+          deep.slice(0, fullDepth).forEach(({ seq }, row) => {
             const out = { head: head.right, row, exitLayer: dims.layers, confidence: head.right.maxProb[row]! }
             // The other samples of the request start from the same prompt blocks and the same logits.
             const forks = seq.request.forks.splice(0).map((start) => start())

@@ -67,12 +67,16 @@ export interface ModelRunnerShape {
     previous: Float32Array,
     count: number,
   ) => Effect.Effect<Float32Array | undefined, RunnerError>
-  /** Writes the K/V of every layer after early exit `index`, computed from the exit hidden state. */
+  /**
+   * Writes the K/V of every layer after early exit `index`, computed from each row's exit hidden state. With
+   * `fromLayers`, row r writes only layers ≥ fromLayers[r] (rows that exited at later exits share the call).
+   */
   readonly kvFill: (
     index: number,
     hidden: Float32Array,
     positions: BigInt64Array,
     slots: Int32Array,
+    fromLayers?: Int32Array,
   ) => Effect.Effect<void, RunnerError>
   /** Copies block `from` to block `to` in every layer's K and V pools (copy-on-write of a shared block). */
   readonly copyBlock: (from: number, to: number) => void

@@ -217,7 +217,7 @@ export const makeOnnxModelRunner = (
       )
     }
 
-    const kvFill: ModelRunnerShape["kvFill"] = (index, hidden, positions, slots) => {
+    const kvFill: ModelRunnerShape["kvFill"] = (index, hidden, positions, slots, fromLayers) => {
       const exit = spec.exits[index]!
       const session = kvFillSessions[index]
       if (!session) return Effect.void
@@ -227,8 +227,11 @@ export const makeOnnxModelRunner = (
         [G.positions]: i64(positions, [1, n]),
       }).pipe(
         Effect.map((out) => {
+          const layerSlots = fromLayers ? new Int32Array(n) : slots
           for (let l = exit.layer; l < dims.layers; l++) {
-            writeRows(l, out[G.kNew(l)]!.data as Float32Array, out[G.vNew(l)]!.data as Float32Array, slots)
+            // A row that exited later than this layer keeps the K/V its segments computed here.
+            if (fromLayers) for (let r = 0; r < n; r++) layerSlots[r] = fromLayers[r]! <= l ? slots[r]! : -1
+            writeRows(l, out[G.kNew(l)]!.data as Float32Array, out[G.vNew(l)]!.data as Float32Array, layerSlots)
           }
         }),
       )
