@@ -43,8 +43,11 @@ export interface ExitClassifierWeights {
 
 const RMS_EPS = 1e-6
 
-/** Writes the features of one row into `out` (length featureCount(D)). */
-export const writeFeatures = (hidden: Float32Array, previous: Float32Array, out: Float32Array | Float64Array): void => {
+/** [rms, cosine] of a row, in a buffer reused from call to call (the per-token path allocates nothing). */
+const scalars = new Float64Array(2)
+
+/** The row's root mean square and its cosine with the previous exit's state (0 for a zero vector), into `scalars`. */
+const rowScalars = (hidden: Float32Array, previous: Float32Array): Float64Array => {
   const D = hidden.length
   let ss = 0
   let dot = 0
@@ -56,9 +59,19 @@ export const writeFeatures = (hidden: Float32Array, previous: Float32Array, out:
     dot += h * p
     pp += p * p
   }
-  const rms = Math.sqrt(ss / D + RMS_EPS)
+  scalars[0] = Math.sqrt(ss / D + RMS_EPS)
+  scalars[1] = ss === 0 || pp === 0 ? 0 : dot / Math.sqrt(ss * pp)
+  return scalars
+}
+
+/** Writes the features of one row into `out` (length featureCount(D)). */
+export const writeFeatures = (hidden: Float32Array, previous: Float32Array, out: Float32Array | Float64Array): void => {
+  const D = hidden.length
+  const stats = rowScalars(hidden, previous)
+  const rms = stats[0]!
+  const cosine = stats[1]!
   for (let i = 0; i < D; i++) out[i] = hidden[i]! / rms
-  out[D] = ss === 0 || pp === 0 ? 0 : dot / Math.sqrt(ss * pp)
+  out[D] = cosine
   out[D + 1] = Math.log(rms)
 }
 
@@ -70,19 +83,10 @@ const sigmoid = (z: number) => 1 / (1 + Math.exp(-z))
  */
 export const predictExit = (w: ExitClassifierWeights, hidden: Float32Array, previous: Float32Array): number => {
   const D = hidden.length
-  let ss = 0
-  let dot = 0
-  let pp = 0
-  for (let i = 0; i < D; i++) {
-    const h = hidden[i]!
-    const p = previous[i]!
-    ss += h * h
-    dot += h * p
-    pp += p * p
-  }
-  const rms = Math.sqrt(ss / D + RMS_EPS)
+  const stats = rowScalars(hidden, previous)
+  const rms = stats[0]!
   const inv = 1 / rms
-  const cos = ss === 0 || pp === 0 ? 0 : dot / Math.sqrt(ss * pp)
+  const cos = stats[1]!
   const logRms = Math.log(rms)
   const units = w.hidden === 0 ? 1 : w.hidden
   const { w1, b1, inputs } = w
