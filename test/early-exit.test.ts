@@ -6,11 +6,12 @@
 import { cpSync, readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { describe, expect, it } from "@effect/vitest"
-import { buildExitClassifierGraph } from "@offramp/convert"
+import { buildClassifierGraph } from "@offramp/convert"
 import {
   type EarlyExitRequest,
   Engine,
   FULL_DEPTH,
+  featureCount,
   type GenerationRequest,
   type KvStrategy,
   ModelRunner,
@@ -273,8 +274,21 @@ describe("learned exit classifiers", () => {
       const dir = tempDir("classifier")
       cpSync(modelDir, dir, { recursive: true })
       const dim = 64
-      writeFileSync(join(dir, "classifier_2.onnx"), buildExitClassifierGraph(dim, new Float32Array(dim), 20))
-      writeFileSync(join(dir, "classifier_1.onnx"), buildExitClassifierGraph(dim, new Float32Array(dim), -20))
+      const constant = (bias: number) =>
+        buildClassifierGraph(
+          {
+            kind: "logistic",
+            inputs: featureCount(dim),
+            hidden: 0,
+            w1: new Float32Array(featureCount(dim)),
+            b1: Float32Array.of(bias),
+            w2: new Float32Array(0),
+            b2: 0,
+          },
+          dim,
+        )
+      writeFileSync(join(dir, "classifier_2.onnx"), constant(20))
+      writeFileSync(join(dir, "classifier_1.onnx"), constant(-20))
       const spec = JSON.parse(readFileSync(join(dir, "model.json"), "utf8"))
       spec.exits[0].classifier = "classifier_1.onnx"
       spec.exits[1].classifier = "classifier_2.onnx"

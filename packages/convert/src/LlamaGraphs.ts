@@ -96,6 +96,24 @@ const ropeTables = (g: GraphBuilder, c: LlamaConfig, invFreq: Float32Array): Rop
 const applyRope = (g: GraphBuilder, x: string, rope: Rope, heads: number): string =>
   g.contrib("RotaryEmbedding", [x, N.positions, rope.cos, rope.sin], { interleaved: 0, num_heads: heads })
 
+/** Pre-attention norm, fused K/V projection and RoPE of K of one layer, as in its segment. */
+const keyValue = (
+  g: GraphBuilder,
+  fmt: WeightFormat,
+  c: LlamaConfig,
+  layer: number,
+  w: LlamaLayerWeights,
+  x: string,
+  rope: Rope,
+) => {
+  const h = rmsNorm(g, x, w.attnNorm, c.normEps, `l${layer}_attn_norm`)
+  const kvDim = c.kvHeads * c.headDim
+  const kv = linear(g, fmt, h, stack([w.wk, w.wv]), 2 * kvDim, c.dim, `l${layer}_wkv`)
+  const [k, v] = g.nodeN("Split", [kv, g.ints([kvDim, kvDim])], 2, { axis: -1 })
+  const heads = g.ints([0, 0, c.kvHeads, c.headDim])
+  return { k: g.node("Reshape", [applyRope(g, k!, rope, c.kvHeads), heads]), v: g.node("Reshape", [v!, heads]) }
+}
+
 const attentionAndMlp = (
   g: GraphBuilder,
   fmt: WeightFormat,
@@ -207,17 +225,11 @@ export const buildHeadGraph = (c: LlamaConfig, head: ExitHeadWeights, fmt: Weigh
 }
 
 /**
- * Scales column i of a row-major [out, in] matrix by `norm[i]`: W·diag(g), the projection of the unweighted norm
- * that equals the projection of RMSNorm with weight g.
- */
-const foldNorm = (w: Float32Array, norm: Float32Array): Float32Array => w.map((v, i) => v * norm[i % norm.length]!)
-
-/**
  * K/V rows of every layer from `from` on, computed from an exit's hidden state (CALM's state propagation).
- * At small batch the cost is the number of nodes, not arithmetic, so all layers share one graph of a few nodes:
- * RMSNorm_l(h)·W = (h / rms(h)) · diag(g_l)·W, so one unweighted norm feeds one MatMul over every layer's K and V
- * projections with the norm weights folded in, laid out [K of each layer, V of each layer]; one RotaryEmbedding
- * rotates all K heads (positions are shared), and Splits cut the per-layer outputs.
+ * At small batch a graph costs per node, not per multiply-add, so with float weights the layers share nodes:
+ * RMSNorm_l(h)·W = (h / rms(h))·diag(g_l)·W, so one unweighted norm feeds one MatMul over every layer's K and V
+ * projections with the norm weights folded into the weight rows, laid out [K of each layer, V of each layer];
+ * one RotaryEmbedding rotates all K heads (positions are shared), and one Split each cuts the per-layer outputs.
  */
 export const buildKvFillGraph = (w: LlamaWeights, from: number, fmt: WeightFormat = FP32): Uint8Array => {
   const c = w.config
@@ -225,52 +237,44 @@ export const buildKvFillGraph = (w: LlamaWeights, from: number, fmt: WeightForma
   g.input(N.hidden, "float32", ["R", "T", c.dim])
   g.input(N.positions, "int64", ["R", "T"])
   const rope = ropeTables(g, c, w.invFreq)
+  const output = (layer: number, k: string, v: string) => {
+    g.output(N.kNew(layer), k, "float32", ["R", "T", c.kvHeads, c.headDim])
+    g.output(N.vNew(layer), v, "float32", ["R", "T", c.kvHeads, c.headDim])
+  }
+  if (fmt.quantization !== undefined) {
+    // Quantized blocks cannot take the fold: folded before quantizing, a norm weight's outlier channels widen every
+    // block they fall in (measured: about twice the K/V error). Without it the layers cannot share a MatMulNBits,
+    // and sharing only the RoPE and Splits measured no faster, so each layer keeps the path of its segment.
+    for (let l = from; l < c.layers; l++) {
+      const { k, v } = keyValue(g, fmt, c, l, w.layers[l]!, N.hidden, rope)
+      output(l, k, v)
+    }
+    return g.encode()
+  }
   const layers = w.layers.slice(from)
   const kvDim = c.kvHeads * c.headDim
   const mats = [...layers.map((l) => l.wk), ...layers.map((l) => l.wv)]
-  const norms = [...layers, ...layers].map((l) => l.attnNorm)
   const outDim = mats.length * kvDim
+  // The fold is in-graph, after the Cast of float16 weights, so the products are those of the stored weights, as in
+  // the segments; onnxruntime folds these constant nodes into one initializer at load.
+  const stored = floatParam(g, fmt, "wkv", transpose(stack(mats), outDim, c.dim), [c.dim, outDim])
+  const norms = transpose(stack(layers.map((l) => l.attnNorm)), layers.length, c.dim)
+  const perMatrix = g.node("Reshape", [stored, g.ints([c.dim, 2, layers.length, kvDim])]) // [D, K|V, layer, kvDim]
+  const scaled = g.node("Mul", [perMatrix, g.weight("wkv_norms", norms, [c.dim, 1, layers.length, 1])])
+  const folded = g.node("Reshape", [scaled, g.ints([c.dim, outDim])])
   const n = rmsNorm(g, N.hidden, new Float32Array(c.dim).fill(1), c.normEps, "kv_norm")
-  let kv: string
-  if (fmt.quantization === undefined) {
-    // Folded in-graph, after the Cast of float16 weights, so the products are those of the stored weights in
-    // float32 as in the segments; onnxruntime folds these constant nodes into one initializer at load.
-    const stored = floatParam(g, fmt, "wkv", transpose(stack(mats), outDim, c.dim), [c.dim, outDim])
-    const scales = g.weight("wkv_norms", transpose(stack(norms), mats.length, c.dim), [c.dim, mats.length, 1])
-    const blocks = g.node("Reshape", [stored, g.ints([c.dim, mats.length, kvDim])])
-    const folded = g.node("Reshape", [g.node("Mul", [blocks, scales]), g.ints([c.dim, outDim])])
-    kv = g.node("MatMul", [n, folded])
-  } else {
-    // MatMulNBits reads packed blocks, so the norm weights are folded into the float weights before quantizing.
-    kv = linear(g, fmt, n, stack(mats.map((m, i) => foldNorm(m, norms[i]!))), outDim, c.dim, "wkv")
-  }
-  const [k, v] = g.nodeN("Split", [kv, g.ints([outDim / 2, outDim / 2])], 2, { axis: -1 })
-  // Each layer's K and V heads are consecutive heads of the stacked projections.
+  const [k, v] = g.nodeN("Split", [g.node("MatMul", [n, folded]), g.ints([outDim / 2, outDim / 2])], 2, { axis: -1 })
+  // Layer i's heads are heads i·kvHeads .. (i+1)·kvHeads - 1 of the stacked K (or V).
+  const heads = layers.length * c.kvHeads
   const perLayer = (x: string) =>
     g.nodeN(
       "Split",
-      [
-        g.node("Reshape", [x, g.ints([0, 0, layers.length * c.kvHeads, c.headDim])]),
-        g.ints(layers.map(() => c.kvHeads)),
-      ],
+      [g.node("Reshape", [x, g.ints([0, 0, heads, c.headDim])]), g.ints(layers.map(() => c.kvHeads))],
       layers.length,
       { axis: 2 },
     )
-  const ks = perLayer(applyRope(g, k!, rope, layers.length * c.kvHeads))
+  const ks = perLayer(applyRope(g, k!, rope, heads))
   const vs = perLayer(v!)
-  layers.forEach((_, i) => {
-    g.output(N.kNew(from + i), ks[i]!, "float32", ["R", "T", c.kvHeads, c.headDim])
-    g.output(N.vNew(from + i), vs[i]!, "float32", ["R", "T", c.kvHeads, c.headDim])
-  })
-  return g.encode()
-}
-
-/** A learned exit classifier (logistic regression on the exit hidden state): hidden [N,D] → exit_prob [N]. */
-export const buildExitClassifierGraph = (dim: number, weights: Float32Array, bias: number): Uint8Array => {
-  const g = new GraphBuilder("exit_classifier")
-  g.input(N.hidden, "float32", ["N", dim])
-  const logit = g.node("Add", [g.node("MatMul", [N.hidden, g.weight("w", weights, [dim, 1])]), g.scalar(bias)])
-  const prob = g.node("Squeeze", [g.node("Sigmoid", [logit]), g.ints([-1])])
-  g.output(N.exitProb, prob, "float32", ["N"])
+  layers.forEach((_, i) => output(from + i, ks[i]!, vs[i]!))
   return g.encode()
 }
