@@ -12,6 +12,7 @@ import {
   Engine,
   type ExitStatistics,
   ModelRunner,
+  thresholdsForPerplexity,
   thresholdsForTarget,
 } from "@offramp/core"
 import { CALIBRATION_FILE, CalibrationFile, OnnxModelRunner, onnxEngineLayer } from "@offramp/onnx"
@@ -129,6 +130,42 @@ describe("thresholdsForTarget", () => {
 })
 
 const runnerLayer = () => OnnxModelRunner.layer(modelDir, { blockSize: 16, numBlocks: 16 })
+
+describe("thresholdsForPerplexity", () => {
+  // Ten positions. Exit 2 predicts the text as well as full depth where it is confident (≥ 0.5) and badly
+  // elsewhere; full depth gives every token probability 0.5.
+  const half = Math.log(0.5)
+  const final: ExitStatistics = {
+    layer: 8,
+    samples: Array.from({ length: 10 }, () => ({ confidence: 1, agrees: true, logprob: half })),
+  }
+  const early: ExitStatistics = {
+    layer: 2,
+    samples: Array.from({ length: 10 }, (_, p) => ({
+      confidence: p / 10,
+      agrees: p >= 5,
+      logprob: p >= 5 ? half : Math.log(0.01),
+    })),
+  }
+  const nll = (thresholdAt2: number) =>
+    -early.samples.reduce((sum, s) => sum + (s.confidence >= thresholdAt2 ? s.logprob : half), 0)
+
+  it("exits every position whose exit costs nothing, and no more, within a zero budget", () => {
+    const [exit] = thresholdsForPerplexity([early], final, 0, 8)
+    expect(exit!.threshold).toBe(0.5)
+    expect(exit!.coverage).toBe(0.5)
+    expect(exit!.agreement).toBe(1)
+    expect(nll(exit!.threshold)).toBeCloseTo(-10 * half)
+  })
+
+  it("spends a budget on the least depth: a looser threshold once the budget covers a bad position", () => {
+    // One more position at exit 2 costs log(0.5/0.01) ≈ 3.9 nats over 10 positions: exp(0.39) − 1 ≈ 48%.
+    expect(thresholdsForPerplexity([early], final, 0.47, 8)[0]!.threshold).toBe(0.5)
+    const loose = thresholdsForPerplexity([early], final, 0.5, 8)[0]!
+    expect(loose.threshold).toBeLessThan(0.5)
+    expect(Math.exp((nll(loose.threshold) - -10 * half) / 10) - 1).toBeLessThanOrEqual(0.5)
+  })
+})
 
 describe("collectExitStatistics vs the TypeScript reference (stories260K)", () => {
   it.effect("agreement and softmax confidence per position match the reference forward pass", () =>

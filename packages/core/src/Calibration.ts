@@ -222,6 +222,68 @@ export const thresholdsForTarget = (
 ): ReadonlyArray<ExitCalibration> => statistics.map((s) => thresholdForTarget(s, target))
 
 /**
+ * Per-exit thresholds that let tokens leave as early as possible while the teacher-forced perplexity of the tokens'
+ * exits stays within `budget` (0.02: 2% above full depth's) on the calibration text. A position takes the first exit
+ * whose confidence reaches its threshold, else full depth; the search tries every combination of thresholds at the
+ * deciles of each exit's confidences (and closed) and keeps the one of least mean depth. `final` is the full-depth
+ * exit's statistics (collected with `includeFinal`). Pure.
+ */
+export const thresholdsForPerplexity = (
+  statistics: ReadonlyArray<ExitStatistics>,
+  final: ExitStatistics,
+  budget: number,
+  layers: number,
+): ReadonlyArray<ExitCalibration> => {
+  const positions = final.samples.flatMap((s, p) => (Number.isNaN(s.logprob) ? [] : [p]))
+  const n = positions.length
+  const fullNll = -positions.reduce((sum, p) => sum + final.samples[p]!.logprob, 0)
+  const limit = fullNll + n * Math.log(1 + budget)
+  // Candidates: deciles of each exit's confidences, and closed.
+  const candidates = statistics.map((e) => {
+    const sorted = positions.map((p) => e.samples[p]!.confidence).sort((a, b) => a - b)
+    const deciles = Array.from({ length: 11 }, (_, i) => sorted[Math.min(n - 1, Math.floor((i / 10) * n))]!)
+    return [...new Set(deciles), CLOSED_THRESHOLD]
+  })
+  let best = { depth: Number.POSITIVE_INFINITY, thresholds: statistics.map(() => CLOSED_THRESHOLD) }
+  const choice = statistics.map(() => 0)
+  const evaluate = () => {
+    const thresholds = choice.map((c, e) => candidates[e]![c]!)
+    let nll = 0
+    let depth = 0
+    for (const p of positions) {
+      let e = 0
+      while (e < statistics.length && statistics[e]!.samples[p]!.confidence < thresholds[e]!) e++
+      const sample = e < statistics.length ? statistics[e]!.samples[p]! : final.samples[p]!
+      nll -= sample.logprob
+      depth += e < statistics.length ? statistics[e]!.layer : layers
+    }
+    if (nll <= limit && depth < best.depth) best = { depth, thresholds }
+  }
+  const visit = (e: number): void => {
+    if (e === statistics.length) return evaluate()
+    for (let c = 0; c < candidates[e]!.length; c++) {
+      choice[e] = c
+      visit(e + 1)
+    }
+  }
+  visit(0)
+  return statistics.map((e, i) => {
+    const threshold = best.thresholds[i]!
+    // What the exit admits of the positions that reach it, as thresholdForTarget reports.
+    const reaching = positions.filter((p) =>
+      best.thresholds.slice(0, i).every((t, j) => statistics[j]!.samples[p]!.confidence < t),
+    )
+    const taken = reaching.filter((p) => e.samples[p]!.confidence >= threshold)
+    return {
+      layer: e.layer,
+      threshold,
+      coverage: threshold > 1 ? 0 : taken.length / n,
+      agreement: taken.length === 0 ? 0 : taken.filter((p) => e.samples[p]!.agrees).length / taken.length,
+    }
+  })
+}
+
+/**
  * Early-exit settings from calibrated exits: each open exit gets its threshold, every other exit stays closed
  * (the base threshold is CLOSED_THRESHOLD). Pure.
  */

@@ -18,6 +18,7 @@ import {
   ModelLoadError,
   ModelRunner,
   Tokenizer,
+  thresholdsForPerplexity,
   thresholdsForTarget,
 } from "@offramp/core"
 import {
@@ -28,7 +29,7 @@ import {
   openModelDirectory,
 } from "@offramp/onnx"
 import { HfTokenizer } from "@offramp/tokenizer"
-import { Console, Effect, Layer } from "effect"
+import { Console, Effect, Layer, Option } from "effect"
 import {
   CLASSIFIERS_FILE,
   type ClassifierKind,
@@ -61,6 +62,13 @@ const classifiers = Options.boolean("classifiers").pipe(
 const classifierKind = Options.choice("classifier-kind", ["auto", "logistic", "mlp"]).pipe(
   Options.withDescription("logistic regression, a one-hidden-layer MLP, or auto: the MLP where it measurably helps"),
   Options.withDefault("auto"),
+)
+const maxPerplexityIncrease = Options.float("max-perplexity-increase").pipe(
+  Options.withDescription(
+    "instead of --target: the thresholds of least mean depth whose teacher-forced perplexity on the text stays " +
+      "within this fraction above full depth's (0.02 = 2%)",
+  ),
+  Options.optional,
 )
 const heldoutFraction = Options.float("heldout-fraction").pipe(
   Options.withDescription("with --classifiers: the last part of the text's positions, held out from fitting"),
@@ -201,7 +209,19 @@ const trainClassifiers = (args: {
 
 export const calibrate = Command.make(
   "calibrate",
-  { model, text, target, measure, policy, kv, maxTokens, classifiers, classifierKind, heldoutFraction },
+  {
+    model,
+    text,
+    target,
+    maxPerplexityIncrease,
+    measure,
+    policy,
+    kv,
+    maxTokens,
+    classifiers,
+    classifierKind,
+    heldoutFraction,
+  },
   (args) =>
     Effect.gen(function* () {
       if (!(args.target > 0 && args.target <= 1)) {
@@ -211,15 +231,24 @@ export const calibrate = Command.make(
       }
       const from = args.classifiers ? yield* trainClassifiers(args) : 0
       const measure = args.classifiers ? "classifier" : args.measure
-      const collected = yield* textExitStatistics(args.model, args.text, args.maxTokens, measure)
-      const statistics = collected.statistics.map((s) => ({ layer: s.layer, samples: s.samples.slice(from) }))
+      const budget = Option.getOrUndefined(args.maxPerplexityIncrease)
+      if (budget !== undefined && !(budget >= 0)) {
+        return yield* new InvalidRequestError({ message: `--max-perplexity-increase is a fraction ≥ 0, got ${budget}` })
+      }
+      const collected = yield* textExitStatistics(args.model, args.text, args.maxTokens, measure, budget !== undefined)
+      const all = collected.statistics.map((s) => ({ layer: s.layer, samples: s.samples.slice(from) }))
       const { tokens } = collected
-      const exits = thresholdsForTarget(statistics, args.target)
+      const { spec } = yield* openModelDirectory(args.model)
+      const statistics = budget === undefined ? all : all.slice(0, -1)
+      const exits =
+        budget === undefined
+          ? thresholdsForTarget(statistics, args.target)
+          : thresholdsForPerplexity(statistics, all.at(-1)!, budget, spec.dims.layers)
 
       const file: typeof CalibrationFile.Type = {
         earlyExit: calibratedEarlyExit(exits, { measure, policy: args.policy, kv: args.kv }),
         calibration: {
-          target: args.target,
+          ...(budget === undefined ? { target: args.target } : { maxPerplexityIncrease: budget }),
           text: basename(args.text),
           tokens,
           ...(from > 0 ? { fromPosition: from } : {}),
@@ -235,7 +264,8 @@ export const calibrate = Command.make(
       yield* Console.log(table(exits))
       yield* Console.error(
         `[${tokens} tokens of ${basename(args.text)}${from > 0 ? ` (thresholds from position ${from} on)` : ""}, ` +
-          `target ${percent(args.target)}, measure ${measure}; ` +
+          `${budget === undefined ? `target ${percent(args.target)}` : `perplexity within +${percent(budget)}`}, ` +
+          `measure ${measure}; ` +
           `wrote ${path}]`,
       )
     }),
