@@ -26,7 +26,7 @@ head -c 60000 build/train/heldout.txt | sed '$d' > models/heldout-sample.txt
 # sample the figures are measured on. The classifiers fit on its first 75% and are scored, and the thresholds
 # calibrated, on the rest.
 tail -c 280000 build/train/corpus.txt | tail -n +2 > build/train/calibration.txt
-offramp calibrate --model models/default --text build/train/calibration.txt --classifiers --target 0.95 \
+offramp calibrate --model models/default --text build/train/calibration.txt --classifiers --max-perplexity-increase 0.015 \
   --max-tokens 60000
 
 offramp evaluate --model models/default --text models/heldout-sample.txt

@@ -78,7 +78,7 @@ next token and, by self-distillation, the final layer's distribution, under Laye
 | training | CE at every exit (weights ${start.config.early_exit_loss_weights.join(", ")}) + ${start.args.distill} × KL(final ‖ exit) at the early exits, layer dropout up to ${start.args.layer_drop}, dropout ${start.args.dropout}; ${done.steps} steps of ${start.args.batch} × ${start.args.ctx} tokens${sweep ? " (`sweep.py`: the run `" + sweep.chosen + "`, flags `" + flags + "`)" : ""}; the weights kept are the step-${done.kept_step} ones (lowest full-depth validation loss) |
 | storage | weights fp16 (cast to fp32 at load), ${(total / 1024 / 1024).toFixed(2)} MiB in ${files.length} files |
 | exit classifiers | \`classifier_<layer>.onnx\` (${classifiers.exits.map((e) => e.kind).join(", ")}), fitted by \`offramp calibrate --classifiers\` on validation text; see below |
-| early-exit defaults | \`calibration.json\`: ${calibration.earlyExit.measure} thresholds per exit for ${calibration.calibration.target * 100}% agreement with full depth on validation text |
+| early-exit defaults | \`calibration.json\`: ${calibration.earlyExit.measure} thresholds per exit ${calibration.calibration.maxPerplexityIncrease !== undefined ? `of least mean depth within +${calibration.calibration.maxPerplexityIncrease * 100}% teacher-forced perplexity` : `for ${calibration.calibration.target * 100}% agreement with full depth`} on validation text |
 
 ## Provenance and licences
 
