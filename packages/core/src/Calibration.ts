@@ -260,7 +260,10 @@ export const thresholdsForPerplexity = (
     if (nll <= limit && depth < best.depth) best = { depth, thresholds }
   }
   const visit = (e: number): void => {
-    if (e === statistics.length) return evaluate()
+    if (e === statistics.length) {
+      evaluate()
+      return
+    }
     for (let c = 0; c < candidates[e]!.length; c++) {
       choice[e] = c
       visit(e + 1)
