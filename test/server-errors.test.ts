@@ -114,6 +114,12 @@ const BAD: ReadonlyArray<BadCase> = [
     status: 400,
     param: "early_exit.threshold",
   },
+  {
+    name: "an early-exit confirmation above 1",
+    body: { ...valid, early_exit: { measure: "saturation", confirm: 1.5 } },
+    status: 400,
+    param: "early_exit.confirm",
+  },
   { name: "empty messages", path: chat, body: { model: MODEL, messages: [] }, status: 400, param: "messages" },
   { name: "messages not an array", path: chat, body: { model: MODEL, messages: "hi" }, status: 400, param: "messages" },
   {

@@ -279,6 +279,21 @@ describe("the early_exit extension", () => {
     expect(streamed.chunks.map((c) => c.choices[0]?.text ?? "").join("")).toBe(engine)
   })
 
+  it("a gated decision (head-free measure, then the head's confirmation) reaches the engine as given", async () => {
+    const early_exit = { measure: "saturation" as const, threshold: 0, min_exit_layer: 2, confirm: 0.95 }
+    const request = { model: MODEL, prompt: BENCH_PROMPTS[2]!, max_tokens: 16, temperature: 0, early_exit }
+    const body = await json(await postJson(`${server.url}/v1/completions`, request))
+    const engine = await server.engineText({
+      prompt: BENCH_PROMPTS[2]!,
+      maxTokens: 16,
+      sampling: { temperature: 0, topK: 0, topP: 1 },
+      earlyExit: { measure: "saturation", threshold: 0, minExitLayer: 2, confirm: 0.95 },
+    })
+    expect(body.choices[0].text).toBe(engine)
+    // Without the confirmation every token after the first would leave at layer 2.
+    expect(body.early_exit.exit_histogram[2] ?? 0).toBeLessThan(15)
+  })
+
   it("a measure the model cannot serve is a 400 before any stream starts", async () => {
     const response = await postJson(`${server.url}/v1/chat/completions`, {
       model: MODEL,

@@ -24,6 +24,8 @@ export const EarlyExitExtension = Schema.Struct({
   min_exit_layer: Nullable(Schema.Int.pipe(Schema.positive())),
   /** CALM's decaying threshold schedule. */
   decay_tau: Nullable(NonNegative),
+  /** A gated decision: with a head-free measure, a passing row exits only if the head's max probability reaches this. */
+  confirm: Nullable(Schema.Number.pipe(Schema.between(0, 1))),
 })
 export type EarlyExitExtension = typeof EarlyExitExtension.Type
 

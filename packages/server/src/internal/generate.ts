@@ -66,6 +66,7 @@ const earlyExitOf = (ext: EarlyExitExtension | null | undefined): EarlyExitReque
     ...(given(ext.policy) ? { policy: ext.policy } : {}),
     ...(given(ext.kv) ? { kv: ext.kv } : {}),
     ...(given(ext.min_exit_layer) ? { minExitLayer: ext.min_exit_layer } : {}),
+    ...(given(ext.confirm) ? { confirm: ext.confirm } : {}),
     ...(given(ext.decay_tau) ? { decayTau: ext.decay_tau } : {}),
   } satisfies EarlyExitRequest
   return Object.keys(out).length > 0 ? out : undefined
