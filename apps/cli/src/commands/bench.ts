@@ -9,6 +9,7 @@ import { relative, resolve } from "node:path"
 import { fileURLToPath } from "node:url"
 import { Command, Options } from "@effect/cli"
 import {
+  ConfidenceMeasure,
   type EarlyExitRequest,
   Engine,
   type ExitPolicy,
@@ -63,7 +64,7 @@ const kvStrategies = Options.text("kv").pipe(
   Options.withDescription("KV strategies to sweep"),
   Options.withDefault("fill,recompute"),
 )
-const measureOption = Options.choice("measure", ["softmax", "margin", "entropy", "saturation", "classifier"]).pipe(
+const measureOption = Options.choice("measure", ConfidenceMeasure.literals).pipe(
   Options.withDescription(
     "confidence measure of the --thresholds sweep (default: the model's calibrated measure, else softmax)",
   ),

@@ -9,7 +9,7 @@ import { Command, Options } from "@effect/cli"
 import {
   CALIBRATION_WINDOW,
   ConfidenceEvaluator,
-  type ConfidenceMeasure,
+  ConfidenceMeasure,
   calibratedEarlyExit,
   calibrationWindow,
   collectExitStatistics,
@@ -49,7 +49,7 @@ const target = Options.float("target").pipe(
   Options.withDescription("agreement rate with full depth that early-exit tokens must keep, in (0, 1]"),
   Options.withDefault(0.99),
 )
-const measure = Options.choice("measure", ["softmax", "margin", "entropy", "saturation", "classifier"]).pipe(
+const measure = Options.choice("measure", ConfidenceMeasure.literals).pipe(
   Options.withDescription("the confidence measure the thresholds are for (classifier: the model's exit classifiers)"),
   Options.withDefault("softmax"),
 )

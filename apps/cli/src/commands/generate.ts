@@ -4,6 +4,7 @@
 import { readFile } from "node:fs/promises"
 import { Command, Options } from "@effect/cli"
 import {
+  ConfidenceMeasure,
   type EarlyExitParams,
   type EarlyExitRequest,
   Engine,
@@ -45,7 +46,7 @@ const threshold = Options.float("threshold").pipe(
   Options.withDescription("early exit when the exit head's confidence reaches this (above 1: never)"),
   Options.optional,
 )
-const measure = Options.choice("measure", ["softmax", "margin", "entropy", "saturation", "classifier"]).pipe(
+const measure = Options.choice("measure", ConfidenceMeasure.literals).pipe(
   Options.withDescription("confidence measure of the exit heads"),
   Options.optional,
 )
