@@ -418,6 +418,8 @@ const makeEngine = (options: EngineOptions) =>
             })
             classifier = yield* runner.classify(exitIndex, hidden, previous, classified.length)
           }
+          // `classified` keeps `free`'s order, so the classifier's rows come in turn.
+          let next = 0
           for (const r of free) {
             const c = evaluator.confidence({
               measure: params(r).measure,
@@ -427,7 +429,7 @@ const makeEngine = (options: EngineOptions) =>
               hidden: current(rows[r]!),
               previousHidden: rows[r]!.previous,
               vocab: dims.vocab,
-              ...(classifier ? { classifier: classifier[classified.indexOf(r)]! } : {}),
+              ...(classifier && params(r).measure === "classifier" ? { classifier: classifier[next++]! } : {}),
             })
             cheap.set(r, c)
           }
