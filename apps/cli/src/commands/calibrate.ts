@@ -14,9 +14,11 @@ import {
   calibrationWindow,
   collectExitStatistics,
   type ExitCalibration,
+  featureCount,
   InvalidRequestError,
   ModelLoadError,
   ModelRunner,
+  predictSamples,
   Tokenizer,
   thresholdsForPerplexity,
   thresholdsForTarget,
@@ -169,42 +171,63 @@ const table = (exits: ReadonlyArray<ExitCalibration>) =>
     ),
   ].join("\n")
 
-/** Fits and writes exit classifiers; returns the first held-out position (thresholds are calibrated after it). */
-const trainClassifiers = (args: {
-  readonly model: string
-  readonly text: string
-  readonly maxTokens: number
-  readonly classifierKind: ClassifierKind
-  readonly heldoutFraction: number
-}) =>
+/**
+ * Fits and writes exit classifiers. Returns the text's statistics under the classifier measure (each early exit's
+ * confidences are its fitted classifier's, computed from the features the same pass collected, so the text runs once;
+ * with `includeFinal`, full depth's statistics last) and the first held-out position, where thresholds are calibrated.
+ */
+const trainClassifiers = (
+  args: {
+    readonly model: string
+    readonly text: string
+    readonly maxTokens: number
+    readonly classifierKind: ClassifierKind
+    readonly heldoutFraction: number
+  },
+  hidden: number,
+  includeFinal: boolean,
+) =>
   Effect.gen(function* () {
     if (!(args.heldoutFraction > 0 && args.heldoutFraction < 1)) {
       return yield* new InvalidRequestError({
         message: `--heldout-fraction is a fraction in (0, 1), got ${args.heldoutFraction}`,
       })
     }
-    const { spec } = yield* openModelDirectory(args.model)
     const { statistics, tokens } = yield* textExitStatistics(
       args.model,
       args.text,
       args.maxTokens,
       "softmax",
-      false,
+      includeFinal,
       true,
     )
-    const positions = statistics[0]?.samples.length ?? 0
+    const early = statistics.filter((s) => s.features !== undefined)
+    const positions = early[0]?.samples.length ?? 0
     if (positions === 0) {
       return yield* new InvalidRequestError({ message: "the model has no early exit to fit a classifier for" })
     }
     const split = Math.floor(positions * (1 - args.heldoutFraction))
-    const fitted = fitClassifiers(statistics, spec.dims.hidden, { kind: args.classifierKind, split, seed: 1 })
-    yield* writeClassifiers(args.model, spec.dims.hidden, fitted, { text: basename(args.text), tokens })
+    const fitted = fitClassifiers(early, hidden, { kind: args.classifierKind, split, seed: 1 })
+    yield* writeClassifiers(args.model, hidden, fitted, { text: basename(args.text), tokens })
     yield* Console.log(classifierTable(fitted))
     yield* Console.error(
       `[exit classifiers: ${split} positions fitted, ${positions - split} held out; wrote ` +
         `${fitted.map((f) => f.file).join(", ")} and ${CLASSIFIERS_FILE} into ${args.model}]`,
     )
-    return split
+    // float32, as the runner's classifier outputs are, so that thresholds compare with them exactly.
+    const inputs = featureCount(hidden)
+    const classified = early.map((stats, e) => {
+      const confidence = predictSamples(fitted[e]!.weights, {
+        inputs,
+        features: stats.features!,
+        labels: new Uint8Array(stats.samples.length),
+      })
+      return {
+        layer: stats.layer,
+        samples: stats.samples.map((s, p) => ({ ...s, confidence: Math.fround(confidence[p]!) })),
+      }
+    })
+    return { statistics: [...classified, ...statistics.slice(early.length)], tokens, split }
   })
 
 export const calibrate = Command.make(
@@ -229,16 +252,21 @@ export const calibrate = Command.make(
           message: `--target is an agreement rate in (0, 1], got ${args.target}`,
         })
       }
-      const from = args.classifiers ? yield* trainClassifiers(args) : 0
-      const measure = args.classifiers ? "classifier" : args.measure
       const budget = Option.getOrUndefined(args.maxPerplexityIncrease)
       if (budget !== undefined && !(budget >= 0)) {
         return yield* new InvalidRequestError({ message: `--max-perplexity-increase is a fraction ≥ 0, got ${budget}` })
       }
-      const collected = yield* textExitStatistics(args.model, args.text, args.maxTokens, measure, budget !== undefined)
+      const { spec } = yield* openModelDirectory(args.model)
+      const measure = args.classifiers ? "classifier" : args.measure
+      const collected = args.classifiers
+        ? yield* trainClassifiers(args, spec.dims.hidden, budget !== undefined)
+        : {
+            ...(yield* textExitStatistics(args.model, args.text, args.maxTokens, measure, budget !== undefined)),
+            split: 0,
+          }
+      const from = collected.split
       const all = collected.statistics.map((s) => ({ layer: s.layer, samples: s.samples.slice(from) }))
       const { tokens } = collected
-      const { spec } = yield* openModelDirectory(args.model)
       const statistics = budget === undefined ? all : all.slice(0, -1)
       const exits =
         budget === undefined
