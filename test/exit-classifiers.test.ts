@@ -11,8 +11,6 @@ import { buildClassifierGraph } from "@offramp/convert"
 import {
   ConfidenceEvaluator,
   Engine,
-  type ExitClassifierWeights,
-  featureCount,
   GraphNames,
   greedyParams,
   KvCacheLive,
@@ -29,6 +27,7 @@ import { Chunk, Effect, Layer, Stream } from "effect"
 import * as ort from "onnxruntime-node"
 import { beforeAll } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
+import { randomClassifierWeights, seededRandom } from "./support/classifiers.js"
 import { type CliResult, runCli } from "./support/cli.js"
 import { convertStories, REPO_ROOT, tempDir } from "./support/stories.js"
 
@@ -120,23 +119,9 @@ describe("offramp calibrate --classifiers (stories260K)", () => {
 describe("a classifier graph", () => {
   it("computes in onnxruntime what the runner's JavaScript evaluation computes", async () => {
     const D = 16
-    const inputs = featureCount(D)
-    let state = 3
-    const random = () => {
-      state = (state * 1103515245 + 12345) % 2 ** 31
-      return state / 2 ** 31 - 0.5
-    }
+    const random = seededRandom(3)
     for (const hidden of [0, 5]) {
-      const units = Math.max(1, hidden)
-      const weights: ExitClassifierWeights = {
-        kind: hidden === 0 ? "logistic" : "mlp",
-        inputs,
-        hidden,
-        w1: Float32Array.from({ length: units * inputs }, random),
-        b1: Float32Array.from({ length: units }, random),
-        w2: Float32Array.from({ length: hidden }, random),
-        b2: random(),
-      }
+      const weights = randomClassifierWeights(D, hidden, random)
       const session = await ort.InferenceSession.create(buildClassifierGraph(weights, D))
       const N = 7
       const h = Float32Array.from({ length: N * D }, () => random() * 6)

@@ -7,6 +7,30 @@ import { join } from "node:path"
 import { buildClassifierGraph } from "@offramp/convert"
 import { type ExitClassifierWeights, featureCount, type ModelSpec } from "@offramp/core"
 
+/** A seeded generator of numbers in [-0.5, 0.5) (a linear congruential one: enough for test weights). */
+export const seededRandom = (seed: number) => {
+  let state = seed
+  return () => {
+    state = (state * 1103515245 + 12345) % 2 ** 31
+    return state / 2 ** 31 - 0.5
+  }
+}
+
+/** Random classifier weights over hidden size `D`: logistic regression (`hidden` 0) or an MLP of `hidden` units. */
+export const randomClassifierWeights = (D: number, hidden: number, random: () => number): ExitClassifierWeights => {
+  const inputs = featureCount(D)
+  const units = Math.max(1, hidden)
+  return {
+    kind: hidden === 0 ? "logistic" : "mlp",
+    inputs,
+    hidden,
+    w1: Float32Array.from({ length: units * inputs }, random),
+    b1: Float32Array.from({ length: units }, random),
+    w2: Float32Array.from({ length: hidden }, () => random() * 2),
+    b2: random(),
+  }
+}
+
 /** Writes a random logistic or MLP classifier for every early exit of the model in `dir`, and lists them in model.json. */
 export const writeRandomClassifiers = (dir: string, seed = 1): void => {
   const specPath = join(dir, "model.json")
@@ -14,27 +38,14 @@ export const writeRandomClassifiers = (dir: string, seed = 1): void => {
     dims: ModelSpec["dims"]
     exits: Array<{ layer: number; classifier?: string }>
   }
-  let state = seed
-  const random = () => {
-    state = (state * 1103515245 + 12345) % 2 ** 31
-    return state / 2 ** 31 - 0.5
-  }
+  const random = seededRandom(seed)
   const D = spec.dims.hidden
-  const inputs = featureCount(D)
   spec.exits.slice(0, -1).forEach((exit, i) => {
-    const hidden = i % 2 === 0 ? 0 : 4
-    const units = Math.max(1, hidden)
-    const weights: ExitClassifierWeights = {
-      kind: hidden === 0 ? "logistic" : "mlp",
-      inputs,
-      hidden,
-      w1: Float32Array.from({ length: units * inputs }, () => random()),
-      b1: Float32Array.from({ length: units }, () => random()),
-      w2: Float32Array.from({ length: hidden }, () => random() * 2),
-      b2: random(),
-    }
     exit.classifier = `classifier_${exit.layer}.onnx`
-    writeFileSync(join(dir, exit.classifier), buildClassifierGraph(weights, D))
+    writeFileSync(
+      join(dir, exit.classifier),
+      buildClassifierGraph(randomClassifierWeights(D, i % 2 === 0 ? 0 : 4, random), D),
+    )
   })
   writeFileSync(specPath, `${JSON.stringify(spec, null, 2)}\n`)
 }
