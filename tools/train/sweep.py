@@ -40,6 +40,14 @@ VARIANTS = {
     "ld10-do10-kl3-uniform": ["--layer-drop", "0.1", "--dropout", "0.1", "--distill", "3", "--exit-weights", "1,1,1,1"],
     "ld20-do10-kl2-uniform": ["--layer-drop", "0.2", "--dropout", "0.1", "--distill", "2", "--exit-weights", "1,1,1,1"],
     "ld10-do10-kl2-early": ["--layer-drop", "0.1", "--dropout", "0.1", "--distill", "2", "--exit-weights", "2,2,1.5,1"],
+    # Third round: equal exit weights (the second round's best agreement) around its best run, trained longer.
+    "ld20-do10-kl1-uniform": ["--layer-drop", "0.2", "--dropout", "0.1", "--distill", "1", "--exit-weights", "1,1,1,1"],
+    "ld20-do10-kl15-uniform": ["--layer-drop", "0.2", "--dropout", "0.1", "--distill", "1.5", "--exit-weights", "1,1,1,1"],
+    "ld30-do10-kl2-uniform": ["--layer-drop", "0.3", "--dropout", "0.1", "--distill", "2", "--exit-weights", "1,1,1,1"],
+    "ld30-do10-kl15-uniform": ["--layer-drop", "0.3", "--dropout", "0.1", "--distill", "1.5", "--exit-weights", "1,1,1,1"],
+    "ld20-do05-kl2-uniform": ["--layer-drop", "0.2", "--dropout", "0.05", "--distill", "2", "--exit-weights", "1,1,1,1"],
+    "ld20-do10-kl2-uniform-lr3": ["--layer-drop", "0.2", "--dropout", "0.1", "--distill", "2", "--exit-weights", "1,1,1,1",
+                                  "--lr", "3e-3"],
 }
 
 
