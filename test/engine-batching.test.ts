@@ -117,6 +117,51 @@ describe("continuous batching (stories260K)", () => {
     }),
   )
 
+  it.effect("samples that wait for room (n above the per-group running cap) still equal the single greedy output", () =>
+    Effect.gen(function* () {
+      const request = greedy(BENCH_PROMPTS[1]!, 30)
+      const [single] = yield* solo([request])
+      const engine = withEngine({ runner: { blockSize: 4 }, scheduler: { maxRunning: 8, maxRunningPerGroup: 2 } })
+      const events = yield* collect({ ...request, n: 5 }).pipe(engine)
+      for (const sample of [0, 1, 2, 3, 4]) expect(ids(events.filter((e) => e.sample === sample))).toEqual(single)
+    }),
+  )
+
+  it.effect(
+    "one request with many prompts and samples takes a bounded share: another request is served meanwhile",
+    () =>
+      Effect.gen(function* () {
+        let hogTokens = 0
+        let hogTokensWhenOtherEnded = -1
+        const hog = Array.from({ length: 8 }, (_, i) => ({ ...greedy(BENCH_PROMPTS[i % 4]!, 24), n: 8, group: 1 }))
+        const hogStreams = Effect.forEach(
+          hog,
+          (r) =>
+            Effect.flatMap(Engine, (engine) =>
+              Stream.runForEach(engine.generate(r), () => Effect.sync(() => hogTokens++)),
+            ),
+          { concurrency: "unbounded" },
+        )
+        const other = Effect.gen(function* () {
+          // Submitted once the hog's prompts are in the engine.
+          const engine = yield* Engine
+          while ((yield* engine.stats).running === 0) yield* Effect.yieldNow()
+          const events = yield* collect(greedy(BENCH_PROMPTS[5]!, 8))
+          hogTokensWhenOtherEnded = hogTokens
+          return events
+        })
+        const [, events] = yield* Effect.all([hogStreams, other], { concurrency: "unbounded" }).pipe(
+          withEngine({ scheduler: { maxRunning: 8 } }),
+        )
+        expect(events).toHaveLength(8)
+        expect(hogTokens).toBe(8 * 8 * 24)
+        // The hog has 64 sequences; with at most 2 of them running (a quarter of 8), the other request ran beside
+        // them from its first step, and ended before the hog had produced a quarter of its tokens.
+        expect(hogTokensWhenOtherEnded).toBeGreaterThanOrEqual(0)
+        expect(hogTokensWhenOtherEnded).toBeLessThan((8 * 8 * 24) / 4)
+      }),
+  )
+
   it.effect("seeded samples are reproducible under batching", () =>
     Effect.gen(function* () {
       const request: GenerationRequest = {

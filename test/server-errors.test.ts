@@ -275,7 +275,7 @@ describe("queue limit, engine down, shutdown, chat template", () => {
       }),
     ).pipe(Layer.provide(onnxEngineLayer(modelDir)))
     gated = await startServer(wrapped, {
-      maxQueuedRequests: 2,
+      maxQueuedSequences: 2,
       chatTemplate: { template, bosToken: "<s>", eosToken: "</s>" },
     })
   })
@@ -285,7 +285,7 @@ describe("queue limit, engine down, shutdown, chat template", () => {
     await Effect.runPromise(close)
     const queued = [0, 1].map(() => postJson(`${gated.url}/v1/completions`, valid))
     for (let i = 0; i < 200; i++) {
-      if (metric(await gated.metrics(), MODEL, "offramp_requests_queued") === 2) break
+      if (metric(await gated.metrics(), MODEL, "offramp_sequences_queued") === 2) break
       await new Promise((r) => setTimeout(r, 10))
     }
     const error = await expectOpenAiError(await postJson(`${gated.url}/v1/completions`, valid), 429)
@@ -293,6 +293,16 @@ describe("queue limit, engine down, shutdown, chat template", () => {
     await Effect.runPromise(open)
     for (const response of await Promise.all(queued)) expect(response.status).toBe(200)
     await stillServes(gated, {})
+  })
+
+  it("limits count sequences: a request of more prompts × n than the queue holds gets 400, and one that fits is served", async () => {
+    const tooMany = { ...valid, prompt: ["Once upon a time", "The cat"], n: 2 }
+    const error = await expectOpenAiError(await postJson(`${gated.url}/v1/completions`, tooMany), 400)
+    expect(error.code).toBe("too_many_sequences")
+    expect(error.message).toContain("4 sequences (2 prompts × n = 2)")
+    const fits = await postJson(`${gated.url}/v1/completions`, { ...valid, n: 2 })
+    expect(fits.status).toBe(200)
+    expect((await json(fits)).choices).toHaveLength(2)
   })
 
   it("a stopped engine answers 503", async () => {

@@ -92,12 +92,41 @@ describe("concurrent clients", () => {
     expect(outcomes.filter((o) => o === "aborted").length).toBeGreaterThan(50)
     const m = await waitIdle(server, MODEL)
     expect(metric(m, MODEL, "offramp_kv_blocks_used")).toBe(0)
-    expect(metric(m, MODEL, "offramp_requests_queued")).toBe(0)
+    expect(metric(m, MODEL, "offramp_sequences_queued")).toBe(0)
     const after = await engineStats()
     // Cancelled, not run to the end: far fewer than 100 × 400 tokens were decoded.
     expect(after.decodeTokens - before.decodeTokens).toBeLessThan(100 * 400 * 0.25)
     // The server still serves.
     const ok = await postJson(`${server.url}/v1/completions`, { model: MODEL, prompt: "Once", max_tokens: 4 })
     expect(ok.status).toBe(200)
+  })
+
+  it("a hog request (16 prompts × n = 16) does not take the engine: another client's request ends while the hog runs", async () => {
+    const hog = postJson(`${server.url}/v1/completions`, {
+      model: MODEL,
+      prompt: Array.from({ length: 16 }, (_, i) => BENCH_PROMPTS[i % 8]!),
+      n: 16,
+      max_tokens: 60,
+      temperature: 0.8,
+    })
+    let hogDone = false
+    const hogEnded = hog.then(async (response) => {
+      hogDone = true
+      return response
+    })
+    // The other client asks once the hog's sequences run.
+    for (let i = 0; i < 500 && (await engineStats()).running === 0; i++) await new Promise((r) => setTimeout(r, 5))
+    const other = await postJson(`${server.url}/v1/completions`, { model: MODEL, prompt: "Once", max_tokens: 8 })
+    expect(other.status).toBe(200)
+    expect((await json(other)).choices[0].text.length).toBeGreaterThan(0)
+    // The hog's 256 sequences run at most a quarter of the engine's 64 slots at a time: the other request did not
+    // wait for them, and the engine never ran more sequences than its cap.
+    expect(hogDone).toBe(false)
+    const stats = await engineStats()
+    expect(stats.running).toBeLessThanOrEqual(64)
+    expect(stats.waiting).toBeGreaterThan(0)
+    const response = await hogEnded
+    expect(response.status).toBe(200)
+    expect((await json(response)).choices).toHaveLength(256)
   })
 })

@@ -331,7 +331,7 @@ describe("models, health, metrics", () => {
       "offramp_kv_blocks_used",
       "offramp_kv_blocks_free",
       "offramp_prefix_cache_hits_total",
-      "offramp_requests_queued",
+      "offramp_sequences_queued",
       "offramp_sequences_waiting",
       "offramp_sequences_running",
     ]) {

@@ -9,7 +9,7 @@ import { DEFAULT_MODEL_DIR, onnxEngineLayer, WorkerEngine } from "@offramp/onnx"
 import {
   DEFAULT_HOST,
   DEFAULT_MAX_BODY_BYTES,
-  DEFAULT_MAX_QUEUED_REQUESTS,
+  DEFAULT_MAX_QUEUED_SEQUENCES,
   DEFAULT_PORT,
   layerNode,
   OpenAiServer,
@@ -46,8 +46,10 @@ export const serveFlags = {
     Options.withDefault(DEFAULT_MAX_BODY_BYTES),
   ),
   maxQueued: Options.integer("max-queued").pipe(
-    Options.withDescription("most requests waiting for their first token; more get 429"),
-    Options.withDefault(DEFAULT_MAX_QUEUED_REQUESTS),
+    Options.withDescription(
+      "most sequences (prompts × n) waiting for their first token; more get 429, a request asking for more alone gets 400",
+    ),
+    Options.withDefault(DEFAULT_MAX_QUEUED_SEQUENCES),
   ),
   shutdownGrace: Options.float("shutdown-grace").pipe(
     Options.withDescription("seconds in-flight requests may run on after SIGTERM before their streams are ended"),
@@ -59,6 +61,16 @@ export const serveFlags = {
   ),
   threads: Options.integer("threads").pipe(
     Options.withDescription("onnxruntime intra-op threads per session (default 1)"),
+    Options.optional,
+  ),
+  maxRunning: Options.integer("max-running").pipe(
+    Options.withDescription("most sequences the engine runs at once (default 64)"),
+    Options.optional,
+  ),
+  maxRunningPerRequest: Options.integer("max-running-per-request").pipe(
+    Options.withDescription(
+      "most sequences of one request (its prompts × n) running at once, so that one request cannot take the whole batch (default a quarter of --max-running)",
+    ),
     Options.optional,
   ),
   inProcess: Options.boolean("in-process").pipe(
@@ -84,6 +96,13 @@ const engineConfig = (flags: Flags): WorkerEngine.WorkerEngineConfig => ({
     ...Option.match(flags.kvCacheMb, { onNone: () => ({}), onSome: (mb) => ({ kvCacheBytes: mb * 1024 * 1024 }) }),
     ...Option.match(flags.threads, { onNone: () => ({}), onSome: (threads) => ({ threads }) }),
   },
+  scheduler: {
+    ...Option.match(flags.maxRunning, { onNone: () => ({}), onSome: (maxRunning) => ({ maxRunning }) }),
+    ...Option.match(flags.maxRunningPerRequest, {
+      onNone: () => ({}),
+      onSome: (maxRunningPerGroup) => ({ maxRunningPerGroup }),
+    }),
+  },
 })
 
 /** Serves the model until interrupted (SIGINT/SIGTERM under NodeRuntime.runMain), then shuts down gracefully. */
@@ -94,6 +113,9 @@ export const runServe = (flags: Flags) =>
     yield* positive("max-queued", flags.maxQueued)
     if (Option.isSome(flags.kvCacheMb)) yield* positive("kv-cache-mb", flags.kvCacheMb.value)
     if (Option.isSome(flags.threads)) yield* positive("threads", flags.threads.value)
+    if (Option.isSome(flags.maxRunning)) yield* positive("max-running", flags.maxRunning.value)
+    if (Option.isSome(flags.maxRunningPerRequest))
+      yield* positive("max-running-per-request", flags.maxRunningPerRequest.value)
     if (!(flags.shutdownGrace >= 0)) {
       return yield* new InvalidRequestError({
         message: `--shutdown-grace must be >= 0 seconds, got ${flags.shutdownGrace}`,
@@ -102,7 +124,7 @@ export const runServe = (flags: Flags) =>
     const apiKey = Option.map(flags.apiKey, (key) => Redacted.value(key))
     const api = OpenAiServer.fromModelDirectory(flags.model, {
       maxBodyBytes: flags.maxBodyBytes,
-      maxQueuedRequests: flags.maxQueued,
+      maxQueuedSequences: flags.maxQueued,
       ...(Option.isSome(flags.servedModelName) ? { model: flags.servedModelName.value } : {}),
       ...(Option.isSome(apiKey) ? { apiKey: apiKey.value } : {}),
     })

@@ -163,8 +163,10 @@ interface RequestState {
   readonly sink: GenerationSink
   /** Ended, failed or cancelled: the sink hears nothing more. */
   closed: boolean
-  /** Samples 1..n-1, started by forking sample 0 once the prompt is computed. */
-  readonly forks: Array<() => Sequence>
+  /** The scheduler's group of the request's sequences. */
+  readonly group: number
+  /** Samples 1..n-1, started by forking sample 0 once the prompt is computed; a sample with no room yet waits (undefined). */
+  readonly forks: Array<() => Sequence | undefined>
   live: number
 }
 
@@ -239,6 +241,8 @@ const makeEngine = (options: EngineOptions) =>
     const wake = yield* Queue.sliding<void>(1)
     const sequences = new Map<number, Sequence>()
     let nextId = 0
+    /** Requests without a group of their own get negative groups (callers' groups are non-negative). */
+    let lastOwnGroup = 0
     let stopped = false
     const counters = { steps: 0, prefillTokens: 0, decodeTokens: 0, layersSkipped: 0, kvFillMs: 0 }
     const exitStats = spec.exits
@@ -654,7 +658,7 @@ const makeEngine = (options: EngineOptions) =>
           deep.slice(0, fullDepth).forEach(({ seq }, row) => {
             const out = { head: head.right, row, exitLayer: dims.layers, confidence: head.right.maxProb[row]! }
             // The other samples of the request start from the same prompt blocks and the same logits.
-            const forks = seq.request.forks.splice(0).map((start) => start())
+            const forks = seq.request.forks.splice(0).flatMap((start) => start() ?? [])
             finished.push(...[seq, ...forks].map((s) => ({ ...out, seq: s })))
           })
         }
@@ -704,6 +708,7 @@ const makeEngine = (options: EngineOptions) =>
       const seed = request.sampling.seed
       const seq: Sequence = {
         id: nextId++,
+        group: request.group,
         tokens,
         computed: 0,
         blocks: undefined,
@@ -763,6 +768,7 @@ const makeEngine = (options: EngineOptions) =>
           exit: resolveEarlyExit(spec, exitParams),
           sink,
           closed: false,
+          group: req.group ?? -++lastOwnGroup,
           forks: [],
           live: n,
         }
@@ -770,9 +776,8 @@ const makeEngine = (options: EngineOptions) =>
         for (let sample = 1; sample < n; sample++) {
           state.forks.push(() => {
             const seq = newSequence(state, [...first.tokens], sample, prompt)
-            seq.computed = first.computed
+            if (!scheduler.adopt(first, seq)) return undefined
             seq.exact = first.exact
-            scheduler.adopt(first, seq)
             return seq
           })
         }

@@ -33,7 +33,13 @@ export const GenerationRequest = Schema.Struct({
    * log-probability of it, the exit it was scored at and that exit's confidence); used to score a text.
    */
   forcedTokens: Schema.optionalWith(Schema.Array(Schema.Int.pipe(Schema.nonNegative())), { exact: true }),
-  /** Independent samples of the prompt; they share the prompt's KV blocks. */
+  /**
+   * Requests with the same group share the scheduler's running cap per group, so that one client's many prompts and
+   * samples take a bounded share of the batch (a server gives all prompts of one client request one group).
+   * Default: a group of its own.
+   */
+  group: Schema.optionalWith(Schema.Int.pipe(Schema.nonNegative()), { exact: true }),
+  /** Independent samples of the prompt; they share the prompt's KV blocks (a sample that waits for room computes them from the prefix cache). */
   n: Schema.optionalWith(Schema.Int.pipe(Schema.between(1, 64, { message: () => "n must be an integer in 1..64" })), {
     exact: true,
   }),

@@ -6,6 +6,12 @@
  * arrival order while their blocks fit (first come, first served: a waiting sequence that does not fit blocks the
  * ones behind it). When a running sequence needs a block and the pool has none, the most recently admitted
  * sequence is preempted: its blocks are freed and it waits at the front of the queue to be recomputed.
+ *
+ * Fairness: sequences belong to groups (a client request: its prompts and their samples), and a group runs at most
+ * `maxRunningPerGroup` sequences at once; its others wait without blocking other groups' admission. So one request
+ * with many prompts or a large `n` takes a bounded share of the batch, and other clients' requests are admitted
+ * at the next step. Samples forked from a computed prompt obey both caps: a fork that does not fit waits and is
+ * admitted later (its prompt's full blocks come from the prefix cache).
  */
 import { Context, Effect, Layer } from "effect"
 import { KvCache, type SequenceBlocks } from "./KvCache.js"
@@ -15,6 +21,8 @@ export interface SchedulerOptions {
   readonly tokenBudget?: number
   /** Most sequences running at once. */
   readonly maxRunning?: number
+  /** Most sequences of one group (one client request) running at once (default a quarter of `maxRunning`). */
+  readonly maxRunningPerGroup?: number
 }
 
 export const DEFAULT_TOKEN_BUDGET = 512
@@ -23,6 +31,8 @@ export const DEFAULT_MAX_RUNNING = 64
 /** What the scheduler needs to know of a sequence; the engine keeps the rest (sampling, streams). */
 export interface ScheduledSequence {
   readonly id: number
+  /** The sequences of one client request share a group; the running cap per group keeps admission fair. */
+  readonly group: number
   /** Prompt + generated tokens. The last one has no K/V yet once the sequence has sampled. */
   readonly tokens: Array<number>
   /** Positions whose K/V are in the cache. */
@@ -51,8 +61,12 @@ export interface SchedulerShape<S extends ScheduledSequence = ScheduledSequence>
   readonly submit: (seq: S) => void
   /** Plans the next step; drops cancelled sequences first (freeing their blocks). */
   readonly schedule: () => ScheduleResult<S>
-  /** Starts `child` as a running copy of `parent` that shares its blocks (another sample of one prompt). */
-  readonly adopt: (parent: S, child: S) => void
+  /**
+   * Another sample of `parent`'s prompt: `child` (same tokens) starts running as a copy that shares its blocks and
+   * its computed positions, and true is returned; or, when the running caps are full, it is queued to be admitted
+   * later like a new sequence (computing from its prompt's cached prefix), and false is returned.
+   */
+  readonly adopt: (parent: S, child: S) => boolean
   /** Removes a sequence that finished or failed, freeing its blocks. */
   readonly finish: (seq: S) => void
   /** Removes every sequence (engine shutdown), freeing their blocks; returns them. */
@@ -68,6 +82,7 @@ export const makeScheduler = <S extends ScheduledSequence>(
 ): SchedulerShape<S> => {
   const tokenBudget = options.tokenBudget ?? DEFAULT_TOKEN_BUDGET
   const maxRunning = options.maxRunning ?? DEFAULT_MAX_RUNNING
+  const maxRunningPerGroup = options.maxRunningPerGroup ?? Math.max(1, Math.floor(maxRunning / 4))
   let waiting: Array<S> = []
   /** In admission order: the last is the first to be preempted. */
   let running: Array<S> = []
@@ -128,20 +143,49 @@ export const makeScheduler = <S extends ScheduledSequence>(
     // Preempted sequences go back to the front of the queue, oldest first.
     waiting = [...preempted.reverse(), ...waiting]
 
-    // Admission, first come first served.
-    while (waiting.length > 0 && running.length < maxRunning && budget > 0 && preempted.length === 0) {
-      const seq = waiting[0]!
-      const blocks = kv.open(seq.tokens)
-      if (!blocks) break
-      waiting.shift()
-      seq.blocks = blocks
-      seq.computed = blocks.cachedPrefix
-      running.push(seq)
-      const count = Math.min(seq.tokens.length - seq.computed, budget)
-      rows.push({ seq, count })
-      budget -= count
+    // Admission, first come first served among the groups under their cap.
+    if (preempted.length === 0 && budget > 0 && running.length < maxRunning && waiting.length > 0) {
+      const perGroup = runningPerGroup()
+      for (let i = 0; i < waiting.length && running.length < maxRunning && budget > 0; ) {
+        const seq = waiting[i]!
+        const groupRunning = perGroup.get(seq.group) ?? 0
+        if (groupRunning >= maxRunningPerGroup) {
+          i++
+          continue
+        }
+        const blocks = kv.open(seq.tokens)
+        if (!blocks) break
+        waiting.splice(i, 1)
+        perGroup.set(seq.group, groupRunning + 1)
+        seq.blocks = blocks
+        seq.computed = blocks.cachedPrefix
+        running.push(seq)
+        const count = Math.min(seq.tokens.length - seq.computed, budget)
+        rows.push({ seq, count })
+        budget -= count
+      }
     }
     return { rows, preempted, starved }
+  }
+
+  const runningPerGroup = () => {
+    const counts = new Map<number, number>()
+    for (const seq of running) counts.set(seq.group, (counts.get(seq.group) ?? 0) + 1)
+    return counts
+  }
+
+  const adopt = (parent: S, child: S): boolean => {
+    const groupRunning = running.reduce((n, seq) => (seq.group === child.group ? n + 1 : n), 0)
+    if (running.length < maxRunning && groupRunning < maxRunningPerGroup) {
+      child.blocks = kv.fork(parent.blocks!)
+      child.computed = parent.computed
+      running.push(child)
+      return true
+    }
+    child.blocks = undefined
+    child.computed = 0
+    waiting.push(child)
+    return false
   }
 
   return {
@@ -149,10 +193,7 @@ export const makeScheduler = <S extends ScheduledSequence>(
       waiting.push(seq)
     },
     schedule,
-    adopt: (parent, child) => {
-      child.blocks = kv.fork(parent.blocks!)
-      running.push(child)
-    },
+    adopt,
     finish: (seq) => {
       release(seq)
       running = running.filter((s) => s !== seq)

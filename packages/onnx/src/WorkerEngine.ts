@@ -53,7 +53,13 @@ export const WorkerEngineConfig = Schema.Struct({
       threads: optional(Positive),
     }),
   ),
-  scheduler: optional(Schema.Struct({ tokenBudget: optional(Positive), maxRunning: optional(Positive) })),
+  scheduler: optional(
+    Schema.Struct({
+      tokenBudget: optional(Positive),
+      maxRunning: optional(Positive),
+      maxRunningPerGroup: optional(Positive),
+    }),
+  ),
   earlyExit: optional(EarlyExitParams),
 })
 

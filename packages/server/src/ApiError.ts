@@ -33,7 +33,7 @@ export const queueFull = (limit: number) =>
   make(
     429,
     "rate_limit_error",
-    `the server already has ${limit} requests waiting for the engine; retry later`,
+    `the server already has up to ${limit} sequences (prompts × n) waiting for the engine; retry later`,
     "queue_full",
   )
 

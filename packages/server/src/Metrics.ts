@@ -44,7 +44,7 @@ export class ServerMetrics {
   readonly requests = new Map<string, { labels: RequestLabels; count: number }>()
   promptTokens = 0
   generationTokens = 0
-  /** Requests accepted and waiting for their first token (the server-side queue). */
+  /** Sequences (prompts × n) of accepted requests waiting for their first token (the server-side queue). */
   queued = 0
   /** Generation requests in flight (queued or streaming). */
   active = 0
@@ -187,8 +187,8 @@ export const renderMetrics = (model: string, layers: number, server: ServerMetri
   )
   out.metric(
     "gauge",
-    "offramp_requests_queued",
-    "Requests accepted by the server and waiting for their first token.",
+    "offramp_sequences_queued",
+    "Sequences (prompts × n) of requests accepted by the server and waiting for their first token.",
     one(server.queued),
   )
   out.metric("gauge", "offramp_requests_active", "Generation requests in flight.", one(server.active))

@@ -21,14 +21,17 @@ export interface OpenAiServerOptions {
   readonly chatTemplate?: ChatTemplateConfig
   /** Largest request body in bytes (default 1 MiB); larger ones get 413. */
   readonly maxBodyBytes?: number
-  /** Most requests waiting for their first token (default 256); more get 429. */
-  readonly maxQueuedRequests?: number
+  /**
+   * Most sequences (prompts × n, summed over requests) waiting for their first token (default 256); a request that
+   * would exceed it gets 429, and one that asks for more on its own gets 400.
+   */
+  readonly maxQueuedSequences?: number
   /** When set, /v1 routes need `Authorization: Bearer <apiKey>`. */
   readonly apiKey?: string
 }
 
 export const DEFAULT_MAX_BODY_BYTES = 1024 * 1024
-export const DEFAULT_MAX_QUEUED_REQUESTS = 256
+export const DEFAULT_MAX_QUEUED_SEQUENCES = 256
 
 export interface OpenAiServerShape {
   readonly engine: EngineShape
@@ -40,7 +43,7 @@ export interface OpenAiServerShape {
   /** Whether the tokenizer adds BOS itself, so a template's leading BOS text must be dropped. */
   readonly addsBos: boolean
   readonly maxBodyBytes: number
-  readonly maxQueuedRequests: number
+  readonly maxQueuedSequences: number
   readonly apiKey: string | undefined
   readonly metrics: ServerMetrics
   /** True once shutdown began: new generation requests get 503. */
@@ -89,7 +92,7 @@ const make = (options: OpenAiServerOptions) =>
       chat,
       addsBos: empty.includes(engine.spec.tokens.bos),
       maxBodyBytes: options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES,
-      maxQueuedRequests: options.maxQueuedRequests ?? DEFAULT_MAX_QUEUED_REQUESTS,
+      maxQueuedSequences: options.maxQueuedSequences ?? DEFAULT_MAX_QUEUED_SEQUENCES,
       apiKey: options.apiKey,
       metrics,
       isDraining: () => draining,

@@ -149,19 +149,32 @@ export type EventPull = Effect.Effect<ReadonlyArray<ChoiceEvent>, Option.Option<
  * refusal, shutdown) fail here, before a response is chosen. The generations belong to the caller's scope: closing
  * it (the request ends, or the client went away) cancels the sequences.
  */
+/** Scheduler groups of requests (unique within the process; the engine needs them distinct, nothing more). */
+let nextGroup = 0
+
 export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPull, ApiError, Scope.Scope> =>
   Effect.gen(function* () {
     const { metrics } = server
     if (server.isDraining()) return yield* unavailable("the server is shutting down; retry on another instance")
-    if (metrics.queued >= server.maxQueuedRequests) return yield* queueFull(server.maxQueuedRequests)
+    // Limits count sequences, not requests: one request of many prompts and a large n is that many sequences.
+    const sequences = p.prompts.length * p.n
+    if (sequences > server.maxQueuedSequences)
+      return yield* badRequest(
+        `this request asks for ${sequences} sequences (${p.prompts.length} prompts × n = ${p.n}) but the server queues at most ${server.maxQueuedSequences}; send fewer prompts or a smaller n`,
+        p.prompts.length > 1 ? "prompt" : "n",
+        "too_many_sequences",
+      )
+    if (metrics.queued + sequences > server.maxQueuedSequences) return yield* queueFull(server.maxQueuedSequences)
     const started = performance.now()
+    // All prompts and samples of one request share a scheduler group: together they take a bounded share of the batch.
+    const group = nextGroup++
     let queued = true
     const dequeue = () => {
       if (!queued) return
       queued = false
-      metrics.queued--
+      metrics.queued -= sequences
     }
-    metrics.queued++
+    metrics.queued += sequences
     metrics.active++
     yield* Effect.addFinalizer(() =>
       Effect.sync(() => {
@@ -183,6 +196,7 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
             sampling: p.sampling,
             ...(p.earlyExit ? { earlyExit: p.earlyExit } : {}),
             ...(p.n > 1 ? { n: p.n } : {}),
+            group,
           },
           {
             onEvent: (event) => events.unsafeOffer({ choice: i * p.n + event.sample, event }),
