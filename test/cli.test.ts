@@ -117,6 +117,7 @@ describe("offramp convert + generate (stories260K)", () => {
       "8",
       "--repeats",
       "1",
+      "--calls",
       "--json",
     ])
     expect(result.code).toBe(0)
@@ -125,6 +126,21 @@ describe("offramp convert + generate (stories260K)", () => {
     for (const run of doc.runs) {
       expect(run.decodeTokensPerSecond).toBeGreaterThan(0)
       expect(run.runs[0].tokens).toBe(run.streams * 8)
+    }
+    // --calls: each runner call timed per stream count, and the speedup those costs allow each early exit: above 1,
+    // and lower for a deeper exit (stories260K is converted with an exit after each of its 5 layers).
+    expect(doc.command).toContain("--calls")
+    expect(doc.calls.map((c: { streams: number }) => c.streams)).toEqual([1, 3])
+    for (const c of doc.calls) {
+      expect(c.segmentUs).toHaveLength(5)
+      expect(c.kvFillUs).toHaveLength(4)
+      const bounds = c.forcedExitBound as Array<{ layer: number; recompute: number; fill: number }>
+      expect(bounds.map((b) => b.layer)).toEqual([1, 2, 3, 4])
+      for (const [i, b] of bounds.entries()) {
+        expect(b.recompute).toBeGreaterThan(1)
+        expect(b.fill).toBeLessThan(b.recompute)
+        if (i > 0) expect(b.recompute).toBeLessThan(bounds[i - 1]!.recompute)
+      }
     }
   })
 

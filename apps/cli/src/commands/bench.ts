@@ -21,6 +21,7 @@ import {
 import { DEFAULT_MODEL_DIR, DEFAULT_MODEL_HELDOUT, onnxEngineLayer } from "@offramp/onnx"
 import { Chunk, Console, Effect, Layer, Option, Stream } from "effect"
 import { type ChartPoint, speedupQualityChart } from "../bench/chart.js"
+import { describeCalls, measureCalls } from "../bench/calls.js"
 import { median, perplexity, rougeL, tokenMatchRate } from "../bench/quality.js"
 import { modelOption as model } from "../defaultModel.js"
 import { engineConfig, kvCacheMb, threads } from "../engineOptions.js"
@@ -95,6 +96,11 @@ const chart = Options.file("chart").pipe(
 const calibratedOption = Options.boolean("calibrated").pipe(
   Options.withDescription(
     "also measure the model's calibrated defaults (calibration.json: its measure and thresholds)",
+  ),
+)
+const callsOption = Options.boolean("calls").pipe(
+  Options.withDescription(
+    "also time each model runner call at every stream count, and the speedup those costs allow an exit at each early exit (the forced-exit bound)",
   ),
 )
 const json = Options.boolean("json").pipe(Options.withDescription("print one JSON document"))
@@ -266,6 +272,7 @@ export const bench = Command.make(
     heldout,
     chart,
     calibrated: calibratedOption,
+    calls: callsOption,
     json,
     kvCacheMb,
     threads,
@@ -442,6 +449,7 @@ export const bench = Command.make(
               `--heldout ${Option.isSome(args.heldout) ? args.heldout.value : relative(process.cwd(), heldoutPath)}`,
             ]
           : []),
+        ...(args.calls ? ["--calls"] : []),
       ].join(" ")
       if (Option.isSome(args.chart)) {
         const points: Array<ChartPoint> = runs
@@ -457,9 +465,15 @@ export const bench = Command.make(
           writeFile(args.chart.pipe(Option.getOrThrow), speedupQualityChart(points, { title })),
         )
       }
+      const calls = args.calls ? yield* Effect.forEach(counts, (count) => measureCalls(count)) : []
+      if (!args.json) for (const c of calls) yield* Console.log(describeCalls(c))
       if (args.json) {
         yield* Console.log(
-          JSON.stringify({ model: engine.spec.name, command, node: process.version, layers, runs }, null, 2),
+          JSON.stringify(
+            { model: engine.spec.name, command, node: process.version, layers, runs, ...(args.calls ? { calls } : {}) },
+            null,
+            2,
+          ),
         )
       }
     }).pipe(
