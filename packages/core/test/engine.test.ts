@@ -1,0 +1,90 @@
+/**
+ * The Engine on the fake runner (test/support/FakeModel.ts): continuous batching, the paged KV cache, preemption,
+ * forks and early exit against a reference decoder that recomputes everything, in milliseconds. The real-model
+ * tests (test/engine-*.test.ts) remain the end-to-end proof on onnxruntime.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import { Chunk, Effect, Stream } from "effect"
+import { Engine } from "../src/Engine.js"
+import type { GenerationRequest, TokenEvent } from "../src/Generation.js"
+import { greedyParams } from "../src/Sampler.js"
+import { fakeEngineLayer, fakeTokenizer, referenceGreedy } from "./support/FakeModel.js"
+
+const PROMPTS = ["once upon a time", "the cat sat", "hello, world", "a", "we went to the park and", "zebra crossing"]
+
+const greedy = (prompt: string, maxTokens: number, extra: Partial<GenerationRequest> = {}): GenerationRequest => ({
+  prompt,
+  maxTokens,
+  sampling: greedyParams,
+  ...extra,
+})
+
+const requests = Array.from({ length: 16 }, (_, i) =>
+  greedy(`${PROMPTS[i % PROMPTS.length]}${i >= 6 ? " x" : ""}`, 5 + ((i * 7) % 30)),
+)
+
+const collect = (request: GenerationRequest) =>
+  Effect.flatMap(Engine, (engine) => Stream.runCollect(engine.generate(request))).pipe(
+    Effect.map((events) => Chunk.toArray(events)),
+  )
+const ids = (events: ReadonlyArray<TokenEvent>) => events.map((e) => e.id)
+const expected = (request: GenerationRequest) =>
+  referenceGreedy(Effect.runSync(fakeTokenizer.encode(request.prompt)), request.maxTokens)
+
+describe("Engine on the fake runner", () => {
+  it.effect("a single greedy request equals the reference decoder", () =>
+    Effect.gen(function* () {
+      for (const request of requests.slice(0, 6)) expect(ids(yield* collect(request))).toEqual(expected(request))
+    }).pipe(Effect.provide(fakeEngineLayer())),
+  )
+
+  it.effect("16 concurrent requests of different lengths each equal the reference decoder", () =>
+    Effect.gen(function* () {
+      const outputs = yield* Effect.forEach(requests, collect, { concurrency: "unbounded" })
+      outputs.forEach((events, i) => expect(ids(events)).toEqual(expected(requests[i]!)))
+    }).pipe(Effect.provide(fakeEngineLayer())),
+  )
+
+  it.effect("a pool too small for all sequences preempts, and the outputs stay the reference's", () =>
+    Effect.gen(function* () {
+      const outputs = yield* Effect.forEach(requests, collect, { concurrency: "unbounded" })
+      outputs.forEach((events, i) => expect(ids(events)).toEqual(expected(requests[i]!)))
+      const stats = yield* Effect.flatMap(Engine, (e) => e.stats)
+      expect(stats.preemptions).toBeGreaterThan(0)
+    }).pipe(Effect.provide(fakeEngineLayer({ runner: { numBlocks: 24, blockSize: 4 } }))),
+  )
+
+  it.effect("n greedy samples, some waiting for room under the per-group cap, all equal the reference", () =>
+    Effect.gen(function* () {
+      const request = greedy(PROMPTS[0]!, 20, { n: 5 })
+      const events = yield* collect(request)
+      for (let sample = 0; sample < 5; sample++)
+        expect(ids(events.filter((e) => e.sample === sample))).toEqual(expected(request))
+    }).pipe(Effect.provide(fakeEngineLayer({ scheduler: { maxRunning: 4, maxRunningPerGroup: 2 } }))),
+  )
+
+  it.effect("early exit with a threshold above 1 is full depth, under both policies and both KV strategies", () =>
+    Effect.gen(function* () {
+      for (const policy of ["per-sequence", "all"] as const)
+        for (const kv of ["fill", "recompute"] as const) {
+          const batch = requests.slice(0, 8).map((r) => ({ ...r, earlyExit: { threshold: 1.5, policy, kv } }))
+          const outputs = yield* Effect.forEach(batch, collect, { concurrency: "unbounded" })
+          outputs.forEach((events, i) => expect(ids(events)).toEqual(expected(requests[i]!)))
+        }
+    }).pipe(Effect.provide(fakeEngineLayer())),
+  )
+
+  it.effect("forced exit at layer 2 of 4 runs half the layers, and no block leaks", () =>
+    Effect.gen(function* () {
+      const batch = requests.map((r) => ({
+        ...r,
+        earlyExit: { threshold: 0, minExitLayer: 2, kv: "recompute" as const },
+      }))
+      const outputs = yield* Effect.forEach(batch, collect, { concurrency: "unbounded" })
+      for (const events of outputs) for (const e of events.slice(1)) expect(e.exitLayer).toBe(2)
+      const engine = yield* Engine
+      const stats = yield* engine.stats
+      expect(stats.kv.usedBlocks).toBe(0)
+    }).pipe(Effect.provide(fakeEngineLayer())),
+  )
+})
