@@ -212,10 +212,18 @@ export const makeScheduler = <S extends ScheduledSequence>(
   }
 }
 
-export class Scheduler extends Context.Tag("@offramp/core/Scheduler")<Scheduler, SchedulerShape>() {
+/**
+ * The Scheduler service makes the scheduler of an engine over the KV cache in context, typed by the engine's own
+ * sequences (the plans it returns hold them, with no casts).
+ */
+export interface SchedulerService {
+  readonly make: <S extends ScheduledSequence>() => SchedulerShape<S>
+}
+
+export class Scheduler extends Context.Tag("@offramp/core/Scheduler")<Scheduler, SchedulerService>() {
   static readonly layer = (options: SchedulerOptions = {}) =>
     Layer.effect(
       Scheduler,
-      Effect.map(KvCache, (kv) => makeScheduler(kv, options)),
+      Effect.map(KvCache, (kv) => ({ make: () => makeScheduler(kv, options) })),
     )
 }

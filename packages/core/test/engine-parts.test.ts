@@ -1,0 +1,155 @@
+/**
+ * The engine's parts one at a time (internal/): admission, emission and the recompute strategy, on the fake model.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import { Effect, Either, Exit } from "effect"
+import { FULL_DEPTH } from "../src/EarlyExit.js"
+import type { GenerationSink } from "../src/Engine.js"
+import type { TokenEvent } from "../src/Generation.js"
+import { makeAdmission } from "../src/internal/Admission.js"
+import { makeEmission } from "../src/internal/Emission.js"
+import { makeRecompute } from "../src/internal/KvStrategy.js"
+import type { DecodeRow, Sequence } from "../src/internal/Sequence.js"
+import { makeStatistics } from "../src/internal/Statistics.js"
+import { makeKvCache } from "../src/KvCacheImpl.js"
+import type { HeadOutput } from "../src/ModelRunner.js"
+import { greedyParams, makeSampler } from "../src/Sampler.js"
+import { makeScheduler } from "../src/Scheduler.js"
+import { FAKE_VOCAB, fakeSpec, fakeTokenizer, makeFakeRunner } from "./support/FakeModel.js"
+
+const spec = fakeSpec()
+
+const parts = (numBlocks = 64) => {
+  const kv = makeKvCache({ numBlocks, blockSize: 4, layers: spec.dims.layers, bytesPerBlock: 64, copyBlock: () => {} })
+  const scheduler = makeScheduler<Sequence>(kv)
+  const sequences = new Map<number, Sequence>()
+  const sampler = makeSampler()
+  const statistics = makeStatistics(spec)
+  const admission = makeAdmission({
+    spec,
+    tokenizer: fakeTokenizer,
+    kv,
+    sampler,
+    scheduler,
+    defaults: FULL_DEPTH,
+    sequences,
+  })
+  const emission = makeEmission({ spec, sampler, scheduler, statistics, sequences })
+  return { kv, scheduler, sequences, statistics, admission, emission }
+}
+
+const sink = () => {
+  const events: Array<TokenEvent> = []
+  const ends: Array<Exit.Exit<void, unknown>> = []
+  const value: GenerationSink = { onEvent: (e) => events.push(e), onEnd: (e) => ends.push(e) }
+  return { events, ends, value }
+}
+
+/** A head output whose every row's top token is `token`. */
+const headWith = (tokens: ReadonlyArray<number>): HeadOutput => ({
+  logits: undefined,
+  maxProb: Float32Array.from(tokens, () => 0.9),
+  margin: Float32Array.from(tokens, () => 0.5),
+  entropy: Float32Array.from(tokens, () => 0.1),
+  topToken: BigInt64Array.from(tokens, BigInt),
+})
+
+describe("Admission", () => {
+  it("refuses, with errors a user can act on, what can never be served", () =>
+    Effect.gen(function* () {
+      const { admission } = parts(4)
+      const { value } = sink()
+      const long = yield* Effect.either(
+        admission.admit({ prompt: "a".repeat(200), maxTokens: 4, sampling: greedyParams }, value),
+      )
+      expect(Either.isLeft(long) && long.left.message).toMatch(/the prompt is 201 tokens but the model's context is 96/)
+      const pool = yield* Effect.either(
+        admission.admit({ prompt: "a".repeat(40), maxTokens: 4, sampling: greedyParams }, value),
+      )
+      expect(Either.isLeft(pool) && pool.left.message).toMatch(/KV cache holds 16/)
+      const classifier = yield* Effect.either(
+        admission.admit(
+          { prompt: "a", maxTokens: 4, sampling: greedyParams, earlyExit: { measure: "classifier" } },
+          value,
+        ),
+      )
+      expect(Either.isLeft(classifier) && classifier.left.message).toMatch(/needs exit classifiers/)
+      const forced = yield* Effect.either(
+        admission.admit({ prompt: "a", maxTokens: 4, sampling: greedyParams, forcedTokens: [FAKE_VOCAB] }, value),
+      )
+      expect(Either.isLeft(forced) && forced.left.message).toMatch(/below the vocabulary size 32/)
+    }).pipe(Effect.runSync))
+
+  it("starts sample 0 and keeps forks for the others; requests get distinct groups unless they share one", () =>
+    Effect.gen(function* () {
+      const { admission, sequences } = parts()
+      const a = yield* admission.admit({ prompt: "abc", maxTokens: 4, sampling: greedyParams, n: 3 }, sink().value)
+      const b = yield* admission.admit({ prompt: "abc", maxTokens: 4, sampling: greedyParams }, sink().value)
+      const c = yield* admission.admit({ prompt: "abc", maxTokens: 4, sampling: greedyParams, group: 7 }, sink().value)
+      expect(a.tokens).toEqual([0, 3, 4, 5])
+      expect(a.request.forks).toHaveLength(2)
+      expect(a.request.live).toBe(3)
+      expect(new Set([a.group, b.group, c.group]).size).toBe(3)
+      expect(c.group).toBe(7)
+      expect([...sequences.keys()]).toEqual([a.id, b.id, c.id])
+    }).pipe(Effect.runSync))
+})
+
+describe("Emission", () => {
+  it("emits the head's token, ends on a stop token or at max tokens, and counts exits", () =>
+    Effect.gen(function* () {
+      const { admission, emission, scheduler, sequences, statistics } = parts()
+      const out = sink()
+      const seq = yield* admission.admit({ prompt: "ab", maxTokens: 3, sampling: greedyParams }, out.value)
+      scheduler.submit(seq)
+      scheduler.schedule()
+      emission.emit({ seq, head: headWith([5]), row: 0, exitLayer: 2, confidence: 0.9 })
+      expect(out.events[0]).toMatchObject({ id: 5, text: "c", exitLayer: 2, finishReason: null })
+      expect(seq.tokens.at(-1)).toBe(5)
+      emission.emit({ seq, head: headWith([1]), row: 0, exitLayer: 4, confidence: 0.9 })
+      expect(out.events[1]).toMatchObject({ id: 1, text: "", finishReason: "stop" })
+      expect(out.ends).toEqual([Exit.void])
+      expect(sequences.size).toBe(0)
+      expect(statistics.snapshot({ running: 0, waiting: 0, preemptions: 0 }, makeKvCacheStats()).exitHistogram).toEqual(
+        { 2: 1, 4: 1 },
+      )
+    }).pipe(Effect.runSync))
+
+  it("a request with n samples ends when its last sample does", () =>
+    Effect.gen(function* () {
+      const { admission, emission, scheduler } = parts()
+      const out = sink()
+      const first = yield* admission.admit({ prompt: "ab", maxTokens: 1, sampling: greedyParams, n: 2 }, out.value)
+      scheduler.submit(first)
+      scheduler.schedule()
+      const fork = first.request.forks.splice(0)[0]!()!
+      emission.emit({ seq: first, head: headWith([5]), row: 0, exitLayer: 4, confidence: 1 })
+      expect(out.ends).toEqual([])
+      emission.emit({ seq: fork, head: headWith([5]), row: 0, exitLayer: 4, confidence: 1 })
+      expect(out.events.map((e) => [e.sample, e.finishReason])).toEqual([
+        [0, "length"],
+        [1, "length"],
+      ])
+      expect(out.ends).toEqual([Exit.void])
+    }).pipe(Effect.runSync))
+})
+
+const makeKvCacheStats = () => parts().kv.stats()
+
+describe("recompute strategy", () => {
+  it("a token that exits is left pending at its exit layer, and joins its row at the segment that starts there", () => {
+    const runner = makeFakeRunner()
+    const recompute = makeRecompute({ runner })
+    const seq = { pending: [] } as unknown as Sequence
+    const row: DecodeRow = { seq, positions: [7], hidden: Float32Array.of(1, 2, 3, 4), previous: new Float32Array(4) }
+    recompute.skipped(1, row) // exit index 1 is after layer 2
+    expect(seq.pending).toEqual([{ position: 7, hidden: Float32Array.of(1, 2, 3, 4), layer: 2 }])
+    const next: DecodeRow = { seq, positions: [8], hidden: Float32Array.of(5, 6, 7, 8), previous: new Float32Array(4) }
+    recompute.beforeSegment(1, next) // segment 1 starts at layer 1: nothing joins
+    expect(next.positions).toEqual([8])
+    recompute.beforeSegment(2, next) // segment 2 starts at layer 2: position 7 joins ahead of 8
+    expect(next.positions).toEqual([7, 8])
+    expect([...next.hidden]).toEqual([1, 2, 3, 4, 5, 6, 7, 8])
+    expect(seq.pending).toEqual([])
+  })
+})
