@@ -22,6 +22,7 @@ import { makeEmission } from "./internal/Emission.js"
 import { makeForwardPass } from "./internal/ForwardPass.js"
 import { commitExact, makeFill, makeRecompute } from "./internal/KvStrategy.js"
 import type { RequestState, Sequence } from "./internal/Sequence.js"
+import { makeSpeculativePass } from "./internal/SpeculativePass.js"
 import { makeStatistics } from "./internal/Statistics.js"
 import { KvCache, type KvCacheStats } from "./KvCache.js"
 import { ModelRunner } from "./ModelRunner.js"
@@ -53,6 +54,13 @@ export interface EngineStats {
   readonly kvFillMs: number
   /** What deciding cost at each early exit. */
   readonly exits: ReadonlyArray<ExitDecisionStats>
+  /** Self-speculative decoding: tokens drafted, drafts the full model accepted, tokens kept, verifications. */
+  readonly speculative: {
+    readonly drafted: number
+    readonly accepted: number
+    readonly kept: number
+    readonly verifications: number
+  }
   readonly kv: KvCacheStats
 }
 
@@ -155,6 +163,7 @@ const makeEngine = (options: EngineOptions) =>
       kv,
       evaluator,
       strategies: { fill: makeFill({ runner, kv, statistics }), recompute: makeRecompute({ runner }) },
+      speculativePass: makeSpeculativePass({ runner, kv, statistics }),
       statistics,
       emission,
     })
@@ -175,12 +184,17 @@ const makeEngine = (options: EngineOptions) =>
           }),
         )
       }
-      const finished = yield* forwardPass.run(plan.rows)
+      const { finished, speculative } = yield* forwardPass.run(plan.rows)
       for (const f of finished) {
         if (!sequences.has(f.seq.id)) continue
         // Publish what is exact of the sequence before it samples (and perhaps ends).
         if (f.seq.blocks) commitExact(kv, f.seq)
         emission.emit(f)
+      }
+      for (const { seq, tokens } of speculative) {
+        if (!sequences.has(seq.id)) continue
+        for (const t of tokens)
+          if (!emission.deliver(seq, t.id, false, spec.dims.layers, t.confidence, t.logprob)) break
       }
     })
 
@@ -201,17 +215,27 @@ const makeEngine = (options: EngineOptions) =>
       }
     })
 
-    yield* Effect.addFinalizer(() =>
+    /** Stops the engine: every request still in it ends with `message`, and new ones are refused. */
+    const stop = (message: string) =>
       Effect.sync(() => {
         stopped = true
-        const error = new EngineStoppedError({ message: "the engine shut down while the request was in flight" })
+        const error = new EngineStoppedError({ message })
         for (const seq of scheduler.drain()) {
           sequences.delete(seq.id)
           emission.close(seq.request, Exit.fail(error))
         }
-      }),
+      })
+    yield* Effect.addFinalizer(() => stop("the engine shut down while the request was in flight"))
+    // A defect in a step (a bug) ends the loop: its requests fail rather than wait forever, and it is logged.
+    yield* Effect.forkScoped(
+      loop.pipe(
+        Effect.catchAllCause((cause) =>
+          Effect.logError("the engine loop failed", cause).pipe(
+            Effect.zipRight(stop("the engine failed while the request was in flight (see the server log)")),
+          ),
+        ),
+      ),
     )
-    yield* Effect.forkScoped(loop)
 
     const submit = (request: GenerationRequest, sink: GenerationSink) =>
       Effect.gen(function* () {

@@ -22,12 +22,34 @@ export const SamplingParamsSchema = Schema.Struct({
   ),
 })
 
+/**
+ * Self-speculative decoding: draft tokens with the layers up to the early exit `exit` and its head, then verify
+ * them in one pass through the remaining layers; only what the full model agrees with is kept, so the output is the
+ * full model's (greedy: token for token; sampling: in distribution).
+ */
+export const SpeculativeRequest = Schema.Struct({
+  /** The draft exit: the layer count of one of the model's early exits. */
+  exit: Schema.Int.pipe(Schema.positive({ message: () => "speculative.exit must be a positive layer count" })),
+  /** Most tokens drafted before a verification. */
+  maxDraft: Schema.Int.pipe(
+    Schema.between(1, 16, { message: () => "speculative.maxDraft must be an integer in 1..16" }),
+  ),
+  /** Drafting stops early when the draft head's top probability falls below this (default 0: always maxDraft). */
+  threshold: Schema.optionalWith(
+    Schema.Number.pipe(Schema.between(0, 1, { message: () => "speculative.threshold must be in [0, 1]" })),
+    { exact: true },
+  ),
+})
+export type SpeculativeRequest = typeof SpeculativeRequest.Type
+
 export const GenerationRequest = Schema.Struct({
   prompt: Schema.String,
   maxTokens: Schema.Int.pipe(Schema.positive({ message: () => "max tokens must be a positive integer (at least 1)" })),
   sampling: SamplingParamsSchema,
   /** Early-exit settings over the engine's defaults. */
   earlyExit: Schema.optionalWith(EarlyExitRequest, { exact: true }),
+  /** Lossless self-speculative decoding instead of early exit (the engine's early-exit defaults do not apply). */
+  speculative: Schema.optionalWith(SpeculativeRequest, { exact: true }),
   /**
    * Teacher forcing: emit these tokens in order instead of sampling (each event still reports the model's
    * log-probability of it, the exit it was scored at and that exit's confidence); used to score a text.

@@ -62,6 +62,11 @@ export interface KvCacheShape {
   readonly commit: (seq: SequenceBlocks, tokens: ReadonlyArray<number>, computed: number) => void
   /** Releases the sequence's blocks; calling it twice for one sequence is a no-op. */
   readonly free: (seq: SequenceBlocks) => void
+  /**
+   * Rolls `seq` back to its first `positions` positions (speculative decoding's rejected drafts): the reservation
+   * shrinks, blocks past it are released, and fill levels are capped. Committed (published) positions stay.
+   */
+  readonly truncate: (seq: SequenceBlocks, positions: number) => void
   /** The pool slot (block · blockSize + offset) of `position`. */
   readonly slot: (seq: SequenceBlocks, position: number) => number
   /** Per-layer fill level: positions of `seq` whose K/V are written in `layer` (contiguous from 0). */

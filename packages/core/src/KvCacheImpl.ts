@@ -312,6 +312,18 @@ export const makeKvCache = (options: KvCacheOptions): KvCacheImpl => {
     s.reserved = 0
   }
 
+  const truncate = (seq: SequenceBlocks, positions: number) => {
+    const s = live(seq)
+    checkPositions(s, positions, "truncation to")
+    if (positions < s.hashed * bs)
+      throw new Error(`KvCache: truncation to ${positions} cuts into the committed blocks of sequence ${s.id}`)
+    const keep = blocksFor(positions)
+    for (let i = s.blocks.length - 1; i >= keep; i--) release(s.blocks[i])
+    s.blocks.length = keep
+    s.reserved = positions
+    for (let l = 0; l < layers; l++) if (s.fill[l] > positions) s.fill[l] = positions
+  }
+
   const slot = (seq: SequenceBlocks, position: number): number => {
     const s = live(seq)
     if (!Number.isInteger(position) || position < 0 || position >= s.reserved) {
@@ -406,6 +418,7 @@ export const makeKvCache = (options: KvCacheOptions): KvCacheImpl => {
     slot,
     filled,
     markFilled,
+    truncate,
     evictCached,
     stats,
     inspectBlock,

@@ -40,6 +40,11 @@ export interface ScheduledSequence {
   blocks: SequenceBlocks | undefined
   /** Set when the sequence's stream is gone; it is dropped at the next step. */
   cancelled: boolean
+  /**
+   * Positions past its next one that a decode step of this sequence may write (speculative decoding's drafts): they
+   * are reserved with the step's token and count against its budget. The engine rolls back what it does not keep.
+   */
+  readonly lookahead?: number
 }
 
 export interface BatchRow<S extends ScheduledSequence = ScheduledSequence> {
@@ -113,10 +118,12 @@ export const makeScheduler = <S extends ScheduledSequence>(
     // Running sequences, oldest first; a preempted victim is taken from the newest end.
     for (let i = 0; i < running.length && budget > 0; i++) {
       const seq = running[i]!
-      const count = Math.min(seq.tokens.length - seq.computed, budget)
+      const remaining = seq.tokens.length - seq.computed
+      const count = Math.min(remaining, budget)
       if (count <= 0) continue
+      const lookahead = remaining === 1 ? (seq.lookahead ?? 0) : 0
       const blocks = seq.blocks!
-      const missing = seq.computed + count - blocks.reserved
+      const missing = seq.computed + count + lookahead - blocks.reserved
       let reserved = missing <= 0 || kv.reserve(blocks, missing)
       while (!reserved) {
         const victim = running[running.length - 1]!
@@ -138,7 +145,7 @@ export const makeScheduler = <S extends ScheduledSequence>(
         break
       }
       rows.push({ seq, count })
-      budget -= count
+      budget -= count + lookahead
     }
     // Preempted sequences go back to the front of the queue, oldest first.
     waiting = [...preempted.reverse(), ...waiting]

@@ -87,4 +87,52 @@ describe("Engine on the fake runner", () => {
       expect(stats.kv.usedBlocks).toBe(0)
     }).pipe(Effect.provide(fakeEngineLayer())),
   )
+
+  it.effect("speculative greedy decoding equals the reference token for token, for every draft exit and length", () =>
+    Effect.gen(function* () {
+      for (const exit of [1, 2, 3])
+        for (const maxDraft of [1, 3, 6]) {
+          const batch = requests.map((r) => ({ ...r, speculative: { exit, maxDraft } }))
+          const outputs = yield* Effect.forEach(batch, collect, { concurrency: "unbounded" })
+          outputs.forEach((events, i) => expect(ids(events)).toEqual(expected(requests[i]!)))
+        }
+      const stats = yield* Effect.flatMap(Engine, (e) => e.stats)
+      expect(stats.speculative.verifications).toBeGreaterThan(0)
+      expect(stats.speculative.accepted).toBeGreaterThan(0)
+      expect(stats.speculative.accepted).toBeLessThan(stats.speculative.drafted)
+      expect(stats.kv.usedBlocks).toBe(0)
+    }).pipe(Effect.provide(fakeEngineLayer())),
+  )
+
+  it.effect("speculative rows beside plain and early-exit rows, under a pool small enough to preempt", () =>
+    Effect.gen(function* () {
+      const batch = requests.map((r, i) =>
+        i % 3 === 0
+          ? { ...r, speculative: { exit: 2, maxDraft: 4, threshold: 0.2 } }
+          : i % 3 === 1
+            ? { ...r, earlyExit: { threshold: 1.5 } }
+            : r,
+      )
+      const outputs = yield* Effect.forEach(batch, collect, { concurrency: "unbounded" })
+      outputs.forEach((events, i) => expect(ids(events)).toEqual(expected(requests[i]!)))
+      const stats = yield* Effect.flatMap(Engine, (e) => e.stats)
+      expect(stats.preemptions).toBeGreaterThan(0)
+    }).pipe(Effect.provide(fakeEngineLayer({ runner: { numBlocks: 28, blockSize: 4 } }))),
+  )
+
+  it.effect("a speculative request refuses a draft exit the model does not have, and early exit settings", () =>
+    Effect.gen(function* () {
+      const engine = yield* Engine
+      const bad = yield* Effect.flip(
+        Stream.runDrain(engine.generate(greedy("abc", 4, { speculative: { exit: 4, maxDraft: 2 } }))),
+      )
+      expect(bad.message).toMatch(/speculative.exit must be one of the model's early exits \(1, 2, 3\), got 4/)
+      const mixed = yield* Effect.flip(
+        Stream.runDrain(
+          engine.generate(greedy("abc", 4, { speculative: { exit: 2, maxDraft: 2 }, earlyExit: { threshold: 0.5 } })),
+        ),
+      )
+      expect(mixed.message).toMatch(/does not combine with early exit/)
+    }).pipe(Effect.provide(fakeEngineLayer())),
+  )
 })

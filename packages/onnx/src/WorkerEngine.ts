@@ -118,6 +118,7 @@ export const EngineStatsSchema = Schema.Struct({
   exits: Schema.Array(
     Schema.Struct({ layer: Count, scored: Count, headRows: Count, exited: Count, headMs: Count, decisionMs: Count }),
   ),
+  speculative: Schema.Struct({ drafted: Count, accepted: Count, kept: Count, verifications: Count }),
   kv: Schema.Struct({
     blockSize: Count,
     totalBlocks: Count,

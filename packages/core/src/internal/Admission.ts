@@ -4,7 +4,7 @@
  * is computed).
  */
 import { Effect, Schema } from "effect"
-import { type EarlyExitParams, resolveEarlyExit } from "../EarlyExit.js"
+import { type EarlyExitParams, FULL_DEPTH, resolveEarlyExit } from "../EarlyExit.js"
 import type { GenerationSink } from "../Engine.js"
 import { describeParseError, type GenerationError, InvalidRequestError } from "../Errors.js"
 import { GenerationRequest } from "../Generation.js"
@@ -45,6 +45,7 @@ export const makeAdmission = (deps: {
       computed: 0,
       blocks: undefined,
       cancelled: false,
+      lookahead: request.speculative?.maxDraft ?? 0,
       request,
       sample,
       rng: sampler.makeRng(seed === undefined ? undefined : seed + sample),
@@ -85,6 +86,22 @@ export const makeAdmission = (deps: {
             "the classifier measure needs exit classifiers, and this model has none; use softmax, margin, entropy or saturation",
         })
       }
+      const speculative = req.speculative
+      const draftExit = speculative && spec.exits.findIndex((e) => e.layer === speculative.exit)
+      if (speculative && (draftExit === undefined || draftExit < 0 || draftExit === spec.exits.length - 1)) {
+        return yield* new InvalidRequestError({
+          message: `speculative.exit must be one of the model's early exits (${spec.exits
+            .slice(0, -1)
+            .map((e) => e.layer)
+            .join(", ")}), got ${speculative.exit}`,
+        })
+      }
+      if (speculative && (req.earlyExit !== undefined || req.forcedTokens !== undefined)) {
+        return yield* new InvalidRequestError({
+          message:
+            "speculative decoding gives the full model's output; it does not combine with early exit or forced tokens",
+        })
+      }
       const n = req.n ?? 1
       const forcedTokens = req.forcedTokens
       if (forcedTokens?.some((id) => id >= dims.vocab)) {
@@ -97,7 +114,11 @@ export const makeAdmission = (deps: {
         forcedTokens,
         sampling: req.sampling,
         usesLogits: req.sampling.temperature > 0 || forcedTokens !== undefined,
-        exit: resolveEarlyExit(spec, exitParams),
+        exit: resolveEarlyExit(spec, speculative ? FULL_DEPTH : exitParams),
+        speculative:
+          speculative && draftExit !== undefined
+            ? { exitIndex: draftExit, maxDraft: speculative.maxDraft, threshold: speculative.threshold ?? 0 }
+            : undefined,
         sink,
         closed: false,
         group: req.group ?? -++lastOwnGroup,

@@ -58,7 +58,30 @@ export const makeEmission = (deps: {
     const top = Number(head.topToken[row])
     const id =
       forced ?? (request.usesLogits ? sampler.sample(head.logits!, offset, dims.vocab, request.sampling, seq.rng) : top)
-    const stop = forced === undefined && stopIds.has(id)
+    deliver(
+      seq,
+      id,
+      forced !== undefined,
+      exitLayer,
+      confidence,
+      logProbabilityFromTop(head.logits, offset, id, top, head.maxProb[row]!),
+    )
+  }
+
+  /**
+   * Emits the chosen next token `id` of `seq` and ends the sequence when it stops (a stop token, unless forced) or is
+   * full; returns whether the sequence goes on.
+   */
+  const deliver = (
+    seq: Sequence,
+    id: number,
+    forced: boolean,
+    exitLayer: number,
+    confidence: number,
+    logprob: number,
+  ): boolean => {
+    const { request } = seq
+    const stop = !forced && stopIds.has(id)
     seq.generated++
     statistics.token(exitLayer)
     const full = seq.generated >= request.maxTokens || seq.tokens.length + 1 > dims.contextLength
@@ -72,14 +95,18 @@ export const makeEmission = (deps: {
       text,
       exitLayer,
       confidence,
-      logprob: logProbabilityFromTop(head.logits, offset, id, top, head.maxProb[row]!),
+      logprob,
       finishReason,
     })
-    if (finishReason !== null) end(seq, Exit.void)
-    else seq.tokens.push(id)
+    if (finishReason !== null) {
+      end(seq, Exit.void)
+      return false
+    }
+    seq.tokens.push(id)
+    return true
   }
 
-  return { close, end, fail, emit }
+  return { close, end, fail, emit, deliver }
 }
 
 export type Emission = ReturnType<typeof makeEmission>

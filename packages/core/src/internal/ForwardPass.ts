@@ -19,6 +19,7 @@ import type { Emission, Finished } from "./Emission.js"
 import { confidentAfterHead, type ExitRow, exitingRows, planHead } from "./ExitPolicy.js"
 import { commitExact, type KvStrategy } from "./KvStrategy.js"
 import type { DecodeRow, Sequence } from "./Sequence.js"
+import type { SpeculativePass } from "./SpeculativePass.js"
 import type { Statistics } from "./Statistics.js"
 
 /** A reusable buffer: each call returns a view of n floats over storage that grows as needed. */
@@ -43,10 +44,11 @@ export const makeForwardPass = (deps: {
   readonly kv: KvCacheShape
   readonly evaluator: ConfidenceEvaluatorShape
   readonly strategies: Readonly<Record<KvStrategyName, KvStrategy>>
+  readonly speculativePass: SpeculativePass
   readonly statistics: Statistics
   readonly emission: Emission
 }) => {
-  const { runner, kv, evaluator, strategies, statistics, emission } = deps
+  const { runner, kv, evaluator, strategies, speculativePass, statistics, emission } = deps
   const { spec } = runner
   const { dims } = spec
   const D = dims.hidden
@@ -272,9 +274,20 @@ export const makeForwardPass = (deps: {
   const run = (rows: ReadonlyArray<BatchRow<Sequence>>) =>
     Effect.gen(function* () {
       // A row with one new token whose earlier tokens are all computed is a decode row; anything else prefills.
+      // Decode rows of speculative requests draft and verify (unless their forks still wait for the final head).
       const isDecode = (r: BatchRow<Sequence>) => r.count === 1 && r.seq.computed > 0
-      const decodeRows = rows.filter(isDecode)
+      const isSpeculative = (r: BatchRow<Sequence>) =>
+        r.seq.request.speculative !== undefined && r.seq.request.forks.length === 0
+      const decodeRows = rows.filter((r) => isDecode(r) && !isSpeculative(r))
+      const speculativeRows = rows.filter((r) => isDecode(r) && isSpeculative(r))
       const prefilled = yield* prefill(rows.filter((r) => !isDecode(r)))
+      const speculated = yield* Effect.either(speculativePass.run(speculativeRows))
+      if (speculated._tag === "Left")
+        emission.fail(
+          speculativeRows.map((r) => r.seq),
+          speculated.left,
+        )
+      const speculative = speculated._tag === "Right" ? speculated.right : []
       const decoded = yield* Effect.either(decode(decodeRows))
       if (decoded._tag === "Left")
         emission.fail(
@@ -329,7 +342,7 @@ export const makeForwardPass = (deps: {
           })
         }
       }
-      return finished
+      return { finished, speculative }
     })
 
   return { run }

@@ -39,6 +39,10 @@ export interface RequestState {
   closed: boolean
   /** The scheduler's group of the request's sequences. */
   readonly group: number
+  /** Self-speculative decoding: the draft exit (its index in spec.exits), the most tokens drafted, the threshold. */
+  readonly speculative:
+    | { readonly exitIndex: number; readonly maxDraft: number; readonly threshold: number }
+    | undefined
   /** Samples 1..n-1, started by forking sample 0 once the prompt is computed; a sample with no room yet waits (undefined). */
   readonly forks: Array<() => Sequence | undefined>
   live: number

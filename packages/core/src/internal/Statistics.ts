@@ -21,6 +21,7 @@ export const makeStatistics = (spec: ModelSpec) => {
     .slice(0, -1)
     .map((e) => ({ layer: e.layer, scored: 0, headRows: 0, exited: 0, headMs: 0, decisionMs: 0 }))
   const exitHistogram: Record<number, number> = {}
+  const speculative = { drafted: 0, accepted: 0, kept: 0, verifications: 0 }
 
   /** A token was generated at `exitLayer`. */
   const token = (exitLayer: number) => {
@@ -41,11 +42,12 @@ export const makeStatistics = (spec: ModelSpec) => {
       meanExitDepth: generated === 0 ? 0 : depth / generated,
       headMs: exits.reduce((ms, e) => ms + e.headMs + e.decisionMs, 0),
       exits: exits.map((e) => ({ ...e })),
+      speculative: { ...speculative },
       kv,
     }
   }
 
-  return { counters, exits, token, snapshot }
+  return { counters, exits, speculative, token, snapshot }
 }
 
 export type Statistics = ReturnType<typeof makeStatistics>
