@@ -75,6 +75,19 @@ export interface GenerationSink {
   readonly onEnd: (exit: Exit.Exit<void, GenerationError>) => void
 }
 
+/**
+ * Whether the engine takes requests: `ready`; `restarting` while a supervised engine (the worker engine) replaces a
+ * worker that died or hung; `stopped` once it shut down.
+ */
+export const EngineState = Schema.Literal("ready", "restarting", "stopped")
+export type EngineState = typeof EngineState.Type
+
+export interface EngineStatus {
+  readonly state: EngineState
+  /** Times the engine was restarted after a failure. */
+  readonly restarts: number
+}
+
 export interface EngineShape {
   readonly spec: ModelSpec
   readonly defaults: EarlyExitParams
@@ -89,6 +102,7 @@ export interface EngineShape {
     sink: GenerationSink,
   ) => Effect.Effect<Effect.Effect<void>, GenerationError>
   readonly stats: Effect.Effect<EngineStats>
+  readonly status: Effect.Effect<EngineStatus>
 }
 
 /** `generate` over a `submit`: the stream reads a mailbox that the sink fills; closing the stream cancels. */
@@ -811,5 +825,7 @@ const makeEngine = (options: EngineOptions) =>
       }
     })
 
-    return { spec, defaults, generate: streamOfSubmit(submit), submit, stats } satisfies EngineShape
+    const status = Effect.sync((): EngineStatus => ({ state: stopped ? "stopped" : "ready", restarts: 0 }))
+
+    return { spec, defaults, generate: streamOfSubmit(submit), submit, stats, status } satisfies EngineShape
   })
