@@ -13,6 +13,7 @@ import {
 import { Context, Deferred, type Duration, Effect, Either, Layer } from "effect"
 import { type ChatRenderer, type ChatTemplateConfig, makeChatRenderer, readChatTemplate } from "./ChatTemplate.js"
 import { ServerMetrics } from "./Metrics.js"
+import type { ServerState } from "./ServerState.js"
 
 export interface OpenAiServerOptions {
   /** The model id clients send and `/v1/models` lists (default: the name in model.json). */
@@ -45,6 +46,8 @@ export interface OpenAiServerShape {
   readonly metrics: ServerMetrics
   /** True once shutdown began: new generation requests get 503. */
   readonly isDraining: () => boolean
+  /** `draining` once shutdown began, else the engine's state. */
+  readonly state: Effect.Effect<ServerState>
   /** Completes when in-flight streams must end (the shutdown grace period is over). */
   readonly aborted: Deferred.Deferred<void>
   /** Whether `aborted` has completed. */
@@ -93,6 +96,7 @@ const make = (options: OpenAiServerOptions) =>
       apiKey: options.apiKey,
       metrics,
       isDraining: () => draining,
+      state: Effect.map(engine.status, (status): ServerState => (draining ? "draining" : status.state)),
       aborted,
       isAborted: () => isAborted,
       shutdown,
