@@ -63,6 +63,7 @@ const make = (modelDir: string, config: WorkerEngineConfig, options: SupervisorO
     const stepDeadline = Duration.decode(options.stepDeadline ?? DEFAULT_STEP_DEADLINE)
     const first = yield* connect({ modelDir, config, stepDeadline, testFault: options.testFault })
     const { spec, defaults } = first
+    // Until the finalizer below owns it, the first worker is closed here if the layer fails to build.
     const tokenizer = yield* HfTokenizer.fromFile(join(modelDir, spec.files.tokenizer)).pipe(
       Effect.tapErrorCause(() => first.close(CLOSE_WITHIN)),
     )
@@ -73,7 +74,10 @@ const make = (modelDir: string, config: WorkerEngineConfig, options: SupervisorO
     let restarts = 0
     let nextTicket = 0
     // /metrics keeps answering with the last figures while the worker is gone or slow.
-    let lastStats: EngineStats = yield* first.stats.pipe(Effect.orDie)
+    let lastStats: EngineStats = yield* first.stats.pipe(
+      Effect.orDie,
+      Effect.tapErrorCause(() => first.close(CLOSE_WITHIN)),
+    )
 
     const supervisor = yield* Effect.gen(function* () {
       let connection = first
