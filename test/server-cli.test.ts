@@ -1,11 +1,14 @@
 /**
  * The server as a process: `offramp serve` and the standalone `offramp-http` bind, answer the openai client, and
- * shut down cleanly on SIGTERM; bad flags fail with one clean line.
+ * shut down cleanly on SIGTERM, within the shutdown grace even when a stream would outlive it; bad flags fail with
+ * one clean line.
  */
 import { type ChildProcess, spawn } from "node:child_process"
 import { join } from "node:path"
 import OpenAI from "openai"
 import { beforeAll, describe, expect, it } from "vitest"
+import { TEST_FAULT_ENV } from "../apps/http/src/index.js"
+import { json, postJson } from "../packages/server/test/support.js"
 import { expectCleanFailure, runCli } from "./support/cli.js"
 import { convertStories, REPO_ROOT, tempDir } from "./support/stories.js"
 
@@ -71,6 +74,45 @@ describe("server processes", () => {
     expect(await cli.exit).toBe(0)
     expect(await standalone.exit).toBe(0)
     expect(cli.stderr()).toContain("shutting down")
+  })
+
+  it("SIGTERM with a stream that outlives the grace (its worker hung): 503 while draining, the stream ends with an error event and [DONE], the process exits within grace + 2 s", async () => {
+    const grace = 1
+    // The default model; its worker hangs after a few steps (the test-only fault), so the stream never ends itself.
+    const server = await launch([OFFRAMP, "serve", "--port", "0", "--shutdown-grace", String(grace)], {
+      [TEST_FAULT_ENV]: "hang:5",
+    })
+    const body = { model: "model", prompt: "Once upon a time", max_tokens: 200 }
+    const response = await postJson(`${server.url}/v1/completions`, { ...body, stream: true })
+    expect(response.status).toBe(200)
+    const reader = response.body!.getReader()
+    let text = new TextDecoder().decode((await reader.read()).value)
+    const rest = (async () => {
+      for (;;) {
+        const { done, value } = await reader.read()
+        if (done) return text
+        text += new TextDecoder().decode(value)
+      }
+    })()
+
+    const signalled = Date.now()
+    server.child.kill("SIGTERM")
+    const exited = server.exit.then((code) => ({ code, afterMs: Date.now() - signalled }))
+    await new Promise((r) => setTimeout(r, 200))
+    const health = await fetch(`${server.url}/health`)
+    expect(health.status).toBe(503)
+    expect((await json(health)).status).toBe("draining")
+    const refused = await postJson(`${server.url}/v1/completions`, body)
+    expect(refused.status).toBe(503)
+    expect((await json(refused)).error.message).toMatch(/shutting down/)
+
+    const streamed = await rest
+    expect(streamed.endsWith("data: [DONE]\n\n")).toBe(true)
+    const events = streamed.split("\n\n").filter((b) => b.startsWith("data: {"))
+    expect(JSON.parse(events.at(-1)!.slice("data: ".length)).error.code).toBe("engine_unavailable")
+    const { code, afterMs } = await exited
+    expect(afterMs).toBeLessThan((grace + 2) * 1000)
+    expect(code).toBe(0)
   })
 
   it("bad flags fail with one clean line", async () => {

@@ -317,7 +317,7 @@ describe("models, health, metrics", () => {
   it("/health and Prometheus /metrics", async () => {
     const health = await fetch(`${server.url}/health`)
     expect(health.status).toBe(200)
-    expect(await health.json()).toEqual({ status: "ok", model: MODEL })
+    expect(await health.json()).toEqual({ status: "ready", model: MODEL })
     const response = await fetch(`${server.url}/metrics`)
     expect(response.headers.get("content-type")).toMatch(/^text\/plain; version=0.0.4/)
     const text = await response.text()

@@ -14,9 +14,25 @@ import {
   layerNode,
   OpenAiServer,
 } from "@offramp/server"
-import { Config, Console, Effect, Layer, Option, Redacted } from "effect"
+import { Config, ConfigError, Console, Effect, Either, Layer, Option, Redacted } from "effect"
 
 export const API_KEY_ENV = "OFFRAMP_API_KEY"
+
+/**
+ * Test-only: `KIND:N` makes the first engine worker exit, throw or hang (KIND exit, throw or hang) after it sent N
+ * batches of token events, so that tests can check supervision and shutdown in a real server process.
+ */
+export const TEST_FAULT_ENV = "OFFRAMP_TEST_ENGINE_FAULT"
+
+const testFault = Config.string(TEST_FAULT_ENV).pipe(
+  Config.mapOrFail((text) => {
+    const match = /^(exit|throw|hang):(\d+)$/.exec(text)
+    return match
+      ? Either.right({ kind: match[1] as WorkerEngine.TestFault["kind"], afterBatches: Number(match[2]) })
+      : Either.left(ConfigError.InvalidData([], `expected exit:N, throw:N or hang:N, got ${JSON.stringify(text)}`))
+  }),
+  Config.option,
+)
 
 export const serveFlags = {
   model: Options.directory("model").pipe(
@@ -54,6 +70,12 @@ export const serveFlags = {
   shutdownGrace: Options.float("shutdown-grace").pipe(
     Options.withDescription("seconds in-flight requests may run on after SIGTERM before their streams are ended"),
     Options.withDefault(10),
+  ),
+  stepDeadline: Options.float("step-deadline").pipe(
+    Options.withDescription(
+      "seconds one engine step may take before the engine worker counts as hung and is replaced (worker engine only)",
+    ),
+    Options.withDefault(30),
   ),
   kvCacheMb: Options.integer("kv-cache-mb").pipe(
     Options.withDescription("memory for the paged KV cache, in MiB (default 64)"),
@@ -121,6 +143,12 @@ export const runServe = (flags: Flags) =>
         message: `--shutdown-grace must be >= 0 seconds, got ${flags.shutdownGrace}`,
       })
     }
+    if (!(flags.stepDeadline > 0)) {
+      return yield* new InvalidRequestError({
+        message: `--step-deadline must be > 0 seconds, got ${flags.stepDeadline}`,
+      })
+    }
+    const fault = yield* testFault
     const apiKey = Option.map(flags.apiKey, (key) => Redacted.value(key))
     const api = OpenAiServer.fromModelDirectory(flags.model, {
       maxBodyBytes: flags.maxBodyBytes,
@@ -147,7 +175,10 @@ export const runServe = (flags: Flags) =>
       Layer.provide(
         flags.inProcess
           ? onnxEngineLayer(flags.model, engineConfig(flags))
-          : WorkerEngine.layer(flags.model, engineConfig(flags)),
+          : WorkerEngine.layer(flags.model, engineConfig(flags), {
+              stepDeadline: `${flags.stepDeadline} seconds`,
+              ...(Option.isSome(fault) ? { testFault: fault.value } : {}),
+            }),
       ),
     )
     return yield* Layer.launch(app)

@@ -12,7 +12,7 @@
  * sequences cancelled; the next step drops them and frees their blocks. When the layer's scope closes, the loop
  * stops and every stream still open ends with EngineStoppedError.
  */
-import { Context, Effect, Exit, Layer, Mailbox, Queue, Stream } from "effect"
+import { Context, Effect, Exit, Layer, Mailbox, Queue, Schema, Stream } from "effect"
 import { ConfidenceEvaluator } from "./ConfidenceEvaluator.js"
 import { type EarlyExitParams, FULL_DEPTH } from "./EarlyExit.js"
 import { EngineStoppedError, type GenerationError, InvalidRequestError } from "./Errors.js"
@@ -88,6 +88,19 @@ export interface GenerationSink {
   readonly onEnd: (exit: Exit.Exit<void, GenerationError>) => void
 }
 
+/**
+ * Whether the engine takes requests: `ready`; `restarting` while a supervised engine (the worker engine) replaces a
+ * worker that died or hung; `stopped` once it shut down.
+ */
+export const EngineState = Schema.Literal("ready", "restarting", "stopped")
+export type EngineState = typeof EngineState.Type
+
+export interface EngineStatus {
+  readonly state: EngineState
+  /** Times the engine was restarted after a failure. */
+  readonly restarts: number
+}
+
 export interface EngineShape {
   readonly spec: ModelSpec
   readonly defaults: EarlyExitParams
@@ -102,6 +115,7 @@ export interface EngineShape {
     sink: GenerationSink,
   ) => Effect.Effect<Effect.Effect<void>, GenerationError>
   readonly stats: Effect.Effect<EngineStats>
+  readonly status: Effect.Effect<EngineStatus>
 }
 
 /** `generate` over a `submit`: the stream reads a mailbox that the sink fills; closing the stream cancels. */
@@ -268,5 +282,7 @@ const makeEngine = (options: EngineOptions) =>
         ),
     )
 
-    return { spec, defaults, generate: streamOfSubmit(submit), submit, stats } satisfies EngineShape
+    const status = Effect.sync((): EngineStatus => ({ state: stopped ? "stopped" : "ready", restarts: 0 }))
+
+    return { spec, defaults, generate: streamOfSubmit(submit), submit, stats, status } satisfies EngineShape
   })

@@ -1,292 +1,170 @@
 /**
- * The Engine in a worker thread. onnxruntime's `run()` is synchronous C++ and blocks the event loop of the thread
- * that calls it, so a server runs the engine (`onnxEngineLayer`) in a `node:worker_threads` worker and keeps its
- * main thread for I/O. `WorkerEngine.layer(modelDir, config)` provides the same `Engine` interface, and a
+ * The Engine in a worker thread, supervised. onnxruntime's `run()` is synchronous C++ and blocks the event loop of
+ * the thread that calls it, so a server runs the engine (`onnxEngineLayer`) in a `node:worker_threads` worker and
+ * keeps its main thread for I/O. `WorkerEngine.layer(modelDir, config)` provides the same `Engine` interface, and a
  * `Tokenizer` loaded on the main thread (it is cheap, and the server tokenizes on every request).
  *
- * Messages are schema-typed `Schema.TaggedRequest`s over @effect/platform's serialized worker protocol. Token
- * events of all generations share one stream from the worker (`Events`): each element is a batch of what every
- * generation produced in one engine step, demultiplexed here by ticket into each generation's stream, so a step
- * costs one message however many streams run. A stream that is interrupted, or that its consumer stops reading,
- * cancels its sequence in the worker; typed errors cross as the same tagged errors. When the layer closes, the
- * worker's engine shuts down first, so streams still in flight end with EngineStoppedError.
+ * The worker (a WorkerConnection: the protocol is in internal/WorkerProtocol.ts) is supervised: when it dies or
+ * misses its step deadline, its generations end with EngineStoppedError, the engine's state is `restarting` (new
+ * requests are refused with EngineStoppedError) and a new worker is started with the same model and settings; then
+ * the state is `ready` again. A stream that is interrupted, or that its consumer stops reading, cancels its sequence
+ * in the worker; typed errors cross as the same tagged errors. When the layer closes, the worker's engine shuts down
+ * first (for at most STOP_WITHIN), so streams still in flight end with EngineStoppedError; then the thread ends.
  */
 import { join } from "node:path"
-import { Worker as NodeThread } from "node:worker_threads"
-import * as Worker from "@effect/platform/Worker"
-import type * as WorkerError from "@effect/platform/WorkerError"
 import * as NodeWorker from "@effect/platform-node/NodeWorker"
 import {
   describeParseError,
-  EarlyExitParams,
   Engine,
   type EngineShape,
+  type EngineState,
   type EngineStats,
   EngineStoppedError,
   GenerationRequest,
   type GenerationSink,
   InvalidRequestError,
-  ModelLoadError,
-  ModelSpec,
+  type ModelLoadError,
   streamOfSubmit,
   Tokenizer,
-  TokenizerError,
+  type TokenizerError,
 } from "@offramp/core"
 import { HfTokenizer } from "@offramp/tokenizer"
-import { Cause, Context, Effect, Exit, Layer, type ParseResult, Queue, Schema, Stream } from "effect"
-import { readStepEvents, StepEvents } from "./internal/StepEvents.js"
+import { Context, Deferred, Duration, Effect, Fiber, Layer, Schedule, Schema } from "effect"
+import { connect, type WorkerConnection } from "./internal/WorkerConnection.js"
+import type { TestFault, WorkerEngineConfig } from "./internal/WorkerProtocol.js"
 import type { OnnxEngineConfig } from "./OnnxEngine.js"
 
-const Positive = Schema.Number.pipe(Schema.positive())
-const optional = <S extends Schema.Schema.Any>(schema: S) => Schema.optionalWith(schema, { exact: true })
-
-/**
- * What of OnnxEngineConfig can cross to the worker: plain numbers and early-exit settings. A custom
- * ConfidenceEvaluator layer cannot (it is code); run such an engine in-process with `onnxEngineLayer`.
- */
-export const WorkerEngineConfig = Schema.Struct({
-  runner: optional(
-    Schema.Struct({
-      blockSize: optional(Positive),
-      numBlocks: optional(Positive),
-      kvCacheBytes: optional(Positive),
-      threads: optional(Positive),
-    }),
-  ),
-  scheduler: optional(
-    Schema.Struct({
-      tokenBudget: optional(Positive),
-      maxRunning: optional(Positive),
-      maxRunningPerGroup: optional(Positive),
-    }),
-  ),
-  earlyExit: optional(EarlyExitParams),
-})
-
-export type WorkerEngineConfig = typeof WorkerEngineConfig.Type
+export { TestFault, WorkerEngineConfig } from "./internal/WorkerProtocol.js"
 
 /** The OnnxEngineConfig fields the worker cannot carry must be absent (a type error, not silently dropped). */
 type NotCrossing = { readonly [K in Exclude<keyof OnnxEngineConfig, keyof WorkerEngineConfig>]?: never }
 
-/** Loads the model in the worker; answers what the Engine interface exposes synchronously. */
-export class StartEngine extends Schema.TaggedRequest<StartEngine>()("StartEngine", {
-  failure: Schema.Union(ModelLoadError, TokenizerError),
-  success: Schema.Struct({ spec: ModelSpec, defaults: EarlyExitParams }),
-  payload: { modelDir: Schema.String, config: WorkerEngineConfig },
-}) {}
+export interface SupervisorOptions {
+  /**
+   * How long one engine step may take before the worker counts as hung and is replaced (default 30 seconds). The
+   * worker answers the main thread's pings between steps.
+   */
+  readonly stepDeadline?: Duration.DurationInput
+  /** Test-only: a fault the first worker injects into itself (see TestFault). */
+  readonly testFault?: TestFault
+}
 
-/**
- * Starts generations in the worker under the main thread's tickets, and cancels generations whose streams the main
- * thread no longer reads (interrupted, or ended early), in that order. Their events and ends arrive on the Events
- * stream. The main thread sends what a tick submitted in one message, so a burst of requests reaches the engine
- * together and shares its first step.
- */
-export class Dispatch extends Schema.TaggedRequest<Dispatch>()("Dispatch", {
-  failure: Schema.Never,
-  success: Schema.Void,
-  payload: {
-    start: Schema.Array(Schema.Struct({ ticket: Schema.Int, request: GenerationRequest })),
-    cancel: Schema.Array(Schema.Int),
-  },
-}) {}
+export const DEFAULT_STEP_DEADLINE = "30 seconds"
 
-/**
- * The worker's output, for every generation at once: one element (one message) per batch of events that were ready
- * together, which is every token of an engine step, in the columnar StepEvents form. Batching across generations is
- * what keeps the per-token cost low: with 16 streams a step has one token per stream, so per-generation messages
- * would carry one each.
- */
-export class Events extends Schema.TaggedRequest<Events>()("Events", {
-  failure: Schema.Never,
-  success: StepEvents,
-  payload: {},
-}) {}
+/** How long the engine's stop may take at shutdown before the thread is terminated. */
+const STOP_WITHIN = "500 millis"
+/** How long a worker that answered (or died) may take to close before its thread is terminated. */
+const CLOSE_WITHIN = "500 millis"
+/** How long /metrics waits for the worker's figures before it answers with the last ones. */
+const STATS_WITHIN = "1 second"
 
-const Count = Schema.Number
-export const EngineStatsSchema = Schema.Struct({
-  steps: Count,
-  prefillTokens: Count,
-  decodeTokens: Count,
-  running: Count,
-  waiting: Count,
-  preemptions: Count,
-  exitHistogram: Schema.Record({ key: Schema.String, value: Count }),
-  meanExitDepth: Count,
-  layersSkipped: Count,
-  headMs: Count,
-  kvFillMs: Count,
-  exits: Schema.Array(
-    Schema.Struct({ layer: Count, scored: Count, headRows: Count, exited: Count, headMs: Count, decisionMs: Count }),
-  ),
-  speculative: Schema.Struct({ drafted: Count, accepted: Count, kept: Count, verifications: Count }),
-  kv: Schema.Struct({
-    blockSize: Count,
-    totalBlocks: Count,
-    usedBlocks: Count,
-    freeBlocks: Count,
-    cachedBlocks: Count,
-    bytesPerBlock: Count,
-    usedBytes: Count,
-    prefixQueries: Count,
-    prefixHits: Count,
-    prefixHitRate: Count,
-  }),
-})
-
-export class GetStats extends Schema.TaggedRequest<GetStats>()("GetStats", {
-  failure: Schema.Never,
-  success: EngineStatsSchema,
-  payload: {},
-}) {}
-
-/** Closes the worker's engine: what is in flight ends with EngineStoppedError, later requests are refused. */
-export class StopEngine extends Schema.TaggedRequest<StopEngine>()("StopEngine", {
-  failure: Schema.Never,
-  success: Schema.Void,
-  payload: {},
-}) {}
-
-export const EngineRequest = Schema.Union(StartEngine, Events, Dispatch, GetStats, StopEngine)
-export type EngineRequest = typeof EngineRequest.Type
-
-/**
- * The worker's entry. Node 20 workers do not inherit the parent's module hooks, so this small .mjs registers tsx
- * and then imports the TypeScript runner (engineWorker.ts); it works the same under the CLI's tsx and vitest.
- */
-export const WORKER_ENTRY = new URL("./engineWorker.mjs", import.meta.url)
-
-const make = (modelDir: string, config: WorkerEngineConfig) =>
+const make = (modelDir: string, config: WorkerEngineConfig, options: SupervisorOptions) =>
   Effect.gen(function* () {
-    const scope = yield* Effect.scope
-    const cannotStart = (e: WorkerError.WorkerError) =>
-      new ModelLoadError({ path: modelDir, message: `the engine worker failed to start: ${e.message}` })
-    const worker = yield* Worker.makeSerialized<EngineRequest>({}).pipe(Effect.mapError(cannotStart))
+    const stepDeadline = Duration.decode(options.stepDeadline ?? DEFAULT_STEP_DEADLINE)
+    const first = yield* connect({ modelDir, config, stepDeadline, testFault: options.testFault })
+    const { spec, defaults } = first
+    // Until the finalizer below owns it, the first worker is closed here if the layer fails to build.
+    const tokenizer = yield* HfTokenizer.fromFile(join(modelDir, spec.files.tokenizer)).pipe(
+      Effect.tapErrorCause(() => first.close(CLOSE_WITHIN)),
+    )
 
-    // The open generations by ticket. The Events reader delivers their batches; whatever ends them removes them.
-    const open = new Map<number, GenerationSink>()
+    // The worker that serves requests; undefined while it is replaced, and after shutdown.
+    let current: WorkerConnection | undefined = first
+    let state: EngineState = "ready"
+    let restarts = 0
     let nextTicket = 0
-    // Set once the engine is gone (shut down, or the worker failed): what new requests get.
-    let refusal: EngineStoppedError | undefined
-    const endAll = (error: EngineStoppedError) => {
-      refusal ??= error
-      const sinks = [...open.values()]
-      open.clear()
-      for (const sink of sinks) sink.onEnd(Exit.fail(error))
-    }
-    const deliver = (step: StepEvents) =>
-      readStepEvents(
-        step,
-        (ticket, event) => open.get(ticket)?.onEvent(event),
-        ({ ticket, error }) => {
-          const sink = open.get(ticket)
-          if (sink === undefined) return
-          open.delete(ticket)
-          sink.onEnd(error ? Exit.fail(error) : Exit.void)
-        },
-      )
-    yield* worker.execute(new Events()).pipe(
-      Stream.runForEach((batch) => Effect.sync(() => deliver(batch))),
-      Effect.catchAllCause((cause) =>
-        Effect.sync(() =>
-          endAll(new EngineStoppedError({ message: `the engine worker failed: ${Cause.squash(cause)}` })),
-        ),
-      ),
-      Effect.forkIn(scope),
+    // /metrics keeps answering with the last figures while the worker is gone or slow.
+    let lastStats: EngineStats = yield* first.stats.pipe(
+      Effect.orDie,
+      Effect.tapErrorCause(() => first.close(CLOSE_WITHIN)),
     )
 
-    const { spec, defaults } = yield* worker.executeEffect(new StartEngine({ modelDir, config })).pipe(
-      Effect.catchTags({
-        WorkerError: cannotStart,
-        ParseError: (e) => new ModelLoadError({ path: modelDir, message: describeParseError(e) }),
-      }),
-    )
-    const tokenizer = yield* HfTokenizer.fromFile(join(modelDir, spec.files.tokenizer))
-    // /metrics keeps answering with the last figures if the worker is gone.
-    let lastStats: EngineStats = yield* worker.executeEffect(new GetStats()).pipe(Effect.orDie)
-    const stats = worker.executeEffect(new GetStats()).pipe(
-      Effect.tap((s) => {
-        lastStats = s
-      }),
-      Effect.orElse(() => Effect.sync(() => lastStats)),
-    )
-
-    // Starts and cancels wait for the end of the tick (setImmediate) and then go together, in order, in one message.
-    const control = yield* Queue.unbounded<
-      { readonly start: Dispatch["start"][number] } | { readonly cancel: number }
-    >()
-    yield* Effect.gen(function* () {
-      const first = yield* Queue.take(control)
-      yield* Effect.async<void>((resume) => {
-        setImmediate(() => resume(Effect.void))
-      })
-      const batch = [first, ...(yield* Queue.takeAll(control))]
-      const start = batch.flatMap((c) => ("start" in c ? [c.start] : []))
-      const cancel = batch.flatMap((c) => ("cancel" in c ? [c.cancel] : []))
-      // Sent without waiting for the worker's answer to the previous one (the port keeps messages in order): waiting
-      // put the worker's step time into the first-token time of every request behind it (measured at 16 clients:
-      // 10 ms median, 47 ms p90).
-      yield* worker.executeEffect(new Dispatch({ start, cancel })).pipe(
-        Effect.catchAll((e) => Effect.sync(() => endAll(workerFailure(e)))),
-        Effect.forkIn(scope),
-      )
-    }).pipe(Effect.forever, Effect.forkIn(scope))
+    const supervisor = yield* Effect.gen(function* () {
+      let connection = first
+      for (;;) {
+        const failure = yield* Deferred.await(connection.failed)
+        current = undefined
+        state = "restarting"
+        restarts++
+        yield* Effect.logError(`offramp: the engine worker failed (${failure.detail}); starting a new one`)
+        connection.endAll(new EngineStoppedError({ message: failure.message }))
+        // A hung worker would not close: its thread is terminated at once.
+        yield* connection.close(failure.hung ? 0 : CLOSE_WITHIN)
+        connection = yield* connect({ modelDir, config, stepDeadline, testFault: undefined }).pipe(
+          Effect.tapError((e) => Effect.logError(`offramp: the engine worker did not start (${e.message}); retrying`)),
+          Effect.retry(Schedule.spaced("1 second")),
+        )
+        current = connection
+        state = "ready"
+      }
+    }).pipe(Effect.forkDaemon)
 
     const submit = (request: GenerationRequest, sink: GenerationSink) =>
       Effect.gen(function* () {
-        if (refusal) return yield* refusal
+        const connection = current
+        if (connection === undefined) {
+          return yield* new EngineStoppedError({
+            message:
+              state === "stopped"
+                ? "the engine has shut down"
+                : "the engine is restarting after its worker failed; retry in a few seconds",
+          })
+        }
         // The engine's own validation, here so that a bad request never crosses (same error, same message).
         const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
           Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
         )
         const ticket = nextTicket++
-        open.set(ticket, sink)
-        control.unsafeOffer({ start: { ticket, request: req } })
+        connection.start(ticket, req, sink)
         // Cancelling a generation that is still open tells the worker to cancel its sequence.
-        return Effect.sync(() => {
-          if (open.delete(ticket) && refusal === undefined) control.unsafeOffer({ cancel: ticket })
-        })
+        return Effect.sync(() => connection.cancel(ticket))
       })
 
-    // Runs before the worker closes (finalizers run in reverse): new requests are refused, the worker's engine ends
-    // its generations with EngineStoppedError, and those whose end has not arrived when it answers end so here.
-    yield* Effect.addFinalizer(() =>
-      Effect.suspend(() => {
-        refusal ??= new EngineStoppedError({ message: "the engine has shut down" })
-        return worker.executeEffect(new StopEngine())
-      }).pipe(
-        Effect.timeout("10 seconds"),
-        Effect.ignore,
-        Effect.andThen(
-          Effect.sync(() =>
-            endAll(new EngineStoppedError({ message: "the engine shut down while the request was in flight" })),
+    const stats = Effect.suspend(() =>
+      current === undefined
+        ? Effect.succeed(lastStats)
+        : current.stats.pipe(
+            Effect.timeout(STATS_WITHIN),
+            Effect.tap((s) => {
+              lastStats = s
+            }),
+            Effect.catchAllCause(() => Effect.succeed(lastStats)),
           ),
-        ),
-      ),
     )
 
-    const engine: EngineShape = { spec, defaults, generate: streamOfSubmit(submit), submit, stats }
+    // New requests are refused, the worker's engine ends its generations with EngineStoppedError, and those whose end
+    // has not arrived when it answers (or after STOP_WITHIN) end so here; then the thread ends.
+    yield* Effect.addFinalizer(() =>
+      Effect.gen(function* () {
+        state = "stopped"
+        yield* Fiber.interrupt(supervisor)
+        const connection = current
+        current = undefined
+        if (connection === undefined) return
+        const answered = yield* connection.stop(STOP_WITHIN)
+        connection.endAll(new EngineStoppedError({ message: "the engine shut down while the request was in flight" }))
+        yield* connection.close(answered ? CLOSE_WITHIN : 0)
+      }),
+    )
+
+    const engine: EngineShape = {
+      spec,
+      defaults,
+      generate: streamOfSubmit(submit),
+      submit,
+      stats,
+      status: Effect.sync(() => ({ state, restarts })),
+    }
     return Context.make(Engine, engine).pipe(Context.add(Tokenizer, tokenizer))
   })
 
-/** A failure of the worker itself (it died, or a message did not decode) as the engine's error. */
-const workerFailure = (error: WorkerError.WorkerError | ParseResult.ParseError) =>
-  new EngineStoppedError({
-    message: `the engine worker failed (${error._tag === "WorkerError" ? error.reason : "protocol"}): ${error.message}`,
-  })
-
-/** Spawns the engine worker thread (one per layer). */
-const spawn = () =>
-  new NodeThread(WORKER_ENTRY, {
-    // The worker's stdout/stderr go through the parent's; a name helps in inspectors and crash reports.
-    name: "offramp-engine",
-  })
-
 /**
- * The Engine (and a Tokenizer) of a staged model directory, with the engine in a worker thread; the worker stops
- * when the layer's scope closes.
+ * The Engine (and a Tokenizer) of a staged model directory, with the engine in a supervised worker thread; the
+ * worker stops when the layer's scope closes.
  */
 export const layer = (
   modelDir: string,
   config: WorkerEngineConfig & NotCrossing = {},
+  options: SupervisorOptions = {},
 ): Layer.Layer<Engine | Tokenizer, ModelLoadError | TokenizerError> =>
-  Layer.scopedContext(make(modelDir, config)).pipe(Layer.provide(NodeWorker.layer(spawn)))
+  Layer.scopedContext(make(modelDir, config, options)).pipe(Layer.provide(NodeWorker.layerManager))

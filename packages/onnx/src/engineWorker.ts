@@ -5,7 +5,8 @@
  * generation); what the sinks get goes to an outbox that is flushed as one Events element after the current engine
  * step (setImmediate runs before onnxruntime's next `run()`, which is itself scheduled with setImmediate). The
  * engine lives in a scope of its own, so StopEngine can shut it down, ending its generations with EngineStoppedError,
- * while the connection still carries those ends.
+ * while the connection still carries those ends. A `Ping` is answered between engine steps (the main thread's step
+ * deadline).
  */
 import * as WorkerRunner from "@effect/platform/WorkerRunner"
 import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
@@ -20,8 +21,8 @@ import {
 } from "@offramp/core"
 import { Cause, Context, Effect, Exit, Layer, Mailbox, Option, Scope } from "effect"
 import { type StepEvents, StepEventsBuilder } from "./internal/StepEvents.js"
+import { EngineRequest, type TestFault } from "./internal/WorkerProtocol.js"
 import { onnxEngineLayer } from "./OnnxEngine.js"
-import { EngineRequest } from "./WorkerEngine.js"
 
 const Runner = Layer.unwrapScoped(
   Effect.gen(function* () {
@@ -38,8 +39,13 @@ const Runner = Layer.unwrapScoped(
 
     const outbox = yield* Mailbox.make<StepEvents>()
     const pending = new StepEventsBuilder()
+    // Test-only (see TestFault): the fault to inject, and the batches sent so far.
+    let fault: TestFault | undefined
+    let sent = 0
     const flush = () => {
-      if (!pending.isEmpty) outbox.unsafeOffer(pending.take())
+      if (pending.isEmpty) return
+      outbox.unsafeOffer(pending.take())
+      if (fault !== undefined && ++sent >= fault.afterBatches) injure(fault)
     }
     const schedule = () => {
       if (pending.isEmpty) setImmediate(flush)
@@ -83,8 +89,9 @@ const Runner = Layer.unwrapScoped(
     }
 
     return WorkerRunner.layerSerialized(EngineRequest, {
-      StartEngine: ({ modelDir, config }) =>
+      StartEngine: ({ modelDir, config, testFault }) =>
         Effect.gen(function* () {
+          fault = testFault
           const context = yield* Layer.buildWithScope(onnxEngineLayer(modelDir, config), engineScope)
           engine = Context.get(context, Engine)
           return { spec: engine.spec, defaults: engine.defaults }
@@ -98,9 +105,27 @@ const Runner = Layer.unwrapScoped(
       GetStats: () => Effect.flatMap(Effect.orDie(started), (e) => e.stats),
       // The engine's finalizer ends every generation with EngineStoppedError; their ends are flushed at once.
       StopEngine: () => Scope.close(engineScope, Exit.void).pipe(Effect.andThen(Effect.sync(flush))),
+      Ping: () => Effect.void,
     })
   }),
 )
+
+/** Test-only: the worker exits, throws an uncaught exception, or spins forever (a step that never ends). */
+const injure = (fault: TestFault) => {
+  switch (fault.kind) {
+    case "exit":
+      return process.exit(1)
+    case "throw":
+      // Thrown from a timer callback, outside any fiber: an uncaught exception that ends the worker.
+      return setImmediate(() => {
+        throw new Error("injected fault: an uncaught exception in the engine worker")
+      })
+    case "hang":
+      for (;;) {
+        // A busy loop: the worker's event loop never turns again.
+      }
+  }
+}
 
 /** A failed generation's error; a defect (a bug) ends it as a stopped engine, with the defect's first line. */
 const errorOf = (cause: Cause.Cause<GenerationError>): GenerationError =>

@@ -6,6 +6,7 @@
  * (KV blocks, exits, queue) are read from `engine.stats` at scrape time.
  */
 import type { EngineStats } from "@offramp/core"
+import { ServerState } from "./ServerState.js"
 
 export class Histogram {
   private readonly counts: Array<number>
@@ -118,9 +119,27 @@ const exitSnapshot = (stats: EngineStats, layers: number) => {
   return { buckets, sum, count: running }
 }
 
-export const renderMetrics = (model: string, layers: number, server: ServerMetrics, stats: EngineStats): string => {
+export const renderMetrics = (
+  model: string,
+  layers: number,
+  server: ServerMetrics,
+  stats: EngineStats,
+  engine: { readonly state: ServerState; readonly restarts: number },
+): string => {
   const out = new Exposition({ model_name: model })
   const one = (value: number) => [{ value }]
+  out.metric(
+    "gauge",
+    "offramp_engine_state",
+    "1 for the server's state (what /health reports), 0 for the others.",
+    ServerState.literals.map((state) => ({ labels: { state }, value: state === engine.state ? 1 : 0 })),
+  )
+  out.metric(
+    "counter",
+    "offramp_engine_restarts_total",
+    "Engine workers replaced after they died or missed the step deadline.",
+    one(engine.restarts),
+  )
   out.metric(
     "counter",
     "offramp_http_requests_total",

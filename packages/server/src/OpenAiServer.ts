@@ -10,9 +10,10 @@ import {
   type TokenizerError,
   type TokenizerShape,
 } from "@offramp/core"
-import { Context, Deferred, type Duration, Effect, Either, Layer } from "effect"
+import { Context, type Duration, Effect, Either, Layer, type Scope } from "effect"
 import { type ChatRenderer, type ChatTemplateConfig, makeChatRenderer, readChatTemplate } from "./ChatTemplate.js"
 import { ServerMetrics } from "./Metrics.js"
+import type { ServerState } from "./ServerState.js"
 
 export interface OpenAiServerOptions {
   /** The model id clients send and `/v1/models` lists (default: the name in model.json). */
@@ -48,13 +49,17 @@ export interface OpenAiServerShape {
   readonly metrics: ServerMetrics
   /** True once shutdown began: new generation requests get 503. */
   readonly isDraining: () => boolean
-  /** Completes when in-flight streams must end (the shutdown grace period is over). */
-  readonly aborted: Deferred.Deferred<void>
-  /** Whether `aborted` has completed. */
-  readonly isAborted: () => boolean
+  /** `draining` once shutdown began, else the engine's state. */
+  readonly state: Effect.Effect<ServerState>
+  /**
+   * Registers an in-flight response for the scope's lifetime: `abort` ends it (with an error event and `[DONE]`,
+   * or a 503) when the shutdown grace is over.
+   */
+  readonly track: (abort: () => void) => Effect.Effect<void, never, Scope.Scope>
   /**
    * Graceful shutdown: refuse new generation requests, let in-flight ones finish for up to `grace`, then end the
-   * rest cleanly (streams get an error event and `[DONE]`).
+   * rest cleanly (streams get an error event and `[DONE]`). Bounded by `grace` and a second for the last writes,
+   * also when it runs in a finalizer.
    */
   readonly shutdown: (grace: Duration.DurationInput) => Effect.Effect<void>
 }
@@ -69,20 +74,26 @@ const make = (options: OpenAiServerOptions) =>
     })
     const empty = yield* tokenizer.encode("")
     const metrics = new ServerMetrics()
-    const aborted = yield* Deferred.make<void>()
     let draining = false
-    let isAborted = false
-    const idle = Effect.gen(function* () {
-      while (metrics.active > 0) yield* Effect.sleep("10 millis")
-    })
+    const inFlight = new Set<() => void>()
+    const track = (abort: () => void) =>
+      Effect.acquireRelease(
+        Effect.sync(() => inFlight.add(abort)),
+        () => Effect.sync(() => inFlight.delete(abort)),
+      )
+    // Interruptible, so that the timeouts around it fire in a finalizer too (finalizers are uninterruptible).
+    const idle = Effect.interruptible(
+      Effect.gen(function* () {
+        while (metrics.active > 0) yield* Effect.sleep("10 millis")
+      }),
+    )
     const shutdown = (grace: Duration.DurationInput) =>
       Effect.gen(function* () {
         draining = true
         yield* Effect.timeoutOption(idle, grace)
-        isAborted = true
-        yield* Deferred.succeed(aborted, undefined)
+        for (const abort of inFlight) abort()
         // Ended streams finish their last writes.
-        yield* Effect.timeoutOption(idle, "2 seconds")
+        yield* Effect.timeoutOption(idle, "1 second")
       })
     return {
       engine,
@@ -96,8 +107,8 @@ const make = (options: OpenAiServerOptions) =>
       apiKey: options.apiKey,
       metrics,
       isDraining: () => draining,
-      aborted,
-      isAborted: () => isAborted,
+      state: Effect.map(engine.status, (status): ServerState => (draining ? "draining" : status.state)),
+      track,
       shutdown,
     } satisfies OpenAiServerShape
   })

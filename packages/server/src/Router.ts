@@ -357,21 +357,26 @@ const model: Handler = Effect.gen(function* () {
   return HttpServerResponse.unsafeJson(modelObject(server))
 })
 
+/** 200 only while the engine takes requests; 503 while it restarts, after it stopped, and while draining. */
 const health: Handler = Effect.gen(function* () {
   const server = yield* OpenAiServer
-  const draining = server.isDraining()
+  const state = yield* server.state
   return HttpServerResponse.unsafeJson(
-    { status: draining ? "draining" : "ok", model: server.model },
-    { status: draining ? 503 : 200 },
+    { status: state, model: server.model },
+    { status: state === "ready" ? 200 : 503 },
   )
 })
 
+/** Answers whatever the engine's state: the engine's figures are the last known while its worker is away. */
 const metrics: Handler = Effect.gen(function* () {
   const server = yield* OpenAiServer
   const stats = yield* server.engine.stats
-  return HttpServerResponse.text(renderMetrics(server.model, server.engine.spec.dims.layers, server.metrics, stats), {
-    contentType: "text/plain; version=0.0.4; charset=utf-8",
-  })
+  const state = yield* server.state
+  const { restarts } = yield* server.engine.status
+  return HttpServerResponse.text(
+    renderMetrics(server.model, server.engine.spec.dims.layers, server.metrics, stats, { state, restarts }),
+    { contentType: "text/plain; version=0.0.4; charset=utf-8" },
+  )
 })
 
 /** The API's routes; needs the OpenAiServer service. Mount it with HttpRouter.mount or concat. */

@@ -2,8 +2,9 @@
  * Serving the API: `serve` on whatever HttpServer the host provides, `layerNode` on a node:http server.
  *
  * Shutdown (the layer's scope closes, e.g. on SIGTERM under NodeRuntime.runMain) is graceful: new generation
- * requests get 503 while in-flight ones finish, for up to `shutdownGrace`; streams still open then end with an
- * error event and `data: [DONE]`; then the listener closes and the engine stops.
+ * requests get 503 (and /health says draining) while in-flight ones finish, for up to `shutdownGrace`; streams still
+ * open then end with an error event and `data: [DONE]`; then the listener closes and the engine stops. The grace is
+ * enforced although the drain runs in a finalizer (see OpenAiServer's shutdown).
  */
 import { createServer } from "node:http"
 import * as HttpServer from "@effect/platform/HttpServer"

@@ -4,7 +4,7 @@
  * engine refusal is still an HTTP status), and metrics on the way.
  */
 import type { EarlyExitRequest, GenerationError, SamplingParams, TokenEvent } from "@offramp/core"
-import { Chunk, Deferred, Effect, Exit, Mailbox, Option, type Scope } from "effect"
+import { Chunk, Effect, Exit, Mailbox, Option, type Scope } from "effect"
 import { ApiError, badRequest, fromGenerationError, queueFull, unavailable } from "../ApiError.js"
 import type { OpenAiServerShape } from "../OpenAiServer.js"
 import type { EarlyExitExtension } from "../Protocol.js"
@@ -210,15 +210,13 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
       // The response's scope closes when it ends or the client goes away: what is still generating is cancelled.
       yield* Effect.addFinalizer(() => cancel)
     }
-    // A shutdown is checked before each pull (the next token of a generating stream is one engine step away) and
-    // raced with the first, which may wait in the queue for long. (Stream.interruptWhen would race every pull: a
-    // forked fiber per token.)
-    const aborted = () => Option.some(unavailable("the server shut down while the request was in flight"))
-    const shutdown = Deferred.await(server.aborted).pipe(Effect.zipRight(Effect.failSync(aborted)))
+    // At the end of the shutdown grace the response ends (even one waiting on an engine that has stopped stepping).
+    yield* server.track(() =>
+      events.unsafeDone(Exit.fail(unavailable("the server shut down while the request was in flight"))),
+    )
     const last = new Map<number, number>()
     let finished = false
     const pull: EventPull = Effect.suspend(() => {
-      if (server.isAborted()) return Effect.failSync(aborted)
       if (finished) return Effect.fail(Option.none())
       return events.takeAll.pipe(
         Effect.mapError(Option.some),
@@ -236,7 +234,7 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
         }),
       )
     })
-    const first = yield* Effect.raceFirst(pull, shutdown).pipe(
+    const first = yield* pull.pipe(
       Effect.catchAll(Option.match({ onNone: () => Effect.succeed([]), onSome: Effect.fail })),
       Effect.ensuring(Effect.sync(dequeue)),
     )
