@@ -701,7 +701,6 @@ const makeEngine = (options: EngineOptions) =>
       sample: number,
       prompt: ReadonlyArray<number>,
     ) => {
-      const seed = request.sampling.seed
       const seq: Sequence = {
         id: nextId++,
         tokens,
@@ -710,7 +709,7 @@ const makeEngine = (options: EngineOptions) =>
         cancelled: false,
         request,
         sample,
-        rng: sampler.makeRng(seed === undefined ? undefined : seed + sample),
+        rng: sampler.makeRng(request.sampling.seed, sample),
         detokenizer: tokenizer.detokenizer(prompt),
         generated: 0,
         pending: [],
