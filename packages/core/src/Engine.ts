@@ -709,7 +709,7 @@ const makeEngine = (options: EngineOptions) =>
         cancelled: false,
         request,
         sample,
-        rng: sampler.makeRng(request.sampling.seed, sample),
+        rng: sampler.makeRng(request.sampling.seed, (request.sampling.stream ?? 0) + sample),
         detokenizer: tokenizer.detokenizer(prompt),
         generated: 0,
         pending: [],

@@ -18,6 +18,11 @@ export interface SamplingParams {
   readonly topP: number
   /** Seed of the sequence's RNG; a random one when absent. */
   readonly seed?: number
+  /**
+   * The seed's first stream for this request (default 0): sample i draws from stream `stream + i`. A batch of
+   * prompts with one seed gives each prompt its own streams (the server passes the choice index of its first sample).
+   */
+  readonly stream?: number
 }
 
 export const greedyParams: SamplingParams = { temperature: 0, topK: 0, topP: 1 }
@@ -25,7 +30,7 @@ export const greedyParams: SamplingParams = { temperature: 0, topK: 0, topP: 1 }
 /** A small, fast PRNG; one per sequence. */
 export interface Rng {
   readonly seed: number
-  /** Which of the seed's independent streams this is (a request's sample index). */
+  /** Which of the seed's independent streams this is (see `SamplingParams.stream`). */
   readonly stream: number
   /** Uniform in [0, 2^32). */
   nextUint32(): number

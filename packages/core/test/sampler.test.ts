@@ -304,6 +304,7 @@ describe("Sampler", () => {
         [{ temperature: 1, topK: 0, topP: 0 }, "topP: top_p must be in (0, 1] (1 = off), got 0"],
         [{ temperature: 1, topK: 0, topP: 1.1 }, "topP: top_p must be in (0, 1] (1 = off), got 1.1"],
         [{ temperature: 1, topK: 0, topP: 1, seed: 0.5 }, "seed: seed must be an integer, got 0.5"],
+        [{ temperature: 1, topK: 0, topP: 1, seed: 1, stream: -1 }, "stream: stream must be an integer >= 0, got -1"],
       ] as const) {
         const error = yield* Effect.flip(s.validate(bad))
         expect(error.message).toBe(message)

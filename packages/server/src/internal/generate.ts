@@ -220,7 +220,8 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
           {
             prompt: prompt.text,
             maxTokens: p.maxTokens,
-            sampling: p.sampling,
+            // Each choice (prompt × n + sample) draws from its own stream of the seed.
+            sampling: { ...p.sampling, stream: i * p.n },
             ...(p.earlyExit ? { earlyExit: p.earlyExit } : {}),
             ...(p.n > 1 ? { n: p.n } : {}),
           },
