@@ -86,13 +86,13 @@ interface Requested {
  */
 const fitContext = (
   context: number,
-  longest: number,
+  promptTokens: number,
   atLeast: boolean,
   requested: Requested,
   defaultMaxTokens: number | undefined,
 ): Effect.Effect<number, ApiError> => {
-  const promptIs = atLeast ? `at least ${longest}` : `${longest}`
-  if (longest >= context) {
+  const promptIs = atLeast ? `at least ${promptTokens}` : `${promptTokens}`
+  if (promptTokens >= context) {
     return badRequest(
       `This model's maximum context length is ${context} tokens. However, your prompt is ${promptIs} tokens ` +
         "(one more is needed to generate). Please reduce the length of the prompt.",
@@ -100,12 +100,12 @@ const fitContext = (
       "context_length_exceeded",
     )
   }
-  const maxTokens = requested.maxTokens ?? Math.min(defaultMaxTokens ?? context, context - longest)
-  if (longest + maxTokens > context) {
+  const maxTokens = requested.maxTokens ?? Math.min(defaultMaxTokens ?? context, context - promptTokens)
+  if (promptTokens + maxTokens > context) {
     return badRequest(
       `This model's maximum context length is ${context} tokens. However, you requested ` +
-        `${atLeast ? "at least " : ""}${longest + maxTokens} tokens (${promptIs} in the prompt, ${maxTokens} for the ` +
-        "completion). Please reduce the length of the prompt or the completion.",
+        `${atLeast ? "at least " : ""}${promptTokens + maxTokens} tokens (${promptIs} in the prompt, ${maxTokens} ` +
+        "for the completion). Please reduce the length of the prompt or the completion.",
       requested.param,
       "context_length_exceeded",
     )
