@@ -72,9 +72,20 @@ describe("offramp convert + generate (stories260K)", () => {
         .map((l) => JSON.parse(l))
         .filter((l) => l.type === "token")
         .map((l) => l.id)
-    const [a, b, c] = await Promise.all([sample("7"), sample("7"), sample("8")])
+    // The same prompt twice in one run: each prompt draws its own stream of the seed, the first as when alone.
+    const twice = generate(
+      ...["--prompt", "Once upon a time", "--prompt", "Once upon a time"],
+      ...["--max-tokens", "40", "--temperature", "1", "--seed", "7", "--json"],
+    )
+    const [a, b, c, d] = await Promise.all([sample("7"), sample("7"), sample("8"), twice])
     expect(ids(a.stdout)).toEqual(ids(b.stdout))
     expect(ids(a.stdout)).not.toEqual(ids(c.stdout))
+    const byRequest = (r: number) =>
+      jsonLines(d.stdout)
+        .filter((l) => l.type === "token" && l.request === r)
+        .map((l) => l.id)
+    expect(byRequest(0)).toEqual(ids(a.stdout))
+    expect(byRequest(1)).not.toEqual(byRequest(0))
   })
 
   it("several prompts run concurrently; --json lines carry their request index", async () => {

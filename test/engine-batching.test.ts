@@ -181,6 +181,21 @@ describe("continuous batching (stories260K)", () => {
     }),
   )
 
+  it.effect("the n seeded samples of a request do not share their first token", () =>
+    Effect.gen(function* () {
+      // Each sample has its own stream of the seed; before, the first draw of every stream of a seed below 2^32 was
+      // the same number, so all n samples began with one token.
+      const events = yield* collect({
+        prompt: BENCH_PROMPTS[0]!,
+        maxTokens: 1,
+        sampling: { temperature: 1, topK: 0, topP: 1, seed: 3 },
+        n: 8,
+      }).pipe(withEngine())
+      expect(events).toHaveLength(8)
+      expect(new Set(ids(events)).size).toBeGreaterThan(1)
+    }),
+  )
+
   it.live("interrupting a stream cancels its sequence and frees its blocks", () =>
     Effect.gen(function* () {
       const engine = yield* Engine

@@ -1,9 +1,10 @@
 /**
  * The server as a process: `offramp serve` and the standalone `offramp-http` bind, answer the openai client, and
- * shut down cleanly on SIGTERM, within the shutdown grace even when a stream would outlive it; bad flags fail with
- * one clean line.
+ * shut down cleanly on SIGTERM, within the shutdown grace even when a stream would outlive it, also as the README's
+ * supervisor command and under npx; bad flags fail with one clean line.
  */
 import { type ChildProcess, spawn } from "node:child_process"
+import { createServer } from "node:net"
 import { join } from "node:path"
 import OpenAI from "openai"
 import { beforeAll, describe, expect, it } from "vitest"
@@ -28,25 +29,45 @@ interface Running {
   readonly exit: Promise<number | null>
 }
 
-/** Starts a server process and waits for its "serving … at URL" line. */
-const launch = (args: ReadonlyArray<string>, env: Record<string, string> = {}): Promise<Running> =>
+/**
+ * Starts a server process (node with `args`, or `command`) and waits for its "serving … at URL" line. `exit` settles
+ * when the process exits, `closed` when every process that holds its output (npm's children too) has.
+ */
+const launch = (
+  args: ReadonlyArray<string>,
+  env: Record<string, string> = {},
+  options: { readonly command?: string; readonly detached?: boolean } = {},
+): Promise<Running & { readonly closed: Promise<void> }> =>
   new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, args, { cwd: REPO_ROOT, env: { ...process.env, ...env } })
+    const child = spawn(options.command ?? process.execPath, args, {
+      cwd: REPO_ROOT,
+      env: { ...process.env, ...env },
+      detached: options.detached ?? false,
+    })
     let stderr = ""
     const exit = new Promise<number | null>((done) => child.on("exit", (code) => done(code)))
+    const closed = new Promise<void>((done) => child.on("close", () => done()))
     const timer = setTimeout(() => reject(new Error(`no address within 60 s: ${stderr}`)), 60_000)
     child.stderr.on("data", (data: Buffer) => {
       stderr += data.toString()
       const match = /serving \S+ at (http:\/\/[^\s]+)/.exec(stderr)
       if (match) {
         clearTimeout(timer)
-        resolve({ child, url: match[1]!, stderr: () => stderr, exit })
+        resolve({ child, url: match[1]!, stderr: () => stderr, exit, closed })
       }
     })
     child.on("exit", (code) => {
       clearTimeout(timer)
       reject(new Error(`exited with ${code} before serving: ${stderr}`))
     })
+  })
+
+/** Whether the server's port can be bound again (nothing listens on it any more). */
+const portIsFree = (url: string): Promise<boolean> =>
+  new Promise((resolve) => {
+    const probe = createServer()
+    probe.once("error", () => resolve(false))
+    probe.listen(Number(new URL(url).port), "127.0.0.1", () => probe.close(() => resolve(true)))
   })
 
 describe("server processes", () => {
@@ -113,6 +134,43 @@ describe("server processes", () => {
     const { code, afterMs } = await exited
     expect(afterMs).toBeLessThan((grace + 2) * 1000)
     expect(code).toBe(0)
+  })
+
+  it("the README's supervisor command gets the SIGTERM itself: it drains, exits 0 and frees its port", async () => {
+    const server = await launch(
+      ["serve", "--model", modelDir, "--port", "0"],
+      {},
+      { command: "node_modules/.bin/offramp" },
+    )
+    server.child.kill("SIGTERM")
+    expect(await server.exit).toBe(0)
+    expect(server.stderr()).toContain("shutting down")
+    expect(await portIsFree(server.url)).toBe(true)
+  })
+
+  it("under npx, a SIGTERM to npm (which npm does not pass on) still shuts the orphaned server down", async () => {
+    // Its own process group, so that whatever is left can be ended by the group's id if the test fails.
+    const server = await launch(
+      ["--no-install", "offramp", "serve", "--model", modelDir, "--port", "0"],
+      {},
+      { command: "npx", detached: true },
+    )
+    try {
+      server.child.kill("SIGTERM")
+      const gone = await Promise.race([
+        server.closed.then(() => true),
+        new Promise<boolean>((done) => setTimeout(() => done(false), 10_000)),
+      ])
+      expect(gone).toBe(true)
+      expect(server.stderr()).toContain("shutting down")
+      expect(await portIsFree(server.url)).toBe(true)
+    } finally {
+      try {
+        process.kill(-server.child.pid!, "SIGKILL")
+      } catch {
+        // The group is gone already.
+      }
+    }
   })
 
   it("bad flags fail with one clean line", async () => {

@@ -145,6 +145,16 @@ describe("completions", () => {
     expect(other.choices.map((c) => c.text)).not.toEqual(a.choices.map((c) => c.text))
   })
 
+  it("seeded, each choice of a batch of prompts draws its own stream: choice c is stream c of the seed", async () => {
+    const seeded = { model: MODEL, max_tokens: 30, temperature: 1, seed: 77 }
+    const twice = await client.completions.create({ ...seeded, prompt: [BENCH_PROMPTS[5]!, BENCH_PROMPTS[5]!], n: 2 })
+    const texts = twice.choices.map((c) => c.text)
+    expect(new Set(texts).size).toBe(4)
+    // Prompt 0 draws as the prompt alone; prompt 1's samples are the streams after it.
+    const alone = await client.completions.create({ ...seeded, prompt: BENCH_PROMPTS[5]!, n: 4 })
+    expect(alone.choices.map((c) => c.text)).toEqual(texts)
+  })
+
   it("several prompts give prompt-major choices", async () => {
     const prompts = [BENCH_PROMPTS[0]!, BENCH_PROMPTS[4]!]
     const both = await client.completions.create({ model: MODEL, prompt: prompts, max_tokens: 12, n: 2, ...greedy })

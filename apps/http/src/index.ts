@@ -127,6 +127,31 @@ const engineConfig = (flags: Flags): WorkerEngine.WorkerEngineConfig => ({
   },
 })
 
+/** How often a server started by npm checks that its parent is still there. */
+const ORPHAN_CHECK_INTERVAL_MS = 500
+
+/**
+ * Under npm (`npx offramp serve`, `npm exec`, `npm run`) a SIGTERM to npm ends npm and the shell it runs the command
+ * in, not this process, which would serve on as an orphan. So a server that npm started (npm_command is set) and
+ * whose parent goes away (its parent pid changes: it was adopted by init or a subreaper) sends itself SIGTERM and
+ * shuts down gracefully. Outside npm nothing is watched: `nohup offramp serve &` must outlive its shell.
+ */
+const shutdownWhenOrphaned = Layer.scopedDiscard(
+  Effect.acquireRelease(
+    Effect.sync(() => {
+      const parent = process.ppid
+      const timer = setInterval(() => {
+        if (process.ppid === parent) return
+        clearInterval(timer)
+        process.kill(process.pid, "SIGTERM")
+      }, ORPHAN_CHECK_INTERVAL_MS)
+      timer.unref()
+      return timer
+    }),
+    (timer) => Effect.sync(() => clearInterval(timer)),
+  ),
+)
+
 /** Serves the model until interrupted (SIGINT/SIGTERM under NodeRuntime.runMain), then shuts down gracefully. */
 export const runServe = (flags: Flags) =>
   Effect.gen(function* () {
@@ -181,7 +206,7 @@ export const runServe = (flags: Flags) =>
             }),
       ),
     )
-    return yield* Layer.launch(app)
+    return yield* Layer.launch(process.env.npm_command === undefined ? app : Layer.merge(app, shutdownWhenOrphaned))
   })
 
 /** The serve command under a name: "serve" in the offramp CLI, "offramp-http" standalone. */

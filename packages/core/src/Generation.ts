@@ -20,6 +20,11 @@ export const SamplingParamsSchema = Schema.Struct({
     checked((n) => Number.isSafeInteger(n), "seed must be an integer"),
     { exact: true },
   ),
+  /** The seed's first stream: sample i draws from stream + i. */
+  stream: Schema.optionalWith(
+    checked((n) => Number.isSafeInteger(n) && n >= 0, "stream must be an integer >= 0"),
+    { exact: true },
+  ),
 })
 
 /**

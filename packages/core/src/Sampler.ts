@@ -18,6 +18,11 @@ export interface SamplingParams {
   readonly topP: number
   /** Seed of the sequence's RNG; a random one when absent. */
   readonly seed?: number
+  /**
+   * The seed's first stream for this request (default 0): sample i draws from stream `stream + i`. A batch of
+   * prompts with one seed gives each prompt its own streams (the server passes the choice index of its first sample).
+   */
+  readonly stream?: number
 }
 
 export const greedyParams: SamplingParams = { temperature: 0, topK: 0, topP: 1 }
@@ -25,18 +30,41 @@ export const greedyParams: SamplingParams = { temperature: 0, topK: 0, topP: 1 }
 /** A small, fast PRNG; one per sequence. */
 export interface Rng {
   readonly seed: number
+  /** Which of the seed's independent streams this is (see `SamplingParams.stream`). */
+  readonly stream: number
   /** Uniform in [0, 2^32). */
   nextUint32(): number
   /** Uniform in [0, 1) with 53 random bits. */
   nextFloat(): number
 }
 
-// splitmix32 finalizer: spreads a seed over the 128-bit state so nearby seeds give unrelated streams.
-const mix32 = (x: number): number => {
-  let t = (x + 0x9e3779b9) | 0
-  t = Math.imul(t ^ (t >>> 16), 0x21f0aaad)
-  t = Math.imul(t ^ (t >>> 15), 0x735a2d97)
-  return (t ^ (t >>> 15)) >>> 0
+const MASK64 = (1n << 64n) - 1n
+const GOLDEN_GAMMA = 0x9e3779b97f4a7c15n
+
+/**
+ * splitmix64's output function (Steele, Lea & Flood): a bijection of 64-bit words in which each input bit flips
+ * about half the output bits.
+ */
+const mix64 = (x: bigint): bigint => {
+  let z = ((x ^ (x >> 30n)) * 0xbf58476d1ce4e5b9n) & MASK64
+  z = ((z ^ (z >> 27n)) * 0x94d049bb133111ebn) & MASK64
+  return z ^ (z >> 31n)
+}
+
+/**
+ * The 128-bit xoshiro state of stream `stream` of `seed`, in exact 64-bit arithmetic: the seed and the stream are
+ * mixed as separate words (sample i of seed s is not the stream of seed s + i), then two splitmix64 outputs from that
+ * point fill the state, as Vigna recommends for seeding xoshiro. Every bit of seed and stream reaches the first output.
+ */
+const seedState = (seed: number, stream: number): [number, number, number, number] => {
+  let z = mix64(mix64(BigInt.asUintN(64, BigInt(seed))) ^ BigInt.asUintN(64, BigInt(stream)))
+  const words: Array<number> = []
+  for (let i = 0; i < 2; i++) {
+    z = (z + GOLDEN_GAMMA) & MASK64
+    const out = mix64(z)
+    words.push(Number(out & 0xffffffffn), Number(out >> 32n))
+  }
+  return words as [number, number, number, number]
 }
 
 const rotl = (x: number, k: number) => (x << k) | (x >>> (32 - k))
@@ -48,13 +76,11 @@ class Xoshiro128 implements Rng {
   private s2: number
   private s3: number
 
-  constructor(readonly seed: number) {
-    const lo = seed >>> 0
-    const hi = Math.floor(seed / 0x1_0000_0000) >>> 0
-    this.s0 = mix32(lo)
-    this.s1 = mix32(hi ^ 0x6a09e667)
-    this.s2 = mix32(lo ^ this.s1)
-    this.s3 = mix32(hi ^ this.s0 ^ 0xbb67ae85)
+  constructor(
+    readonly seed: number,
+    readonly stream: number,
+  ) {
+    ;[this.s0, this.s1, this.s2, this.s3] = seedState(seed, stream)
     // The all-zero state is a fixed point.
     if ((this.s0 | this.s1 | this.s2 | this.s3) === 0) this.s0 = 1
   }
@@ -78,9 +104,15 @@ class Xoshiro128 implements Rng {
   }
 }
 
-/** A seeded RNG; without a seed, a random one (exposed as `rng.seed` so a run can be replayed). */
-export const makeRng = (seed?: number): Rng =>
-  new Xoshiro128(seed === undefined ? Math.floor(Math.random() * Number.MAX_SAFE_INTEGER) : Math.trunc(seed))
+/**
+ * Stream `stream` (default 0) of a seed: every (seed, stream) pair gives an independent generator from its first
+ * output. Without a seed, a random one (exposed as `rng.seed`, so `makeRng(rng.seed, rng.stream)` replays the run).
+ */
+export const makeRng = (seed?: number, stream = 0): Rng =>
+  new Xoshiro128(
+    seed === undefined ? Math.floor(Math.random() * Number.MAX_SAFE_INTEGER) : Math.trunc(seed),
+    Math.trunc(stream),
+  )
 
 // Probabilities this close below topP count as reaching it: float32 logits only pin probabilities to ~1e-7, and a
 // nucleus boundary must not depend on that noise (e.g. p = [0.5, 0.2, ...] with topP 0.7 is exactly {0, 1}).
@@ -398,8 +430,8 @@ export const validateSamplingParams = (params: SamplingParams): Effect.Effect<Sa
 export interface SamplerShape {
   /** Samples one token from logits[offset .. offset+vocab) (one row of a batch buffer); returns its id. */
   readonly sample: (logits: Float32Array, offset: number, vocab: number, params: SamplingParams, rng: Rng) => number
-  /** A sequence's RNG: seeded when `seed` is given, random otherwise. */
-  readonly makeRng: (seed?: number) => Rng
+  /** A sequence's RNG: stream `stream` of `seed` when a seed is given (see `makeRng`), random otherwise. */
+  readonly makeRng: (seed?: number, stream?: number) => Rng
   readonly validate: (params: SamplingParams) => Effect.Effect<SamplingParams, InvalidRequestError>
 }
 

@@ -25,6 +25,13 @@ export interface TokenizerShape {
   /** Starts incremental detokenization of a continuation that follows `promptIds`. */
   readonly detokenizer: (promptIds: ReadonlyArray<number>) => DetokenizerStream
   readonly idToToken: (id: number) => string | undefined
+  /**
+   * The most UTF-8 bytes of input text one token can stand for, when the tokenizer guarantees a bound: a text of b
+   * bytes then has at least ceil(b / maxTokenBytes) tokens, which rejects an over-long prompt without encoding it.
+   * Undefined when no bound holds (a normalizer or pre-tokenizer that drops or shrinks text, an unknown token that
+   * can swallow a word, an added token that strips the whitespace around it).
+   */
+  readonly maxTokenBytes: number | undefined
 }
 
 export class Tokenizer extends Context.Tag("@offramp/core/Tokenizer")<Tokenizer, TokenizerShape>() {}

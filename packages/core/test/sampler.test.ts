@@ -89,6 +89,45 @@ describe("makeRng", () => {
     const replay = makeRng(a.seed)
     expect(replay.nextUint32()).toBe(a.nextUint32())
   })
+
+  it("every seed's stream is independent from its first output (seeds 1..40 do not share a first draw)", () => {
+    const seeds = Array.from({ length: 40 }, (_, i) => i + 1)
+    expect(new Set(seeds.map((seed) => makeRng(seed).nextUint32())).size).toBe(40)
+    // The first floats spread over [0, 1): 40 uniform draws land in ~26 of 40 bins, fewer than 18 has p < 1e-4.
+    expect(new Set(seeds.map((seed) => Math.floor(makeRng(seed).nextFloat() * 40))).size).toBeGreaterThanOrEqual(18)
+    // Seeds that differ only in their high word or only in their low word, and negative ones.
+    const first = [0, 1, 2 ** 32, 2 ** 32 + 1, -1, -(2 ** 32), Number.MAX_SAFE_INTEGER].map((s) =>
+      makeRng(s).nextUint32(),
+    )
+    expect(new Set(first).size).toBe(first.length)
+    // Each output bit of the first draw is set for about half the seeds (seeded through a mixing function).
+    const ones = new Array<number>(32).fill(0)
+    for (let seed = 0; seed < 2000; seed++) {
+      const x = makeRng(seed).nextUint32()
+      for (let bit = 0; bit < 32; bit++) ones[bit]! += (x >>> bit) & 1
+    }
+    for (const count of ones) expect(Math.abs(count - 1000)).toBeLessThan(150)
+  })
+
+  it("the streams of one seed are independent, exact near 2^53, and reproducible", () => {
+    const first = (seed: number, stream: number) => {
+      const rng = makeRng(seed, stream)
+      return Array.from({ length: 4 }, () => rng.nextUint32())
+    }
+    for (const seed of [0, 7, 2 ** 40, Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER - 1]) {
+      const streams = Array.from({ length: 8 }, (_, i) => first(seed, i))
+      expect(new Set(streams.map((s) => s[0])).size).toBe(8)
+      for (let i = 0; i < 8; i++) expect(first(seed, i)).toEqual(streams[i])
+    }
+    // Stream i of seed s is not stream 0 of seed s + i (n samples of adjacent seeds would overlap), and near 2^53
+    // where s + i is no longer exact, the streams stay apart.
+    expect(first(5, 1)).not.toEqual(first(6, 0))
+    const top = Number.MAX_SAFE_INTEGER
+    expect(first(top, 1)).not.toEqual(first(top, 2))
+    expect(first(top, 0)).not.toEqual(first(top - 1, 1))
+    const rng = makeRng(top, 3)
+    expect([rng.seed, rng.stream]).toEqual([top, 3])
+  })
 })
 
 describe("Sampler", () => {
@@ -100,6 +139,14 @@ describe("Sampler", () => {
       expect(draw(flat, p, 200, 5)).toEqual(draw(flat, p, 200, 5))
       expect(draw(flat, p, 200, 5)).not.toEqual(draw(flat, p, 200, 6))
     }
+  })
+
+  it("at temperature 1 on a flat row, seeds 1..40 and the 8 streams of one seed give many distinct first tokens", () => {
+    const firstToken = (seed: number, stream = 0) => sampler.sample(flat, 0, flat.length, params, makeRng(seed, stream))
+    // 40 uniform draws from 50 tokens: ~27.7 distinct on average, fewer than 20 has probability < 1e-4.
+    expect(new Set(Array.from({ length: 40 }, (_, i) => firstToken(i + 1))).size).toBeGreaterThanOrEqual(20)
+    // 8 draws from 50: ~7.5 distinct on average.
+    expect(new Set(Array.from({ length: 8 }, (_, i) => firstToken(1234, i))).size).toBeGreaterThanOrEqual(5)
   })
 
   it("greedy is argmax with ties to the lowest id, reading one row of a batch buffer", () => {
@@ -257,6 +304,7 @@ describe("Sampler", () => {
         [{ temperature: 1, topK: 0, topP: 0 }, "topP: top_p must be in (0, 1] (1 = off), got 0"],
         [{ temperature: 1, topK: 0, topP: 1.1 }, "topP: top_p must be in (0, 1] (1 = off), got 1.1"],
         [{ temperature: 1, topK: 0, topP: 1, seed: 0.5 }, "seed: seed must be an integer, got 0.5"],
+        [{ temperature: 1, topK: 0, topP: 1, seed: 1, stream: -1 }, "stream: stream must be an integer >= 0, got -1"],
       ] as const) {
         const error = yield* Effect.flip(s.validate(bad))
         expect(error.message).toBe(message)

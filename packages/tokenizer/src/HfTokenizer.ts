@@ -23,8 +23,100 @@ const commonPrefixLength = (a: string, b: string): number => {
   return i
 }
 
+type JsonObject = { readonly [key: string]: unknown }
+const isObject = (value: unknown): value is JsonObject =>
+  typeof value === "object" && value !== null && !Array.isArray(value)
+const utf8Length = (text: string) => Buffer.byteLength(text, "utf8")
+
+/** GPT-2's byte-level alphabet: the character a ByteLevel pre-tokenizer writes for each byte. */
+const BYTE_LEVEL_CHARS = (() => {
+  let shifted = 0
+  return Array.from({ length: 256 }, (_, b) =>
+    String.fromCharCode((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174 ? b : 256 + shifted++),
+  )
+})()
+const BYTE_FALLBACK_TOKENS = Array.from(
+  { length: 256 },
+  (_, b) => `<0x${b.toString(16).toUpperCase().padStart(2, "0")}>`,
+)
+
+/**
+ * Whether a normalizer or pre-tokenizer keeps every byte of the text: it only adds text (Prepend, ByteLevel,
+ * Metaspace), splits it without dropping any (Digits, Punctuation, Split that keeps its delimiters), or replaces a
+ * string with one at least as long. NFC, lowercasing, stripping and the like can shrink text, so they do not.
+ */
+const keepsEveryByte = (step: unknown, kind: "normalizers" | "pretokenizers"): boolean => {
+  if (step === null || step === undefined) return true
+  if (!isObject(step)) return false
+  switch (step.type) {
+    case "Sequence": {
+      const steps = step[kind]
+      return Array.isArray(steps) && steps.every((s) => keepsEveryByte(s, kind))
+    }
+    case "Replace":
+      return (
+        isObject(step.pattern) &&
+        typeof step.pattern.String === "string" &&
+        typeof step.content === "string" &&
+        utf8Length(step.content) >= utf8Length(step.pattern.String)
+      )
+    case "Prepend":
+      return kind === "normalizers"
+    case "ByteLevel":
+    case "Metaspace":
+    case "Digits":
+    case "Punctuation":
+      return kind === "pretokenizers"
+    case "Split":
+      return kind === "pretokenizers" && step.invert !== true && String(step.behavior).toLowerCase() !== "removed"
+    default:
+      return false
+  }
+}
+
+const hasByteLevel = (step: unknown): boolean =>
+  isObject(step) &&
+  (step.type === "ByteLevel" ||
+    (step.type === "Sequence" && Array.isArray(step.pretokenizers) && step.pretokenizers.some(hasByteLevel)))
+
+/**
+ * `TokenizerShape.maxTokenBytes`: the longest token's UTF-8 length, when one token can never stand for more bytes of
+ * the input than its own text has. That holds for a BPE whose normalizer and pre-tokenizer keep every byte, that turns
+ * every byte into vocabulary tokens (a byte-level alphabet or byte fallback, all 256 present; every merge in the
+ * vocabulary), so no unknown token or dropped character ever appears, and whose added tokens strip no whitespace.
+ * A byte-level or "▁" character stands for one input byte but is longer in UTF-8, so the bound is only looser.
+ */
+const maxTokenBytesOf = (
+  json: unknown,
+  config: object | undefined,
+  tokens: ReadonlyArray<string | undefined>,
+): number | undefined => {
+  if (!isObject(json) || !isObject(json.model) || json.model.type !== "BPE") return undefined
+  const { model } = json
+  // tokenizers.js options that trim or lowercase the text before the normalizer.
+  const options: JsonObject = isObject(config) ? config : {}
+  if (options.remove_space === true || options.do_lowercase_and_remove_accent === true) return undefined
+  if (!keepsEveryByte(json.normalizer, "normalizers") || !keepsEveryByte(json.pre_tokenizer, "pretokenizers"))
+    return undefined
+  const added = Array.isArray(json.added_tokens) ? json.added_tokens : []
+  if (added.some((t) => isObject(t) && (t.lstrip === true || t.rstrip === true))) return undefined
+  const vocab = new Set(tokens.filter((t) => t !== undefined))
+  const everyByte =
+    (model.byte_fallback === true && BYTE_FALLBACK_TOKENS.every((t) => vocab.has(t))) ||
+    (hasByteLevel(json.pre_tokenizer) && BYTE_LEVEL_CHARS.every((t) => vocab.has(t)))
+  const merges = Array.isArray(model.merges) ? model.merges : []
+  const mergesInVocab = merges.every((m) => {
+    const pair = typeof m === "string" ? m.split(" ", 2) : m
+    return Array.isArray(pair) && vocab.has(pair.join(""))
+  })
+  if (!everyByte || !mergesInVocab) return undefined
+  let longest = 0
+  for (const token of vocab) longest = Math.max(longest, utf8Length(token))
+  return longest
+}
+
 /** Wraps a loaded @huggingface/tokenizers tokenizer as the Offramp `TokenizerShape`. */
-const make = (hf: HfCoreTokenizer): TokenizerShape => {
+const make = (hf: HfCoreTokenizer, json: unknown, config: object | undefined): TokenizerShape => {
   const tokens: Array<string | undefined> = []
   for (const [token, id] of hf.get_vocab(true)) tokens[id] = token
   const vocabSize = tokens.length
@@ -107,6 +199,7 @@ const make = (hf: HfCoreTokenizer): TokenizerShape => {
       }),
     detokenizer,
     idToToken: (id) => tokens[id],
+    maxTokenBytes: maxTokenBytesOf(json, config, tokens),
   }
 }
 
@@ -116,7 +209,8 @@ const make = (hf: HfCoreTokenizer): TokenizerShape => {
  */
 export const fromJson = (json: unknown, config?: object): Effect.Effect<TokenizerShape, TokenizerError> =>
   Effect.try({
-    try: () => make(new HfCoreTokenizer(json as object, { ...config, clean_up_tokenization_spaces: false })),
+    try: () =>
+      make(new HfCoreTokenizer(json as object, { ...config, clean_up_tokenization_spaces: false }), json, config),
     catch: (error) => new TokenizerError({ message: `invalid tokenizer.json: ${errorMessage(error)}` }),
   })
 

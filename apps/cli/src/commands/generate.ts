@@ -148,7 +148,8 @@ export const generate = Command.make(
               temperature: args.temperature,
               topP: args.topP,
               topK: args.topK,
-              ...(Option.isSome(args.seed) ? { seed: args.seed.value } : {}),
+              // Each prompt draws from its own stream of the seed.
+              ...(Option.isSome(args.seed) ? { seed: args.seed.value, stream: request } : {}),
             },
             ...(earlyExit ? { earlyExit } : {}),
           })

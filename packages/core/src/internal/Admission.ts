@@ -37,7 +37,6 @@ export const makeAdmission = (deps: {
     sample: number,
     prompt: ReadonlyArray<number>,
   ): Sequence => {
-    const seed = request.sampling.seed
     const seq: Sequence = {
       id: nextId++,
       group: request.group,
@@ -48,7 +47,7 @@ export const makeAdmission = (deps: {
       lookahead: request.speculative?.maxDraft ?? 0,
       request,
       sample,
-      rng: sampler.makeRng(seed === undefined ? undefined : seed + sample),
+      rng: sampler.makeRng(request.sampling.seed, (request.sampling.stream ?? 0) + sample),
       detokenizer: tokenizer.detokenizer(prompt),
       generated: 0,
       pending: [],

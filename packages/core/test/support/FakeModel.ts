@@ -236,6 +236,8 @@ export const makeFakeRunner = (options: FakeRunnerOptions = {}): ModelRunnerShap
 /** Characters to ids and back; encode adds BOS; unknown characters become spaces. */
 export const fakeTokenizer: TokenizerShape = {
   vocabSize: FAKE_VOCAB,
+  // One token a code point: up to 4 UTF-8 bytes.
+  maxTokenBytes: 4,
   encode: (text, options = {}) =>
     Effect.succeed([
       ...(options.addSpecialTokens === false ? [] : [BOS]),

@@ -72,44 +72,84 @@ const earlyExitOf = (ext: EarlyExitExtension | null | undefined): EarlyExitReque
   return Object.keys(out).length > 0 ? out : undefined
 }
 
+/** What a request asked for: its max_tokens (when given) and the parameters an error points at. */
+interface Requested {
+  readonly maxTokens: number | undefined
+  readonly param: string
+  readonly promptParam: string
+}
+
+/**
+ * The context check as OpenAI words it, on a prompt's token count (or, with `atLeast`, on a lower bound of it):
+ * prompt + max_tokens must fit. Returns max_tokens, which for the longest prompt is the request's. `defaultMaxTokens`
+ * is OpenAI's default for the endpoint (undefined: whatever room the context leaves).
+ */
+const fitContext = (
+  context: number,
+  promptTokens: number,
+  atLeast: boolean,
+  requested: Requested,
+  defaultMaxTokens: number | undefined,
+): Effect.Effect<number, ApiError> => {
+  const promptIs = atLeast ? `at least ${promptTokens}` : `${promptTokens}`
+  if (promptTokens >= context) {
+    return badRequest(
+      `This model's maximum context length is ${context} tokens. However, your prompt is ${promptIs} tokens ` +
+        "(one more is needed to generate). Please reduce the length of the prompt.",
+      requested.promptParam,
+      "context_length_exceeded",
+    )
+  }
+  const maxTokens = requested.maxTokens ?? Math.min(defaultMaxTokens ?? context, context - promptTokens)
+  if (promptTokens + maxTokens > context) {
+    return badRequest(
+      `This model's maximum context length is ${context} tokens. However, you requested ` +
+        `${atLeast ? "at least " : ""}${promptTokens + maxTokens} tokens (${promptIs} in the prompt, ${maxTokens} ` +
+        "for the completion). Please reduce the length of the prompt or the completion.",
+      requested.param,
+      "context_length_exceeded",
+    )
+  }
+  return Effect.succeed(maxTokens)
+}
+
+/** Lets the event loop run (other streams' writes, after pending I/O) between two prompts' tokenizations. */
+const yieldToEventLoop = Effect.async<void>((resume) => {
+  const immediate = setImmediate(() => resume(Effect.void))
+  return Effect.sync(() => clearImmediate(immediate))
+})
+
 /**
  * Tokenizes the prompts and checks them against the context as OpenAI does: prompt + max_tokens must fit.
- * `defaultMaxTokens` is OpenAI's default for the endpoint (undefined: whatever room the context leaves).
+ * Tokenizing runs on the main thread, so a prompt too long for the context by the tokenizer's bytes-per-token bound
+ * is refused before it is tokenized, and the event loop runs between prompts: one request's tokenization holds up
+ * other streams for at most one prompt that could fit (a few kilobytes of text).
  */
 export const plan = (
   server: OpenAiServerShape,
   params: CommonParams,
   texts: ReadonlyArray<string>,
-  requested: { readonly maxTokens: number | undefined; readonly param: string; readonly promptParam: string },
+  requested: Requested,
   defaultMaxTokens: number | undefined,
 ): Effect.Effect<Plan, ApiError> =>
   Effect.gen(function* () {
     const context = server.engine.spec.dims.contextLength
-    const prompts = yield* Effect.forEach(texts, (text) =>
-      server.tokenizer.encode(text).pipe(
+    const bytesPerToken = server.tokenizer.maxTokenBytes
+    if (bytesPerToken !== undefined) {
+      const fewest = Math.max(...texts.map((text) => Math.ceil(Buffer.byteLength(text, "utf8") / bytesPerToken)))
+      yield* fitContext(context, fewest, true, requested, defaultMaxTokens)
+    }
+    // Each prompt is checked as soon as it is tokenized, so a request fails at its first prompt that cannot fit.
+    const prompts = yield* Effect.forEach(texts, (text, i) =>
+      (i > 0 ? yieldToEventLoop : Effect.void).pipe(
+        Effect.zipRight(server.tokenizer.encode(text)),
         Effect.mapError(fromGenerationError),
+        Effect.tap((ids) => fitContext(context, ids.length, false, requested, defaultMaxTokens)),
         Effect.map((ids) => ({ text, tokens: ids.length })),
       ),
     )
     const longest = Math.max(...prompts.map((p) => p.tokens))
-    if (longest >= context) {
-      return yield* badRequest(
-        `This model's maximum context length is ${context} tokens. However, your prompt is ${longest} tokens ` +
-          "(one more is needed to generate). Please reduce the length of the prompt.",
-        requested.promptParam,
-        "context_length_exceeded",
-      )
-    }
-    const maxTokens = requested.maxTokens ?? Math.min(defaultMaxTokens ?? context, context - longest)
-    if (longest + maxTokens > context) {
-      return yield* badRequest(
-        `This model's maximum context length is ${context} tokens. However, you requested ${longest + maxTokens} ` +
-          `tokens (${longest} in the prompt, ${maxTokens} for the completion). Please reduce the length of the ` +
-          "prompt or the completion.",
-        requested.param,
-        "context_length_exceeded",
-      )
-    }
+    const maxTokens = yield* fitContext(context, longest, false, requested, defaultMaxTokens)
     // top_p = 0 keeps only the most likely token: greedy, which the engine spells temperature 0.
     const topP = params.top_p ?? 1
     const sampling: SamplingParams = {
@@ -193,7 +233,8 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
           {
             prompt: prompt.text,
             maxTokens: p.maxTokens,
-            sampling: p.sampling,
+            // Each choice (prompt × n + sample) draws from its own stream of the seed.
+            sampling: { ...p.sampling, stream: i * p.n },
             ...(p.earlyExit ? { earlyExit: p.earlyExit } : {}),
             ...(p.n > 1 ? { n: p.n } : {}),
             group,
