@@ -5,10 +5,13 @@ import { readFile } from "node:fs/promises"
 import { Command, Options } from "@effect/cli"
 import {
   ConfidenceMeasure,
+  DEFAULT_DRAFT_THRESHOLD,
+  DEFAULT_MAX_DRAFT,
   type EarlyExitParams,
   type EarlyExitRequest,
   Engine,
   InvalidRequestError,
+  speculativeDefaults,
   type TokenEvent,
 } from "@offramp/core"
 import { onnxEngineLayer } from "@offramp/onnx"
@@ -70,6 +73,26 @@ const confirm = Options.float("confirm").pipe(
   Options.optional,
 )
 
+const speculate = Options.boolean("speculate").pipe(
+  Options.withDescription(
+    "lossless self-speculative decoding: draft with the layers up to an early exit, verify with the rest (the full model's output; early-exit flags do not apply)",
+  ),
+)
+const draftExit = Options.integer("draft-exit").pipe(
+  Options.withDescription("with --speculate: the early exit that drafts (default: the one nearest half the depth)"),
+  Options.optional,
+)
+const maxDraft = Options.integer("max-draft").pipe(
+  Options.withDescription(`with --speculate: most tokens drafted per verification (default ${DEFAULT_MAX_DRAFT})`),
+  Options.optional,
+)
+const draftThreshold = Options.float("draft-threshold").pipe(
+  Options.withDescription(
+    `with --speculate: drafting stops when the draft head's top probability is below this (default ${DEFAULT_DRAFT_THRESHOLD})`,
+  ),
+  Options.optional,
+)
+
 /** The early-exit flags that were given, over the engine defaults (calibration.json, else full depth). */
 const earlyExitFlags = (flags: {
   threshold: Option.Option<number>
@@ -122,6 +145,10 @@ export const generate = Command.make(
     kv,
     minExitLayer,
     confirm,
+    speculate,
+    draftExit,
+    maxDraft,
+    draftThreshold,
     kvCacheMb,
     threads,
   },
@@ -132,6 +159,20 @@ export const generate = Command.make(
       const single = prompts.length === 1
       const earlyExit = earlyExitFlags(args)
       const layers = engine.spec.dims.layers
+      const speculating =
+        args.speculate ||
+        Option.isSome(args.draftExit) ||
+        Option.isSome(args.maxDraft) ||
+        Option.isSome(args.draftThreshold)
+      const given = {
+        ...(Option.isSome(args.draftExit) ? { exit: args.draftExit.value } : {}),
+        ...(Option.isSome(args.maxDraft) ? { maxDraft: args.maxDraft.value } : {}),
+        ...(Option.isSome(args.draftThreshold) ? { threshold: args.draftThreshold.value } : {}),
+      }
+      const speculative = speculating ? speculativeDefaults(engine.spec, given) : undefined
+      if (speculating && speculative === undefined) {
+        return yield* new InvalidRequestError({ message: "--speculate needs a model with an early exit to draft with" })
+      }
       const colour = single && !args.json && process.stdout.isTTY
       const run = (text: string, request: number) =>
         Effect.gen(function* () {
@@ -152,6 +193,7 @@ export const generate = Command.make(
               ...(Option.isSome(args.seed) ? { seed: args.seed.value, stream: request } : {}),
             },
             ...(earlyExit ? { earlyExit } : {}),
+            ...(speculative ? { speculative } : {}),
           })
           yield* Stream.runForEach(stream, (event) => {
             if (count++ === 0) firstAt = performance.now()
@@ -188,6 +230,12 @@ export const generate = Command.make(
           )
         })
       yield* Effect.forEach(prompts, run, { concurrency: "unbounded" })
+      if (speculative && !args.json) {
+        const { speculative: s } = yield* engine.stats
+        yield* Console.error(
+          `[speculative: draft exit ${speculative.exit}, ${s.drafted} tokens drafted, ${((100 * s.accepted) / Math.max(1, s.drafted)).toFixed(0)}% accepted, ${(s.kept / Math.max(1, s.verifications)).toFixed(2)} tokens per verification]`,
+        )
+      }
     }).pipe(
       Effect.provide(
         Layer.unwrapEffect(Effect.map(engineConfig(args), (config) => onnxEngineLayer(args.model, config))),
