@@ -71,4 +71,67 @@ describe("self-speculative decoding (onnxruntime)", () => {
         for (const maxDraft of [1, 4]) yield* compare(storiesDir, { exit, maxDraft }, { runner: { blockSize: 4 } })
     }),
   )
+
+  it.effect(
+    "stories260K: sampled speculation follows full depth's distribution (the first speculated token over 640 draws each)",
+    () =>
+      Effect.gen(function* () {
+        // The second token of each sample is the first one speculation produces (the first comes from the prompt's
+        // full-depth pass). 640 samples each way: 10 seeds × n = 64, at temperature 1.
+        const draw = (speculative: GenerationRequest["speculative"]) =>
+          Effect.forEach(
+            Array.from({ length: 10 }, (_, seed) => seed),
+            (seed) =>
+              collect({
+                prompt: "Once upon a time",
+                maxTokens: 2,
+                sampling: { temperature: 1, topK: 0, topP: 1, seed: 1000 + seed },
+                n: 64,
+                ...(speculative ? { speculative } : { earlyExit: { threshold: 2 } }),
+              }),
+            { concurrency: "unbounded" },
+          ).pipe(
+            Effect.map((all) =>
+              all
+                .flat()
+                .filter((e) => e.index === 1)
+                .map((e) => e.id),
+            ),
+          )
+        const full = yield* draw(undefined)
+        // A shallow draft exit, whose distribution differs much from the full model's.
+        const speculated = yield* draw({ exit: 1, maxDraft: 1 })
+        expect(full).toHaveLength(640)
+        expect(speculated).toHaveLength(640)
+        const stats = yield* Effect.flatMap(Engine, (e) => e.stats)
+        expect(stats.speculative.accepted).toBeLessThan(stats.speculative.drafted)
+        // Chi-square test of homogeneity over the tokens seen at least 10 times in all, the rest pooled.
+        const counts = new Map<number, [number, number]>()
+        for (const id of full) counts.set(id, [(counts.get(id)?.[0] ?? 0) + 1, counts.get(id)?.[1] ?? 0])
+        for (const id of speculated) counts.set(id, [counts.get(id)?.[0] ?? 0, (counts.get(id)?.[1] ?? 0) + 1])
+        const cells: Array<[number, number]> = []
+        const rest: [number, number] = [0, 0]
+        for (const [a, b] of counts.values()) {
+          if (a + b >= 10) cells.push([a, b])
+          else {
+            rest[0] += a
+            rest[1] += b
+          }
+        }
+        if (rest[0] + rest[1] > 0) cells.push(rest)
+        const n = full.length + speculated.length
+        let x = 0
+        for (const [a, b] of cells) {
+          const expected = (a + b) / 2
+          x += (a - expected) ** 2 / expected + (b - expected) ** 2 / expected
+        }
+        void n
+        const df = cells.length - 1
+        expect(df).toBeGreaterThanOrEqual(3)
+        // The 0.999 quantile of chi-square with df degrees of freedom (Wilson–Hilferty): a false alarm 1 time in 1000.
+        const z = 3.09
+        const critical = df * (1 - 2 / (9 * df) + z * Math.sqrt(2 / (9 * df))) ** 3
+        expect(x).toBeLessThan(critical)
+      }).pipe(Effect.provide(onnxEngineLayer(storiesDir, { runner: { blockSize: 4 } }))),
+  )
 })

@@ -10,10 +10,11 @@ import { makeAdmission } from "../src/internal/Admission.js"
 import { makeEmission } from "../src/internal/Emission.js"
 import { makeRecompute } from "../src/internal/KvStrategy.js"
 import type { DecodeRow, Sequence } from "../src/internal/Sequence.js"
+import { drawFrom, samplingDistribution, verifyDraft } from "../src/internal/Speculative.js"
 import { makeStatistics } from "../src/internal/Statistics.js"
 import { makeKvCache } from "../src/KvCacheImpl.js"
 import type { HeadOutput } from "../src/ModelRunner.js"
-import { greedyParams, makeSampler } from "../src/Sampler.js"
+import { greedyParams, makeRng, makeSampler } from "../src/Sampler.js"
 import { makeScheduler } from "../src/Scheduler.js"
 import { FAKE_VOCAB, fakeSpec, fakeTokenizer, makeFakeRunner } from "./support/FakeModel.js"
 
@@ -151,5 +152,48 @@ describe("recompute strategy", () => {
     expect(next.positions).toEqual([7, 8])
     expect([...next.hidden]).toEqual([1, 2, 3, 4, 5, 6, 7, 8])
     expect(seq.pending).toEqual([])
+  })
+})
+
+/** Pearson's chi-square statistic of observed counts against expected probabilities (cells with p > 0). */
+const chiSquare = (counts: ReadonlyArray<number>, p: ReadonlyArray<number>, n: number) =>
+  counts.reduce((x, c, i) => (p[i]! > 0 ? x + (c - n * p[i]!) ** 2 / (n * p[i]!) : x), 0)
+
+describe("speculative sampling", () => {
+  it("draft from q, verify against p: the tokens follow p, even where p and q differ a lot", () => {
+    const p = Float64Array.of(0.5, 0.3, 0.15, 0.05, 0)
+    const q = Float64Array.of(0.02, 0.08, 0.1, 0.4, 0.4) // mostly drafts p finds unlikely or impossible
+    const rng = makeRng(1234)
+    const n = 20_000
+    const counts = [0, 0, 0, 0, 0]
+    let accepted = 0
+    for (let i = 0; i < n; i++) {
+      const draft = drawFrom(q, rng)
+      const verdict = verifyDraft(draft, p, q, rng)
+      if (verdict.accepted) accepted++
+      counts[verdict.token]!++
+    }
+    // The empty cell stays empty; over the 4 others (3 degrees of freedom) the 0.999 quantile of chi-square is 16.27.
+    expect(counts[4]).toBe(0)
+    expect(chiSquare(counts, [...p], n)).toBeLessThan(16.27)
+    // The acceptance rate is Σ min(p, q) = 0.02 + 0.08 + 0.1 + 0.05 = 0.25.
+    expect(accepted / n).toBeGreaterThan(0.23)
+    expect(accepted / n).toBeLessThan(0.27)
+  })
+
+  it("samplingDistribution is what the sampler draws from (temperature, top-k, top-p)", () => {
+    const logits = Float32Array.of(2, 1, 0.5, 0.4, -1, 3)
+    const params = { temperature: 0.7, topK: 4, topP: 0.9 }
+    const dist = samplingDistribution(logits, 0, logits.length, params)
+    const sampler = makeSampler()
+    const rng = makeRng(99)
+    const n = 20_000
+    const counts = [0, 0, 0, 0, 0, 0]
+    for (let i = 0; i < n; i++) counts[sampler.sample(logits, 0, logits.length, params, rng)]!++
+    for (let id = 0; id < logits.length; id++) if (dist[id] === 0) expect(counts[id]).toBe(0)
+    const cells = [...dist].filter((x) => x > 0).length
+    // The 0.999 quantile of chi-square with cells − 1 (≤ 3) degrees of freedom is at most 16.27.
+    expect(cells).toBeLessThanOrEqual(4)
+    expect(chiSquare(counts, [...dist], n)).toBeLessThan(16.27)
   })
 })
