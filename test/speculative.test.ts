@@ -31,7 +31,11 @@ const collect = (request: GenerationRequest) =>
 const ids = (events: ReadonlyArray<TokenEvent>) => events.map((e) => e.id)
 
 /** Full depth's outputs, then the same requests speculating, all 16 at once, on one engine. */
-const compare = (dir: string, speculative: GenerationRequest["speculative"], config: OnnxEngineConfig = {}) =>
+const compare = (
+  dir: string,
+  speculative: NonNullable<GenerationRequest["speculative"]>,
+  config: OnnxEngineConfig = {},
+) =>
   Effect.gen(function* () {
     const plain = requests(BENCH_PROMPTS).map((r) => ({ ...r, earlyExit: { threshold: 2 } }))
     const full = yield* Effect.forEach(plain, collect, { concurrency: "unbounded" })
