@@ -2,7 +2,9 @@
  * The OpenAI-compatible server end to end on stories260K: a real server on a loopback port, driven by the official
  * `openai` client (and raw fetch where the wire format itself is checked).
  */
+import { Engine } from "@offramp/core"
 import { onnxEngineLayer } from "@offramp/onnx"
+import { Effect } from "effect"
 import OpenAI from "openai"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
@@ -313,6 +315,21 @@ describe("the early_exit extension", () => {
     })
     expect(response.status).toBe(400)
     expect((await json(response)).error.message).toMatch(/classifier/)
+  })
+})
+
+describe("the speculative extension", () => {
+  it("speculative decoding through the openai client gives full depth's text; a bad draft exit is a 400", async () => {
+    const params = { model: MODEL, prompt: BENCH_PROMPTS[3]!, max_tokens: 24, temperature: 0 }
+    const plain = await client.completions.create(params)
+    // biome-ignore lint/suspicious/noExplicitAny: the speculative extension is not in the openai client's types
+    const speculated = await client.completions.create({ ...params, speculative: {} } as any)
+    expect(speculated.choices[0]!.text).toBe(plain.choices[0]!.text)
+    const stats = await server.runtime.runPromise(Effect.flatMap(Engine, (e) => e.stats))
+    expect(stats.speculative.verifications).toBeGreaterThan(0)
+    const bad = await postJson(`${server.url}/v1/completions`, { ...params, speculative: { exit: 5, max_draft: 2 } })
+    expect(bad.status).toBe(400)
+    expect((await json(bad)).error.message).toMatch(/speculative.exit must be one of the model's early exits/)
   })
 })
 

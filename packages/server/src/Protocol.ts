@@ -29,6 +29,18 @@ export const EarlyExitExtension = Schema.Struct({
 })
 export type EarlyExitExtension = typeof EarlyExitExtension.Type
 
+/**
+ * Lossless self-speculative decoding (Offramp extension), mapped onto the engine's `speculative`: `{}` uses the
+ * defaults (the early exit nearest half the depth drafts up to 4 tokens, stopping below 0.4 top probability).
+ */
+export const SpeculativeExtension = Schema.Struct({
+  /** The draft exit, by layer count. */
+  exit: Nullable(Schema.Int.pipe(Schema.positive())),
+  max_draft: Nullable(Schema.Int.pipe(Schema.between(1, 16))),
+  threshold: Nullable(Schema.Number.pipe(Schema.between(0, 1))),
+})
+export type SpeculativeExtension = typeof SpeculativeExtension.Type
+
 const Stop = Schema.Union(
   Schema.String,
   Schema.Array(Schema.String).pipe(Schema.maxItems(4, { message: () => "at most 4 stop sequences" })),
@@ -53,6 +65,7 @@ const commonFields = {
   frequency_penalty: Nullable(Schema.Number.pipe(Schema.between(-2, 2))),
   user: Nullable(Schema.String),
   early_exit: Nullable(EarlyExitExtension),
+  speculative: Nullable(SpeculativeExtension),
 }
 
 export const CompletionRequest = Schema.Struct({

@@ -3,11 +3,18 @@
  * with the engine's `n`), admission (queue limit, shutdown), the first pull before any byte is sent (so that an
  * engine refusal is still an HTTP status), and metrics on the way.
  */
-import type { EarlyExitRequest, GenerationError, SamplingParams, TokenEvent } from "@offramp/core"
+import {
+  type EarlyExitRequest,
+  type GenerationError,
+  type SamplingParams,
+  type SpeculativeRequest,
+  speculativeDefaults,
+  type TokenEvent,
+} from "@offramp/core"
 import { Chunk, Effect, Exit, Mailbox, Option, type Scope } from "effect"
 import { ApiError, badRequest, fromGenerationError, queueFull, unavailable } from "../ApiError.js"
 import type { OpenAiServerShape } from "../OpenAiServer.js"
-import type { EarlyExitExtension } from "../Protocol.js"
+import type { EarlyExitExtension, SpeculativeExtension } from "../Protocol.js"
 import { Choice } from "./choice.js"
 
 /** The fields completions and chat share, as decoded. */
@@ -20,6 +27,7 @@ export interface CommonParams {
   readonly stop?: string | ReadonlyArray<string> | null
   readonly n?: number | null
   readonly early_exit?: EarlyExitExtension | null
+  readonly speculative?: SpeculativeExtension | null
 }
 
 export interface Prompt {
@@ -33,6 +41,7 @@ export interface Plan {
   readonly maxTokens: number
   readonly sampling: SamplingParams
   readonly earlyExit: EarlyExitRequest | undefined
+  readonly speculative: SpeculativeRequest | undefined
   readonly stops: ReadonlyArray<string>
 }
 
@@ -70,6 +79,21 @@ const earlyExitOf = (ext: EarlyExitExtension | null | undefined): EarlyExitReque
     ...(given(ext.decay_tau) ? { decayTau: ext.decay_tau } : {}),
   } satisfies EarlyExitRequest
   return Object.keys(out).length > 0 ? out : undefined
+}
+
+const speculativeOf = (
+  server: OpenAiServerShape,
+  ext: SpeculativeExtension | null | undefined,
+): Effect.Effect<SpeculativeRequest | undefined, ApiError> => {
+  if (!given(ext)) return Effect.succeed(undefined)
+  const speculative = speculativeDefaults(server.engine.spec, {
+    ...(given(ext.exit) ? { exit: ext.exit } : {}),
+    ...(given(ext.max_draft) ? { maxDraft: ext.max_draft } : {}),
+    ...(given(ext.threshold) ? { threshold: ext.threshold } : {}),
+  })
+  return speculative
+    ? Effect.succeed(speculative)
+    : badRequest("this model has no early exit to draft with; remove speculative", "speculative")
 }
 
 /** What a request asked for: its max_tokens (when given) and the parameters an error points at. */
@@ -166,6 +190,7 @@ export const plan = (
       maxTokens,
       sampling,
       earlyExit: earlyExitOf(params.early_exit),
+      speculative: yield* speculativeOf(server, params.speculative),
       stops,
     }
   })
@@ -236,6 +261,7 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
             // Each choice (prompt × n + sample) draws from its own stream of the seed.
             sampling: { ...p.sampling, stream: i * p.n },
             ...(p.earlyExit ? { earlyExit: p.earlyExit } : {}),
+            ...(p.speculative ? { speculative: p.speculative } : {}),
             ...(p.n > 1 ? { n: p.n } : {}),
             group,
           },
