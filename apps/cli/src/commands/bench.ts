@@ -10,12 +10,16 @@ import { fileURLToPath } from "node:url"
 import { Command, Options } from "@effect/cli"
 import {
   ConfidenceMeasure,
+  DEFAULT_DRAFT_THRESHOLD,
+  DEFAULT_MAX_DRAFT,
+  defaultDraftExit,
   type EarlyExitRequest,
   Engine,
   type ExitPolicy,
   greedyParams,
   InvalidRequestError,
   type KvStrategy,
+  type SpeculativeRequest,
   Tokenizer,
 } from "@offramp/core"
 import { DEFAULT_MODEL_DIR, DEFAULT_MODEL_HELDOUT, onnxEngineLayer } from "@offramp/onnx"
@@ -98,6 +102,25 @@ const calibratedOption = Options.boolean("calibrated").pipe(
     "also measure the model's calibrated defaults (calibration.json: its measure and thresholds)",
   ),
 )
+const speculateOption = Options.boolean("speculate").pipe(
+  Options.withDescription(
+    "add self-speculative runs (lossless: drafts from an early exit, verified by the rest), over --draft-exits × --max-drafts",
+  ),
+)
+const draftExitsOption = Options.text("draft-exits").pipe(
+  Options.withDescription("with --speculate: draft exits to sweep, by layer (default: the exit nearest half depth)"),
+  Options.optional,
+)
+const maxDraftsOption = Options.text("max-drafts").pipe(
+  Options.withDescription(`with --speculate: maximum draft lengths to sweep (default ${DEFAULT_MAX_DRAFT})`),
+  Options.withDefault(String(DEFAULT_MAX_DRAFT)),
+)
+const draftThresholdOption = Options.float("draft-threshold").pipe(
+  Options.withDescription(
+    `with --speculate: drafting stops below this draft-head top probability (default ${DEFAULT_DRAFT_THRESHOLD})`,
+  ),
+  Options.withDefault(DEFAULT_DRAFT_THRESHOLD),
+)
 const callsOption = Options.boolean("calls").pipe(
   Options.withDescription(
     "also time each model runner call at every stream count, and the speedup those costs allow an exit at each early exit (the forced-exit bound)",
@@ -106,7 +129,7 @@ const callsOption = Options.boolean("calls").pipe(
 const json = Options.boolean("json").pipe(Options.withDescription("print one JSON document"))
 
 export interface BenchRun {
-  readonly mode: "full" | "early"
+  readonly mode: "full" | "early" | "speculative"
   readonly policy: ExitPolicy | null
   readonly kv: KvStrategy | null
   readonly threshold: number | null
@@ -144,6 +167,14 @@ export interface BenchRun {
     /** Fraction of decoded tokens that took their token at this exit. */
     readonly exitedPerToken: number
   }>
+  /** Speculative runs: the draft settings, the share of drafted tokens kept, and tokens kept per verification. */
+  readonly speculative: {
+    readonly draftExit: number
+    readonly maxDraft: number
+    readonly threshold: number
+    readonly acceptanceRate: number
+    readonly tokensPerVerification: number
+  } | null
   readonly repeats: number
   readonly runs: ReadonlyArray<{
     readonly decodeTokensPerSecond: number
@@ -171,7 +202,7 @@ const oneOf =
     values.find((v) => v === s)
 
 /** One throughput run: `count` greedy streams submitted at once. */
-const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitRequest) =>
+const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitRequest, speculative?: SpeculativeRequest) =>
   Effect.gen(function* () {
     const engine = yield* Engine
     const before = yield* engine.stats
@@ -186,7 +217,7 @@ const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitReques
             prompt: BENCH_PROMPTS[i % BENCH_PROMPTS.length]!,
             maxTokens,
             sampling: greedyParams,
-            earlyExit,
+            ...(speculative ? { speculative } : { earlyExit }),
           })
           .pipe(
             Stream.tap((event) =>
@@ -225,6 +256,12 @@ const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitReques
       outputs: outputs.map((o) => o.map((e) => e.id)),
       decodeTokens: after.decodeTokens - before.decodeTokens,
       exits,
+      speculative: {
+        drafted: after.speculative.drafted - before.speculative.drafted,
+        accepted: after.speculative.accepted - before.speculative.accepted,
+        kept: after.speculative.kept - before.speculative.kept,
+        verifications: after.speculative.verifications - before.speculative.verifications,
+      },
       meanExitDepth: decodeExits.length > 0 ? decodeExits.reduce((a, b) => a + b, 0) / decodeExits.length : 0,
     }
   })
@@ -272,6 +309,10 @@ export const bench = Command.make(
     heldout,
     chart,
     calibrated: calibratedOption,
+    speculate: speculateOption,
+    draftExits: draftExitsOption,
+    maxDrafts: maxDraftsOption,
+    draftThreshold: draftThresholdOption,
     calls: callsOption,
     json,
     kvCacheMb,
@@ -309,9 +350,13 @@ export const bench = Command.make(
                 `${String(run.streams).padStart(3)} streams`,
                 run.mode === "full"
                   ? "full depth".padEnd(30)
-                  : `${run.policy}/${run.kv} @ ${run.calibrated ? "calibrated" : run.threshold}${run.confirm !== null ? `+${run.confirm}` : ""} ${run.measure}`.padEnd(
-                      40,
-                    ),
+                  : run.speculative
+                    ? `speculative exit ${run.speculative.draftExit} draft ${run.speculative.maxDraft} (${(run.speculative.acceptanceRate * 100).toFixed(0)}% kept, ${run.speculative.tokensPerVerification.toFixed(2)}/verify)`.padEnd(
+                        40,
+                      )
+                    : `${run.policy}/${run.kv} @ ${run.calibrated ? "calibrated" : run.threshold}${run.confirm !== null ? `+${run.confirm}` : ""} ${run.measure}`.padEnd(
+                        40,
+                      ),
                 `${run.decodeTokensPerSecond.toFixed(0).padStart(6)} decode tok/s`,
                 `x${run.speedup.toFixed(2)} (ideal x${run.idealSpeedup.toFixed(2)})`,
                 `depth ${run.meanExitDepth.toFixed(2)}`,
@@ -337,7 +382,19 @@ export const bench = Command.make(
         confirm: number | null
       }
       const calibrated = Object.keys(engine.defaults.thresholds ?? {}).length > 0
-      const configs: Array<{ settings: Settings; earlyExit: EarlyExitRequest }> = [
+      const draftExits = Option.isSome(args.draftExits)
+        ? yield* parseList("draft-exits", args.draftExits.value, positiveInt)
+        : [defaultDraftExit(engine.spec)].filter((e) => e !== undefined)
+      const maxDrafts = yield* parseList("max-drafts", args.maxDrafts, positiveInt)
+      const speculativeSettings = {
+        policy: null,
+        kv: null,
+        threshold: null,
+        calibrated: false,
+        measure: "-",
+        confirm: null,
+      }
+      const configs: Array<{ settings: Settings; earlyExit: EarlyExitRequest; speculative?: SpeculativeRequest }> = [
         // An explicit threshold above 1: full depth even where calibration.json sets per-exit defaults.
         {
           settings: { policy: null, kv: null, threshold: null, calibrated: false, measure: "-", confirm: null },
@@ -377,6 +434,15 @@ export const bench = Command.make(
               : []),
           ]),
         ),
+        ...(args.speculate
+          ? draftExits.flatMap((exit) =>
+              maxDrafts.map((maxDraft) => ({
+                settings: speculativeSettings,
+                earlyExit: {},
+                speculative: { exit, maxDraft, threshold: args.draftThreshold },
+              })),
+            )
+          : []),
       ]
       for (const count of counts) {
         // Rounds interleave every configuration, so machine noise hits full depth and early exit alike;
@@ -384,10 +450,14 @@ export const bench = Command.make(
         const results = configs.map(() => [] as Array<Effect.Effect.Success<ReturnType<typeof throughput>>>)
         for (let round = 0; round < args.repeats; round++) {
           for (const [i, config] of configs.entries()) {
-            results[i]!.push(yield* throughput(count, args.maxTokens, config.earlyExit))
+            results[i]!.push(yield* throughput(count, args.maxTokens, config.earlyExit, config.speculative))
           }
         }
-        const perplexities = yield* Effect.forEach(configs, (c) => heldoutPerplexity(heldoutIds, count, c.earlyExit))
+        // Speculative decoding is lossless: its perplexity is full depth's (forced tokens cannot speculate).
+        const fullPerplexity = yield* heldoutPerplexity(heldoutIds, count, configs[0]!.earlyExit)
+        const perplexities = yield* Effect.forEach(configs, (c, i) =>
+          i === 0 || c.speculative ? Effect.succeed(fullPerplexity) : heldoutPerplexity(heldoutIds, count, c.earlyExit),
+        )
         const full = results[0]!
         const fullOutputs = full[0]!.outputs
         for (const [i, config] of configs.entries()) {
@@ -398,8 +468,10 @@ export const bench = Command.make(
           const speedup = median(
             measured.map((r, round) => r.decodeTokensPerSecond / full[round]!.decodeTokensPerSecond),
           )
+          const drafted = measured.reduce((n, r) => n + r.speculative.drafted, 0)
+          const verifications = measured.reduce((n, r) => n + r.speculative.verifications, 0)
           runs.push({
-            mode: i === 0 ? "full" : "early",
+            mode: i === 0 ? "full" : config.speculative ? "speculative" : "early",
             ...config.settings,
             streams: count,
             decodeTokensPerSecond: median(measured.map((r) => r.decodeTokensPerSecond)),
@@ -427,6 +499,16 @@ export const bench = Command.make(
                 exitedPerToken: sum((e) => e.exited),
               }
             }),
+            speculative: config.speculative
+              ? {
+                  draftExit: config.speculative.exit,
+                  maxDraft: config.speculative.maxDraft,
+                  threshold: config.speculative.threshold ?? 0,
+                  acceptanceRate: measured.reduce((n, r) => n + r.speculative.accepted, 0) / Math.max(1, drafted),
+                  tokensPerVerification:
+                    measured.reduce((n, r) => n + r.speculative.kept, 0) / Math.max(1, verifications),
+                }
+              : null,
             repeats: args.repeats,
             runs: measured.map(({ decodeTokensPerSecond, tokens, wallMs }) => ({
               decodeTokensPerSecond,
@@ -447,6 +529,12 @@ export const bench = Command.make(
               `--measure ${measure}${confirms.length > 0 ? ` --confirm ${confirms.join(",")}` : ""}`,
               `--min-exit-layer ${args.minExitLayer}${args.calibrated ? " --calibrated" : ""}`,
               `--heldout ${Option.isSome(args.heldout) ? args.heldout.value : relative(process.cwd(), heldoutPath)}`,
+            ]
+          : []),
+        ...(args.speculate
+          ? [
+              `--speculate --draft-exits ${draftExits.join(",")} --max-drafts ${maxDrafts.join(",")}`,
+              `--draft-threshold ${args.draftThreshold}`,
             ]
           : []),
         ...(args.calls ? ["--calls"] : []),
