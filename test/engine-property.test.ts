@@ -1,6 +1,7 @@
 /**
  * A property test of the engine over random arrivals, lengths, samples, cancellations, early-exit settings
- * (every policy, KV strategy and measure, gated decisions, random exit classifiers) and small pools:
+ * (every policy, KV strategy and measure, gated decisions, random exit classifiers), self-speculative decoding
+ * (every draft exit, draft lengths, rollback) and small pools:
  * every request completes or fails with a typed error, and once the engine is idle no block is held
  * (cached blocks evict to zero).
  */
@@ -45,6 +46,15 @@ const arrival = fc.record({
     // A gated decision (a head-free measure, then the head confirms); ignored by the head measures.
     confirm: fc.option(fc.constantFrom(0.05, 0.3), { nil: undefined }),
   }),
+  /** Self-speculative decoding instead of early exit (stories260K's early exits are after layers 1 to 4). */
+  speculative: fc.option(
+    fc.record({
+      exit: fc.integer({ min: 1, max: 4 }),
+      maxDraft: fc.integer({ min: 1, max: 6 }),
+      threshold: fc.constantFrom(0, 0.5),
+    }),
+    { nil: undefined },
+  ),
   /** Interrupt the stream after this many events (none: let it finish). */
   cancelAfter: fc.option(fc.integer({ min: 0, max: 20 }), { nil: undefined }),
 })
@@ -62,7 +72,11 @@ const run = (arrivals: ReadonlyArray<typeof arrival extends fc.Arbitrary<infer A
         maxTokens: a.maxTokens,
         sampling: { temperature: a.temperature, topK: 0, topP: 1, seed: a.delayMs },
         n: a.n,
-        earlyExit: (({ confirm, ...rest }) => (confirm === undefined ? rest : { ...rest, confirm }))(a.earlyExit),
+        ...(a.speculative
+          ? { speculative: a.speculative }
+          : {
+              earlyExit: (({ confirm, ...rest }) => (confirm === undefined ? rest : { ...rest, confirm }))(a.earlyExit),
+            }),
       }
       const stream =
         a.cancelAfter === undefined

@@ -177,7 +177,8 @@ const makeEngine = (options: EngineOptions) =>
       kv,
       evaluator,
       strategies: { fill: makeFill({ runner, kv, statistics }), recompute: makeRecompute({ runner }) },
-      speculativePass: makeSpeculativePass({ runner, kv, statistics }),
+      speculativePass: makeSpeculativePass({ runner, kv, scheduler, statistics }),
+      scheduler,
       statistics,
       emission,
     })

@@ -35,7 +35,7 @@ export interface ScheduledSequence {
   readonly group: number
   /** Prompt + generated tokens. The last one has no K/V yet once the sequence has sampled. */
   readonly tokens: Array<number>
-  /** Positions whose K/V are in the cache. */
+  /** Positions whose K/V are in the cache. Written by the scheduler only (`advance` after a step computed them). */
   computed: number
   blocks: SequenceBlocks | undefined
   /** Set when the sequence's stream is gone; it is dropped at the next step. */
@@ -72,6 +72,8 @@ export interface SchedulerShape<S extends ScheduledSequence = ScheduledSequence>
    * later like a new sequence (computing from its prompt's cached prefix), and false is returned.
    */
   readonly adopt: (parent: S, child: S) => boolean
+  /** Records that the step computed `count` more positions of `seq` (their K/V are in its blocks). */
+  readonly advance: (seq: S, count: number) => void
   /** Removes a sequence that finished or failed, freeing its blocks. */
   readonly finish: (seq: S) => void
   /** Removes every sequence (engine shutdown), freeing their blocks; returns them. */
@@ -123,8 +125,10 @@ export const makeScheduler = <S extends ScheduledSequence>(
       if (count <= 0) continue
       const lookahead = remaining === 1 ? (seq.lookahead ?? 0) : 0
       const blocks = seq.blocks!
-      const missing = seq.computed + count + lookahead - blocks.reserved
-      let reserved = missing <= 0 || kv.reserve(blocks, missing)
+      const missing = seq.computed + count - blocks.reserved
+      // The lookahead is taken when the pool has room for it; no sequence is preempted for it.
+      const wanted = missing + lookahead
+      let reserved = wanted <= 0 || kv.reserve(blocks, wanted) || missing <= 0 || kv.reserve(blocks, missing)
       while (!reserved) {
         const victim = running[running.length - 1]!
         if (victim === seq) break
@@ -201,6 +205,9 @@ export const makeScheduler = <S extends ScheduledSequence>(
     },
     schedule,
     adopt,
+    advance: (seq, count) => {
+      seq.computed += count
+    },
     finish: (seq) => {
       release(seq)
       running = running.filter((s) => s !== seq)

@@ -448,3 +448,27 @@ describe("KvCache model-based", () => {
     expect(totalHits).toBeGreaterThan(0)
   })
 })
+
+describe("KvCache truncation (speculative decoding's rollback)", () => {
+  it("releases the blocks past the kept positions, caps fill levels, and keeps committed blocks", () => {
+    const kv = make(8, 4)
+    const seq = opened(kv, range(0, 10)) // 3 blocks
+    expect(kv.reserve(seq, 6)).toBe(true) // 16 positions: 4 blocks
+    kv.commit(seq, range(0, 10), 8) // blocks 0 and 1 are full and published
+    kv.markFilled(seq, 1, 16)
+    expect(kv.stats().usedBlocks).toBe(4)
+    kv.truncate(seq, 9)
+    expect(seq.blocks).toHaveLength(3)
+    expect(seq.reserved).toBe(9)
+    expect(kv.filled(seq, 1)).toBe(9)
+    expect(kv.filled(seq, 0)).toBe(8)
+    expect(kv.stats()).toMatchObject({ usedBlocks: 3, freeBlocks: 5 })
+    // The reservation grows again from there, from free blocks.
+    expect(kv.reserve(seq, 7)).toBe(true)
+    expect(seq.blocks).toHaveLength(4)
+    // Rolling back into committed (published) positions is a bug, not a rollback.
+    expect(() => kv.truncate(seq, 7)).toThrow(/cuts into the committed blocks/)
+    kv.free(seq)
+    expect(kv.stats().usedBlocks).toBe(0)
+  })
+})

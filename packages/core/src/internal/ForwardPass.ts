@@ -14,7 +14,7 @@ import { thresholdAt } from "../EarlyExit.js"
 import type { KvCacheShape } from "../KvCache.js"
 import type { HeadOutput, ModelRunnerShape } from "../ModelRunner.js"
 import { buildRowBatch } from "../RowBatch.js"
-import type { BatchRow } from "../Scheduler.js"
+import type { BatchRow, SchedulerShape } from "../Scheduler.js"
 import type { Emission, Finished } from "./Emission.js"
 import { confidentAfterHead, type ExitRow, exitingRows, planHead } from "./ExitPolicy.js"
 import { commitExact, type KvStrategy } from "./KvStrategy.js"
@@ -45,10 +45,11 @@ export const makeForwardPass = (deps: {
   readonly evaluator: ConfidenceEvaluatorShape
   readonly strategies: Readonly<Record<KvStrategyName, KvStrategy>>
   readonly speculativePass: SpeculativePass
+  readonly scheduler: SchedulerShape<Sequence>
   readonly statistics: Statistics
   readonly emission: Emission
 }) => {
-  const { runner, kv, evaluator, strategies, speculativePass, statistics, emission } = deps
+  const { runner, kv, evaluator, strategies, speculativePass, scheduler, statistics, emission } = deps
   const { spec } = runner
   const { dims } = spec
   const D = dims.hidden
@@ -87,7 +88,7 @@ export const makeForwardPass = (deps: {
           continue
         }
         counters.prefillTokens += count
-        seq.computed += count
+        scheduler.advance(seq, count)
         seq.exact = seq.computed
         commitExact(kv, seq)
         if (seq.computed === seq.tokens.length) {
@@ -244,7 +245,7 @@ export const makeForwardPass = (deps: {
         previous: embedded.subarray(i * D, (i + 1) * D),
       }))
       for (const row of active) {
-        row.seq.computed += 1
+        scheduler.advance(row.seq, 1)
         counters.decodeTokens++
       }
       for (let s = 0; s < spec.segments.length && active.length > 0; s++) {

@@ -15,7 +15,7 @@ import type { KvCacheShape } from "../KvCache.js"
 import type { HeadOutput, ModelRunnerShape } from "../ModelRunner.js"
 import { buildRowBatch } from "../RowBatch.js"
 import { logProbabilityFromTop } from "../Sampler.js"
-import type { BatchRow } from "../Scheduler.js"
+import type { BatchRow, SchedulerShape } from "../Scheduler.js"
 import type { Sequence } from "./Sequence.js"
 import { drawFrom, samplingDistribution, verifyDraft } from "./Speculative.js"
 import type { Statistics } from "./Statistics.js"
@@ -51,9 +51,10 @@ interface Draft {
 export const makeSpeculativePass = (deps: {
   readonly runner: ModelRunnerShape
   readonly kv: KvCacheShape
+  readonly scheduler: SchedulerShape<Sequence>
   readonly statistics: Statistics
 }) => {
-  const { runner, kv, statistics } = deps
+  const { runner, kv, scheduler, statistics } = deps
   const { spec } = runner
   const { dims } = spec
   const D = dims.hidden
@@ -196,7 +197,7 @@ export const makeSpeculativePass = (deps: {
       }
       for (const { seq, tokens } of results) {
         // Positions start .. start + kept - 1 now hold the full model's K/V; what lies after them is rolled back.
-        seq.computed += tokens.length
+        scheduler.advance(seq, tokens.length)
         kv.truncate(seq.blocks!, seq.computed)
         statistics.counters.decodeTokens += tokens.length
       }
