@@ -6,7 +6,8 @@
  * `--minutes`:
  *   - a baseline phase (the first third): `--clients` well-behaved clients only, each a closed loop of streaming
  *     completions through the official `openai` client;
- *   - a hostile phase (the rest): the same clients, plus hostile ones: hogs looping 16 prompts × n = 16 requests,
+ *   - a hostile phase (the rest): the same clients, plus hostile ones: hogs looping requests of 64 sequences (4 prompts
+ *     × n = 16, and now and then 16 prompts × n = 16, which the server refuses),
  *     clients that disconnect mid-stream, 900 KB prompts (over the context), malformed and out-of-range requests,
  *     and slow readers that stop reading their stream for seconds.
  * The server's resident memory is sampled every 2 s (from /proc), and at the end, once idle, its KV blocks in use.
@@ -137,15 +138,18 @@ const main = async () => {
   }
 
   const hog = async () => {
+    // The largest request the server takes (a quarter of its 256-sequence queue: 64 sequences), or, every fourth
+    // time, one it refuses (16 prompts × n = 16).
+    const big = Math.random() < 0.25
     const response = await post({
       model,
-      prompt: Array.from({ length: 16 }, (_, i) => PROMPTS[i % PROMPTS.length]),
+      prompt: Array.from({ length: big ? 16 : 4 }, (_, i) => PROMPTS[i % PROMPTS.length]),
       n: 16,
       max_tokens: 100,
       temperature: 1,
     })
     await response.arrayBuffer()
-    if (response.status === 429) await sleep(200)
+    if (response.status !== 200) await sleep(200)
     return `status ${response.status}`
   }
   const disconnector = async () => {
@@ -197,8 +201,8 @@ const main = async () => {
 
   await Promise.all([
     ...Array.from({ length: clients }, (_, i) => wellBehaved(i)),
-    hostileLoop("hog (16 prompts × n = 16)", hog),
-    hostileLoop("hog (16 prompts × n = 16)", hog),
+    hostileLoop("hog (4 or 16 prompts × n = 16)", hog),
+    hostileLoop("hog (4 or 16 prompts × n = 16)", hog),
     hostileLoop("disconnects mid-stream", disconnector),
     hostileLoop("disconnects mid-stream", disconnector),
     hostileLoop("900 KB prompt", bigPrompt),

@@ -24,7 +24,7 @@ export interface OpenAiServerOptions {
   readonly maxBodyBytes?: number
   /**
    * Most sequences (prompts × n, summed over requests) waiting for their first token (default 256); a request that
-   * would exceed it gets 429, and one that asks for more on its own gets 400.
+   * would exceed it gets 429, and one that asks for more than a quarter of it on its own gets 400.
    */
   readonly maxQueuedSequences?: number
   /** When set, /v1 routes need `Authorization: Bearer <apiKey>`. */

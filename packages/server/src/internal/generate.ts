@@ -222,10 +222,12 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
     const { metrics } = server
     if (server.isDraining()) return yield* unavailable("the server is shutting down; retry on another instance")
     // Limits count sequences, not requests: one request of many prompts and a large n is that many sequences.
+    // One request may hold a quarter of the queue, so that a few large requests cannot fill it for everyone.
     const sequences = p.prompts.length * p.n
-    if (sequences > server.maxQueuedSequences)
+    const perRequest = Math.max(1, Math.floor(server.maxQueuedSequences / 4))
+    if (sequences > perRequest)
       return yield* badRequest(
-        `this request asks for ${sequences} sequences (${p.prompts.length} prompts × n = ${p.n}) but the server queues at most ${server.maxQueuedSequences}; send fewer prompts or a smaller n`,
+        `this request asks for ${sequences} sequences (${p.prompts.length} prompts × n = ${p.n}) but one request may queue at most ${perRequest} (a quarter of the server's ${server.maxQueuedSequences}); send fewer prompts or a smaller n`,
         p.prompts.length > 1 ? "prompt" : "n",
         "too_many_sequences",
       )
