@@ -31,7 +31,7 @@ export type EarlyExitExtension = typeof EarlyExitExtension.Type
 
 /**
  * Lossless self-speculative decoding (Offramp extension), mapped onto the engine's `speculative`: `{}` uses the
- * defaults (the early exit nearest half the depth drafts up to 4 tokens, stopping below 0.4 top probability).
+ * defaults (the early exit nearest half the depth drafts 4 tokens a verification).
  */
 export const SpeculativeExtension = Schema.Struct({
   /** The draft exit, by layer count. */
