@@ -176,7 +176,7 @@ const makeEngine = (options: EngineOptions) =>
       runner,
       kv,
       evaluator,
-      strategies: { fill: makeFill({ runner, kv, statistics }), recompute: makeRecompute({ runner }) },
+      strategies: { fill: makeFill({ runner, kv, statistics }), recompute: makeRecompute({ runner, kv }) },
       speculativePass: makeSpeculativePass({ runner, kv, scheduler, statistics }),
       scheduler,
       statistics,
@@ -188,7 +188,7 @@ const makeEngine = (options: EngineOptions) =>
       statistics.counters.steps++
       // A preempted sequence is recomputed from scratch: what it had pending went with its blocks.
       for (const seq of plan.preempted) {
-        seq.pending = []
+        seq.exitStates.clear()
         seq.exact = 0
       }
       if (plan.starved.length > 0) {

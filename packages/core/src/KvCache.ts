@@ -39,6 +39,8 @@ export interface SequenceBlocks {
 export interface KvCacheShape {
   readonly blockSize: number
   readonly numBlocks: number
+  /** Layers with K/V (each has its own fill level per sequence). */
+  readonly layers: number
   /** Blocks needed to hold `positions` positions. */
   readonly blocksFor: (positions: number) => number
   /**

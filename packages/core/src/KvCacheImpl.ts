@@ -409,6 +409,7 @@ export const makeKvCache = (options: KvCacheOptions): KvCacheImpl => {
   return {
     blockSize: bs,
     numBlocks,
+    layers,
     blocksFor,
     open,
     reserve,

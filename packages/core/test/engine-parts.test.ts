@@ -138,20 +138,26 @@ describe("Emission", () => {
 const makeKvCacheStats = () => parts().kv.stats()
 
 describe("recompute strategy", () => {
-  it("a token that exits is left pending at its exit layer, and joins its row at the segment that starts there", () => {
+  it("a token that exits keeps its exit state; the KV cache's fill levels make it join at the segment that starts there", () => {
     const runner = makeFakeRunner()
-    const recompute = makeRecompute({ runner })
-    const seq = { pending: [] } as unknown as Sequence
+    const kv = makeKvCache({ numBlocks: 8, blockSize: 4, layers: 4, bytesPerBlock: 64, copyBlock: () => {} })
+    const recompute = makeRecompute({ runner, kv })
+    const blocks = kv.open([0, 1, 2, 3, 4, 5, 6, 7, 8])!
+    kv.commit(blocks, [0, 1, 2, 3, 4, 5, 6], 7) // positions 0..6 in every layer
+    const seq = { blocks, exitStates: new Map<number, Float32Array>() } as unknown as Sequence
+    // Position 7 ran layers 0-1 and exits after layer 2 (exit index 1): layers 2 and 3 lack it.
+    for (const l of [0, 1]) kv.markFilled(blocks, l, 8)
     const row: DecodeRow = { seq, positions: [7], hidden: Float32Array.of(1, 2, 3, 4), previous: new Float32Array(4) }
-    recompute.skipped(1, row) // exit index 1 is after layer 2
-    expect(seq.pending).toEqual([{ position: 7, hidden: Float32Array.of(1, 2, 3, 4), layer: 2 }])
+    recompute.skipped(1, row)
+    expect([...seq.exitStates.keys()]).toEqual([7])
+    // The next token: segment 1 (layer 1) finds nothing missing; segment 2 (layer 2) takes position 7 in first.
     const next: DecodeRow = { seq, positions: [8], hidden: Float32Array.of(5, 6, 7, 8), previous: new Float32Array(4) }
-    recompute.beforeSegment(1, next) // segment 1 starts at layer 1: nothing joins
+    recompute.beforeSegment(1, next)
     expect(next.positions).toEqual([8])
-    recompute.beforeSegment(2, next) // segment 2 starts at layer 2: position 7 joins ahead of 8
+    recompute.beforeSegment(2, next)
     expect(next.positions).toEqual([7, 8])
     expect([...next.hidden]).toEqual([1, 2, 3, 4, 5, 6, 7, 8])
-    expect(seq.pending).toEqual([])
+    expect(seq.exitStates.size).toBe(0)
   })
 })
 

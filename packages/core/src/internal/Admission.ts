@@ -50,7 +50,7 @@ export const makeAdmission = (deps: {
       rng: sampler.makeRng(request.sampling.seed, (request.sampling.stream ?? 0) + sample),
       detokenizer: tokenizer.detokenizer(prompt),
       generated: 0,
-      pending: [],
+      exitStates: new Map(),
       exact: 0,
     }
     sequences.set(seq.id, seq)

@@ -72,7 +72,7 @@ export const makeForwardPass = (deps: {
     Effect.gen(function* () {
       const done: Array<{ seq: Sequence; hidden: Float32Array }> = []
       for (const { seq, count } of rows) {
-        seq.pending = []
+        seq.exitStates.clear()
         if (seq.computed === 0) seq.exact = 0
         const batch = buildRowBatch([{ cached: seq.computed, count, blocks: seq.blocks!.blocks }], runner.blockSize)
         const ids = BigInt64Array.from(seq.tokens.slice(seq.computed, seq.computed + count), BigInt)
@@ -89,6 +89,7 @@ export const makeForwardPass = (deps: {
         }
         counters.prefillTokens += count
         scheduler.advance(seq, count)
+        for (let l = 0; l < dims.layers; l++) kv.markFilled(seq.blocks!, l, seq.computed)
         seq.exact = seq.computed
         commitExact(kv, seq)
         if (seq.computed === seq.tokens.length) {
@@ -330,7 +331,6 @@ export const makeForwardPass = (deps: {
             head.left,
           )
         else {
-          for (const row of atEnd) row.seq.pending = []
           deferred.forEach(({ seq, exitIndex, confidence }, i) => {
             const exitLayer = spec.exits[exitIndex]!.layer
             finished.push({ seq, head: head.right, row: fullDepth + i, exitLayer, confidence })

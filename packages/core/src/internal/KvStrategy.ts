@@ -5,8 +5,9 @@
  * - fill: the K/V of the skipped layers are computed from the token's exit hidden state (the paper's "fill"), in one
  *   kvfill call per step for every row that exited (the earliest exit's graph; each row writes only its layers).
  *   Filled K/V approximate the full-depth ones, so nothing from there on enters the prefix cache.
- * - recompute: the token is left pending at its exit layer, with its hidden state there; the next time the sequence
- *   runs through those layers, its pending tokens join the row and are computed exactly.
+ * - recompute: the token's K/V stay missing from its exit layer on (the KV cache's fill levels stop below it) and its
+ *   hidden state there is kept; the next time the sequence runs a segment from a layer where positions are missing,
+ *   they join the row ahead of its token and are computed exactly.
  */
 import { Effect } from "effect"
 import type { KvStrategy as KvStrategyName } from "../EarlyExit.js"
@@ -32,31 +33,34 @@ interface Deps {
   readonly statistics: Statistics
 }
 
-export const makeRecompute = ({ runner }: Pick<Deps, "runner">): KvStrategy => {
+export const makeRecompute = ({ runner, kv }: Pick<Deps, "runner" | "kv">): KvStrategy => {
   const { spec } = runner
   const D = spec.dims.hidden
   return {
     name: "recompute",
     beforeSegment: (index, row) => {
       const { firstLayer } = spec.segments[index]!
-      // Pending tokens stopped at this segment's first layer join ahead of the row's tokens.
-      const joiners = row.seq.pending.filter((p) => p.layer === firstLayer)
-      if (joiners.length === 0) return
-      const hidden = new Float32Array((joiners.length + row.positions.length) * D)
-      joiners.forEach((p, i) => hidden.set(p.hidden, i * D))
-      hidden.set(row.hidden, joiners.length * D)
-      row.positions = [...joiners.map((p) => p.position), ...row.positions]
+      // Positions missing from this segment's first layer (they stopped at the exit there) join ahead of the row.
+      const from = kv.filled(row.seq.blocks!, firstLayer)
+      const first = row.positions[0]!
+      if (from >= first) return
+      const joining = first - from
+      const hidden = new Float32Array((joining + row.positions.length) * D)
+      for (let i = 0; i < joining; i++) {
+        const state = row.seq.exitStates.get(from + i)
+        if (state === undefined)
+          throw new Error(`recompute: no exit state for position ${from + i} at layer ${firstLayer}`)
+        hidden.set(state, i * D)
+        row.seq.exitStates.delete(from + i)
+      }
+      hidden.set(row.hidden, joining * D)
+      row.positions = [...Array.from({ length: joining }, (_, i) => from + i), ...row.positions]
       row.hidden = hidden
-      row.seq.pending = row.seq.pending.filter((p) => p.layer !== firstLayer)
     },
-    skipped: (exitIndex, row) => {
-      const layer = spec.exits[exitIndex]!.layer
-      const stopped = row.positions.map((position, i) => ({
-        position,
-        hidden: row.hidden.slice(i * D, (i + 1) * D),
-        layer,
-      }))
-      row.seq.pending = [...row.seq.pending, ...stopped].sort((a, b) => a.position - b.position)
+    skipped: (_exitIndex, row) => {
+      row.positions.forEach((position, i) => {
+        row.seq.exitStates.set(position, row.hidden.slice(i * D, (i + 1) * D))
+      })
     },
     endStep: Effect.void,
   }
@@ -117,6 +121,8 @@ export const makeFill = ({ runner, kv, statistics }: Deps): KvStrategy => {
 
 /** Publishes what is exact of a sequence's K/V (full-depth computed, nothing pending before it) to the prefix cache. */
 export const commitExact = (kv: KvCacheShape, seq: Sequence) => {
-  seq.exact = Math.min(seq.computed, seq.pending[0]?.position ?? seq.computed, seq.exact)
+  let filled = seq.computed
+  for (let l = 0; l < kv.layers; l++) filled = Math.min(filled, kv.filled(seq.blocks!, l))
+  seq.exact = Math.min(filled, seq.exact)
   kv.commit(seq.blocks!, seq.tokens, seq.exact)
 }

@@ -7,13 +7,6 @@ import type { Rng, SamplingParams } from "../Sampler.js"
 import type { ScheduledSequence } from "../Scheduler.js"
 import type { DetokenizerStream } from "../Tokenizer.js"
 
-/** A token whose K/V are missing from layer `layer` on (recompute strategy); `hidden` is its state there. */
-export interface Pending {
-  readonly position: number
-  readonly hidden: Float32Array
-  readonly layer: number
-}
-
 /** One sample of a request, as the engine loop sees it. */
 export interface Sequence extends ScheduledSequence {
   readonly request: RequestState
@@ -21,8 +14,12 @@ export interface Sequence extends ScheduledSequence {
   readonly rng: Rng
   readonly detokenizer: DetokenizerStream
   generated: number
-  /** Tokens skipped past layers whose K/V wait for recomputation, oldest first (exit layers non-increasing). */
-  pending: Array<Pending>
+  /**
+   * Recompute strategy: the hidden state of each position whose K/V wait for recomputation, at the layer they stop
+   * at (its exit). Which positions wait, and from which layer, the KV cache's fill levels say: position p waits at
+   * layer l when p ≥ `kv.filled(blocks, l)`.
+   */
+  readonly exitStates: Map<number, Float32Array>
   /** Positions [0, exact) have K/V equal to a full-depth computation; only those enter the prefix cache. */
   exact: number
 }
