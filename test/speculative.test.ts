@@ -69,10 +69,13 @@ describe("self-speculative decoding (onnxruntime)", () => {
     }),
   )
 
-  it.effect("stories260K: greedy speculation equals full depth, at every draft exit and draft length", () =>
+  it.effect("stories260K: greedy speculation equals full depth, at draft exits and lengths, and under preemption", () =>
     Effect.gen(function* () {
       for (const exit of [1, 3])
         for (const maxDraft of [1, 4]) yield* compare(storiesDir, { exit, maxDraft }, { runner: { blockSize: 4 } })
+      // And under a pool small enough to preempt.
+      const stats = yield* compare(storiesDir, { exit: 2, maxDraft: 4 }, { runner: { blockSize: 4, numBlocks: 40 } })
+      expect(stats.preemptions).toBeGreaterThan(0)
     }),
   )
 
