@@ -239,6 +239,12 @@ const main = async () => {
       first: settled[0]?.mb.toFixed(1),
       last: settled.at(-1)?.mb.toFixed(1),
       max: Math.max(...settled.map((r) => r.mb)).toFixed(1),
+      // The largest sample of each 30 s: a leak climbs from one to the next, settling heaps level off.
+      byHalfMinute: settled.reduce((out, r) => {
+        const i = Math.floor((r.s - settled[0].s) / 30)
+        out[i] = Math.max(out[i] ?? 0, Number(r.mb.toFixed(1)))
+        return out
+      }, []),
     },
     kvBlocksUsedWhenIdle: kvUsed,
   }
