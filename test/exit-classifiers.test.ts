@@ -160,6 +160,16 @@ const countingRunner = (dir: string, calls: Array<{ stage: "head" | "classify"; 
         calls.push({ stage: "classify", exit: index, rows: count })
         return runner.classify(index, hidden, previous, count)
       },
+      exitPredictor: (index: number) => {
+        const predict = runner.exitPredictor(index)
+        return (
+          predict &&
+          ((hidden: Float32Array, previous: Float32Array) => {
+            calls.push({ stage: "classify", exit: index, rows: 1 })
+            return predict(hidden, previous)
+          })
+        )
+      },
     })),
   ).pipe(Layer.provide(OnnxModelRunner.layer(dir)))
 

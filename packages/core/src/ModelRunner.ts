@@ -68,6 +68,12 @@ export interface ModelRunnerShape {
     count: number,
   ) => Effect.Effect<Float32Array | undefined, RunnerError>
   /**
+   * The exit classifier of exit `index` as a plain function of one row's hidden state there and at the previous exit,
+   * when the runner evaluates it in JavaScript: the engine then decides with no call and no copy. Undefined when the
+   * exit has no classifier or it runs as a graph (use `classify`).
+   */
+  readonly exitPredictor: (index: number) => ((hidden: Float32Array, previous: Float32Array) => number) | undefined
+  /**
    * Writes the K/V of every layer after early exit `index`, computed from each row's exit hidden state. With
    * `fromLayers`, row r writes only layers ≥ fromLayers[r] (rows that exited at later exits share the call).
    */

@@ -194,6 +194,13 @@ export const makeOnnxModelRunner = (
         ),
       )
 
+    const predictors = classifiers.map((c) => {
+      const weights = c?.weights
+      return weights
+        ? (hidden: Float32Array, previous: Float32Array) => predictExit(weights, hidden, previous)
+        : undefined
+    })
+
     const classify: ModelRunnerShape["classify"] = (index, hidden, previous, count) => {
       const classifier = classifiers[index]
       if (!classifier) return Effect.succeed(undefined)
@@ -258,6 +265,7 @@ export const makeOnnxModelRunner = (
       segment,
       head,
       classify,
+      exitPredictor: (index) => predictors[index],
       kvFill,
       copyBlock,
       readKv,

@@ -153,8 +153,9 @@ export const makeForwardPass = (deps: {
       if (free.length > 0) {
         const started = performance.now()
         const classified = free.filter((r) => params(r).measure === "classifier")
+        const predictor = runner.exitPredictor(exitIndex)
         let classifier: Float32Array | undefined
-        if (classified.length > 0) {
+        if (classified.length > 0 && predictor === undefined) {
           const hidden = classifierInput(classified.length * D)
           const previous = previousInput(classified.length * D)
           classified.forEach((r, i) => {
@@ -166,15 +167,19 @@ export const makeForwardPass = (deps: {
         // `classified` keeps `free`'s order, so the classifier's rows come in turn.
         let next = 0
         for (const r of free) {
+          const hidden = current(rows[r]!)
+          const previous = rows[r]!.previous
+          const byClassifier = params(r).measure === "classifier"
+          const probability = !byClassifier ? undefined : predictor ? predictor(hidden, previous) : classifier?.[next++]
           cheap[r] = evaluator.confidence({
             measure: params(r).measure,
             exitIndex,
             head: undefined,
             row: 0,
-            hidden: current(rows[r]!),
-            previousHidden: rows[r]!.previous,
+            hidden,
+            previousHidden: previous,
             vocab: dims.vocab,
-            ...(classifier && params(r).measure === "classifier" ? { classifier: classifier[next++]! } : {}),
+            ...(probability !== undefined ? { classifier: probability } : {}),
           })
         }
         stats.decisionMs += performance.now() - started
