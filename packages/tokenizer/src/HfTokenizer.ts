@@ -214,17 +214,25 @@ export const fromJson = (json: unknown, config?: object): Effect.Effect<Tokenize
     catch: (error) => new TokenizerError({ message: `invalid tokenizer.json: ${errorMessage(error)}` }),
   })
 
-/** Reads a JSON file; `undefined` when `optional` and the file does not exist. */
+/**
+ * Reads a JSON file; `undefined` when `optional` and the file does not exist. A parse error does not say where or
+ * why: JSON.parse's message quotes the text, and the file may not be what it claims to be.
+ */
 const readJson = (path: string, optional = false) =>
-  Effect.tryPromise({
-    try: async () => {
-      const text = await readFile(path, "utf8").catch((error: NodeJS.ErrnoException) => {
-        if (optional && error.code === "ENOENT") return undefined
-        throw error
-      })
-      return text === undefined ? undefined : (JSON.parse(text) as unknown)
-    },
-    catch: (error) => new TokenizerError({ message: `cannot read ${path}: ${errorMessage(error)}` }),
+  Effect.gen(function* () {
+    const text = yield* Effect.tryPromise({
+      try: () =>
+        readFile(path, "utf8").catch((error: NodeJS.ErrnoException) => {
+          if (optional && error.code === "ENOENT") return undefined
+          throw error
+        }),
+      catch: (error) => new TokenizerError({ message: `cannot read ${path}: ${errorMessage(error)}` }),
+    })
+    if (text === undefined) return undefined
+    return yield* Effect.try({
+      try: () => JSON.parse(text) as unknown,
+      catch: () => new TokenizerError({ message: `${path} is not valid JSON` }),
+    })
   })
 
 /** Loads `tokenizer.json` from `path`, with the `tokenizer_config.json` next to it when there is one. */
