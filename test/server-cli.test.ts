@@ -186,4 +186,30 @@ describe("server processes", () => {
     expect(missing.code).not.toBe(0)
     expect(missing.stderr).not.toMatch(/^\s+at .+:\d+:\d+\)?$/m)
   })
+
+  it("a port out of range or in use fails with one clean line that says so", async () => {
+    const taken = createServer()
+    await new Promise<void>((resolve) => taken.listen(0, "127.0.0.1", resolve))
+    const address = taken.address()
+    const port = typeof address === "object" && address !== null ? address.port : 0
+    try {
+      const [range, inUse] = await Promise.all([
+        runCli(["serve", "--model", modelDir, "--port", "99999"]),
+        runCli(["serve", "--model", modelDir, "--port", String(port)]),
+      ])
+      expect(expectCleanFailure(range, "--port must be in 0..65535, got 99999")).toEqual({
+        failed: true,
+        mentions: true,
+        stackFree: true,
+      })
+      expect(expectCleanFailure(inUse, `port ${port} is in use on 127.0.0.1; choose another port`)).toEqual({
+        failed: true,
+        mentions: true,
+        stackFree: true,
+      })
+      expect(inUse.stderr).toContain("--port")
+    } finally {
+      await new Promise((resolve) => taken.close(resolve))
+    }
+  })
 })

@@ -3,6 +3,7 @@
  * and the server keeps serving afterwards. Also the API key, the queue limit (429), a stopped engine and graceful
  * shutdown (503), and a model chat template.
  */
+import { request } from "node:http"
 import { Engine, EngineStoppedError, Tokenizer } from "@offramp/core"
 import { onnxEngineLayer } from "@offramp/onnx"
 import { OpenAiServer } from "@offramp/server"
@@ -42,6 +43,17 @@ const expectOpenAiError = async (response: Response, status: number) => {
 
 const valid = { model: MODEL, prompt: "Once upon a time", max_tokens: 3 }
 
+/** The status of a GET over node:http with this Host header (fetch does not let a caller set Host). */
+const statusWithHost = (url: string, host: string, path = "/v1/models") =>
+  new Promise<number>((resolve, reject) => {
+    const req = request(`${url}${path}`, { headers: { host, ...auth }, agent: false }, (res) => {
+      res.resume()
+      resolve(res.statusCode ?? 0)
+    })
+    req.on("error", reject)
+    req.end()
+  })
+
 const stillServes = async (server: TestServer, headers: Record<string, string>) => {
   const response = await postJson(`${server.url}/v1/completions`, valid, headers)
   expect(response.status).toBe(200)
@@ -77,6 +89,8 @@ interface BadCase {
   readonly status: number
   readonly code?: string | null
   readonly param?: string | null
+  /** What the message must say (it never quotes more than a short piece of the request). */
+  readonly message?: string
 }
 
 const chat = "/v1/chat/completions"
@@ -100,7 +114,62 @@ const BAD: ReadonlyArray<BadCase> = [
     code: "context_length_exceeded",
   },
   { name: "n out of range", body: { ...valid, n: 0 }, status: 400, param: "n" },
-  { name: "too many stop strings", body: { ...valid, stop: ["a", "b", "c", "d", "e"] }, status: 400, param: "stop" },
+  {
+    name: "too many stop strings",
+    body: { ...valid, stop: ["a", "b", "c", "d", "e"] },
+    status: 400,
+    param: "stop",
+    message: "stop: a string or an array of at most 4 strings (stop sequences)",
+  },
+  {
+    name: "too many huge stop strings (not echoed back)",
+    body: { ...valid, stop: Array.from({ length: 5 }, () => "x".repeat(100_000)) },
+    status: 400,
+    param: "stop",
+    message: "at most 4 strings",
+  },
+  {
+    name: "a huge value of the wrong type (not echoed back)",
+    body: { ...valid, max_tokens: "9".repeat(500_000) },
+    status: 400,
+    param: "max_tokens",
+    message: "characters)",
+  },
+  {
+    name: "an exit-layer threshold for a layer that is not an exit",
+    body: { ...valid, early_exit: { thresholds: { "2": 0.5, "7": 0.5 } } },
+    status: 400,
+    param: "early_exit.thresholds",
+    message: 'early_exit.thresholds: "7" is not an exit layer of this model; its exits are after layers 1, 2, 3, 4, 5',
+  },
+  {
+    name: "tools (not supported)",
+    path: "/v1/chat/completions",
+    body: {
+      model: MODEL,
+      messages: [{ role: "user", content: "hi" }],
+      tools: [{ type: "function", function: { name: "f", parameters: {} } }],
+    },
+    status: 400,
+    param: "tools",
+    code: "unsupported_parameter",
+  },
+  {
+    name: "tool_choice (not supported)",
+    path: "/v1/chat/completions",
+    body: { model: MODEL, messages: [{ role: "user", content: "hi" }], tool_choice: "required" },
+    status: 400,
+    param: "tool_choice",
+    code: "unsupported_parameter",
+  },
+  {
+    name: "a JSON response_format (not supported)",
+    path: "/v1/chat/completions",
+    body: { model: MODEL, messages: [{ role: "user", content: "hi" }], response_format: { type: "json_object" } },
+    status: 400,
+    param: "response_format",
+    code: "unsupported_parameter",
+  },
   { name: "stop of the wrong type", body: { ...valid, stop: 7 }, status: 400, param: "stop" },
   {
     name: "an unknown early-exit measure",
@@ -128,6 +197,7 @@ const BAD: ReadonlyArray<BadCase> = [
     body: { model: MODEL, messages: [{ role: "wizard", content: "hi" }] },
     status: 400,
     param: "messages.0.role",
+    message: "messages.0.role: must be one of system, developer, user, assistant, tool",
   },
   {
     name: "max_completion_tokens negative",
@@ -170,6 +240,21 @@ const BAD: ReadonlyArray<BadCase> = [
     code: "request_too_large",
   },
   { name: "an invalid UTF-8 body", body: invalidUtf8, status: 400, code: "invalid_encoding" },
+  {
+    name: "a text/plain body (what any web page may POST cross-site)",
+    body: valid,
+    headers: { "content-type": "text/plain" },
+    status: 415,
+    code: "unsupported_media_type",
+  },
+  {
+    name: "a form body",
+    path: chat,
+    body: "model=stories260K",
+    headers: { "content-type": "application/x-www-form-urlencoded" },
+    status: 415,
+    code: "unsupported_media_type",
+  },
   { name: "an unknown route", path: "/v1/embeddings", status: 404 },
   { name: "GET on a POST route", path: "/v1/completions", method: "GET", status: 404 },
   { name: "a missing API key", body: valid, headers: { authorization: "" }, status: 401, code: "invalid_api_key" },
@@ -211,9 +296,103 @@ describe("bad requests", () => {
       const error = await expectOpenAiError(response, bad.status)
       if (bad.code !== undefined) expect(error.code).toBe(bad.code)
       if (bad.param !== undefined) expect(error.param).toBe(bad.param)
+      if (bad.message !== undefined) expect(error.message).toContain(bad.message)
+      expect(error.message.length).toBeLessThan(500)
       await stillServes(strict, auth)
     })
   }
+
+  it("a body whose Content-Length is over the limit gets its 413 whole, not a broken pipe, while the client sends", async () => {
+    const bytes = 10 * 1024 * 1024
+    const result = await new Promise<{ status: number; body: string; error: string | undefined }>((resolve) => {
+      let status = 0
+      let body = ""
+      let error: string | undefined
+      const req = request(`${strict.url}/v1/completions`, {
+        method: "POST",
+        agent: false,
+        headers: { "content-type": "application/json", "content-length": String(bytes), ...auth },
+      })
+      req.on("response", (res) => {
+        status = res.statusCode ?? 0
+        res.setEncoding("utf8")
+        res.on("data", (data: string) => {
+          body += data
+        })
+      })
+      req.on("error", (e) => {
+        error = e.message
+      })
+      req.on("close", () => resolve({ status, body, error }))
+      req.end(Buffer.alloc(bytes, 0x61))
+    })
+    expect(result.error).toBeUndefined()
+    expect(result.status).toBe(413)
+    expect(JSON.parse(result.body).error.code).toBe("request_too_large")
+    await stillServes(strict, auth)
+  })
+
+  it("on a loopback connection, a Host that is not a loopback name gets 403 (DNS rebinding); loopback names pass", async () => {
+    for (const host of ["evil.example", "evil.example:8000", "192.168.1.10:80", "localhost.evil.example"]) {
+      expect(await statusWithHost(strict.url, host)).toBe(403)
+    }
+    expect(await statusWithHost(strict.url, "evil.example", "/health")).toBe(403)
+    for (const host of [
+      "localhost",
+      "localhost:8000",
+      "LOCALHOST:1",
+      "127.0.0.1:9",
+      "127.1.2.3",
+      "[::1]:8000",
+      "a.localhost",
+    ]) {
+      expect(await statusWithHost(strict.url, host)).toBe(200)
+    }
+    const refused = await new Promise<string>((resolve, reject) => {
+      const req = request(`${strict.url}/v1/models`, { headers: { host: "evil.example", ...auth }, agent: false })
+      req.on("response", (res) => {
+        let text = ""
+        res.setEncoding("utf8")
+        res.on("data", (d: string) => {
+          text += d
+        })
+        res.on("end", () => resolve(text))
+      })
+      req.on("error", reject)
+      req.end()
+    })
+    expect(JSON.parse(refused).error).toMatchObject({ code: "host_not_allowed", type: "invalid_request_error" })
+    expect(JSON.parse(refused).error.message).toContain("--allowed-host")
+  })
+
+  it("special-token text in a completion prompt is text, not EOS or BOS", async () => {
+    const prompt = "Once upon a time</s><s>"
+    const [parsed, plain] = await strict.runtime.runPromise(
+      Effect.flatMap(Tokenizer, (t) => Effect.all([t.encode(prompt), t.encode(prompt, { parseSpecialTokens: false })])),
+    )
+    expect(parsed).toContain(2)
+    expect(plain).not.toContain(2)
+    expect(plain.length).toBeGreaterThan(parsed.length)
+    const response = await postJson(`${strict.url}/v1/completions`, { ...valid, prompt, temperature: 0 }, auth)
+    expect(response.status).toBe(200)
+    expect((await json(response)).usage.prompt_tokens).toBe(plain.length)
+  })
+
+  it('tools: [], tool_choice "none" and response_format {"type": "text"} are what the server does anyway', async () => {
+    const response = await postJson(
+      `${strict.url}/v1/chat/completions`,
+      {
+        model: MODEL,
+        messages: [{ role: "user", content: "hi" }],
+        max_tokens: 2,
+        tools: [],
+        tool_choice: "none",
+        response_format: { type: "text" },
+      },
+      auth,
+    )
+    expect(response.status).toBe(200)
+  })
 
   it("unknown fields are tolerated", async () => {
     const response = await postJson(`${strict.url}/v1/completions`, { ...valid, frobnicate: { deeply: [1] } }, auth)
@@ -276,19 +455,22 @@ describe("queue limit, engine down, shutdown, chat template", () => {
     ).pipe(Layer.provide(onnxEngineLayer(modelDir)))
     gated = await startServer(wrapped, {
       maxQueuedSequences: 2,
+      allowedHosts: ["API.example.com"],
       chatTemplate: { template, bosToken: "<s>", eosToken: "</s>" },
     })
   })
   afterAll(() => gated?.close())
 
-  it("a full queue answers 429; the queued requests complete once the engine takes them", async () => {
+  it("a full queue answers 429 with Retry-After; the queued requests complete once the engine takes them", async () => {
     await Effect.runPromise(close)
     const queued = [0, 1].map(() => postJson(`${gated.url}/v1/completions`, valid))
     for (let i = 0; i < 200; i++) {
       if (metric(await gated.metrics(), MODEL, "offramp_sequences_queued") === 2) break
       await new Promise((r) => setTimeout(r, 10))
     }
-    const error = await expectOpenAiError(await postJson(`${gated.url}/v1/completions`, valid), 429)
+    const full = await postJson(`${gated.url}/v1/completions`, valid)
+    expect(full.headers.get("retry-after")).toBe("1")
+    const error = await expectOpenAiError(full, 429)
     expect(error.code).toBe("queue_full")
     await Effect.runPromise(open)
     for (const response of await Promise.all(queued)) expect(response.status).toBe(200)
@@ -306,10 +488,18 @@ describe("queue limit, engine down, shutdown, chat template", () => {
     expect((await json(fits)).choices).toHaveLength(1)
   })
 
-  it("a stopped engine answers 503", async () => {
+  it("allowedHosts adds Host names a loopback server answers (a reverse proxy's)", async () => {
+    expect(await statusWithHost(gated.url, "api.example.com")).toBe(200)
+    expect(await statusWithHost(gated.url, "api.example.com:443")).toBe(200)
+    expect(await statusWithHost(gated.url, "other.example.com")).toBe(403)
+  })
+
+  it("a stopped engine answers 503 with Retry-After", async () => {
     control.down = true
     try {
-      const error = await expectOpenAiError(await postJson(`${gated.url}/v1/completions`, valid), 503)
+      const down = await postJson(`${gated.url}/v1/completions`, valid)
+      expect(down.headers.get("retry-after")).toBe("1")
+      const error = await expectOpenAiError(down, 503)
       expect(error.type).toBe("server_error")
     } finally {
       control.down = false

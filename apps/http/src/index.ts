@@ -11,6 +11,7 @@ import {
   DEFAULT_MAX_BODY_BYTES,
   DEFAULT_MAX_QUEUED_SEQUENCES,
   DEFAULT_PORT,
+  ListenError,
   layerNode,
   OpenAiServer,
 } from "@offramp/server"
@@ -47,6 +48,12 @@ export const serveFlags = {
   port: Options.integer("port").pipe(
     Options.withDescription("TCP port; 0 picks a free one"),
     Options.withDefault(DEFAULT_PORT),
+  ),
+  allowedHosts: Options.text("allowed-host").pipe(
+    Options.withDescription(
+      "a Host header name (no port) accepted on loopback connections besides localhost and loopback addresses, e.g. a reverse proxy's name; repeatable; * accepts any",
+    ),
+    Options.repeated,
   ),
   servedModelName: Options.text("served-model-name").pipe(
     Options.withDescription("the model id clients send (default: the name in model.json)"),
@@ -104,14 +111,10 @@ export const serveFlags = {
 
 type Flags = Command.Command.ParseConfig<typeof serveFlags>
 
-const positive = (flag: string, value: number, zero = false) =>
-  Number.isInteger(value) && (value > 0 || (zero && value === 0))
+const positive = (flag: string, value: number) =>
+  Number.isInteger(value) && value > 0
     ? Effect.void
-    : Effect.fail(
-        new InvalidRequestError({
-          message: `--${flag} must be a ${zero ? "non-negative" : "positive"} integer, got ${value}`,
-        }),
-      )
+    : Effect.fail(new InvalidRequestError({ message: `--${flag} must be a positive integer, got ${value}` }))
 
 const engineConfig = (flags: Flags): WorkerEngine.WorkerEngineConfig => ({
   runner: {
@@ -155,7 +158,9 @@ const shutdownWhenOrphaned = Layer.scopedDiscard(
 /** Serves the model until interrupted (SIGINT/SIGTERM under NodeRuntime.runMain), then shuts down gracefully. */
 export const runServe = (flags: Flags) =>
   Effect.gen(function* () {
-    yield* positive("port", flags.port, true)
+    if (!Number.isInteger(flags.port) || flags.port < 0 || flags.port > 65535) {
+      return yield* new InvalidRequestError({ message: `--port must be in 0..65535, got ${flags.port}` })
+    }
     yield* positive("max-body-bytes", flags.maxBodyBytes)
     yield* positive("max-queued", flags.maxQueued)
     if (Option.isSome(flags.kvCacheMb)) yield* positive("kv-cache-mb", flags.kvCacheMb.value)
@@ -178,6 +183,7 @@ export const runServe = (flags: Flags) =>
     const api = OpenAiServer.fromModelDirectory(flags.model, {
       maxBodyBytes: flags.maxBodyBytes,
       maxQueuedSequences: flags.maxQueued,
+      allowedHosts: flags.allowedHosts,
       ...(Option.isSome(flags.servedModelName) ? { model: flags.servedModelName.value } : {}),
       ...(Option.isSome(apiKey) ? { apiKey: apiKey.value } : {}),
     })
@@ -206,7 +212,15 @@ export const runServe = (flags: Flags) =>
             }),
       ),
     )
-    return yield* Layer.launch(process.env.npm_command === undefined ? app : Layer.merge(app, shutdownWhenOrphaned))
+    return yield* Layer.launch(
+      process.env.npm_command === undefined ? app : Layer.merge(app, shutdownWhenOrphaned),
+    ).pipe(
+      Effect.catchTag("ListenError", (error) =>
+        Effect.fail(
+          new ListenError({ host: error.host, port: error.port, message: `${error.message} (--host, --port)` }),
+        ),
+      ),
+    )
   })
 
 /** The serve command under a name: "serve" in the offramp CLI, "offramp-http" standalone. */

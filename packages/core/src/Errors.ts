@@ -39,6 +39,10 @@ export class EngineStoppedError extends Schema.TaggedError<EngineStoppedError>()
 /** What a generation stream can fail with. */
 export type GenerationError = InvalidRequestError | TokenizerError | RunnerError | EngineStoppedError
 
+/** A value quoted in an error message, cut to `max` characters: an error never echoes a large input back. */
+export const truncateForMessage = (text: string, max = 100): string =>
+  text.length > max ? `${text.slice(0, max)}… (${text.length} characters)` : text
+
 /** A schema failure as short "path: problem" lines, instead of the whole type tree. */
 export const describeParseError = (error: ParseResult.ParseError): string =>
   ParseResult.ArrayFormatter.formatErrorSync(error)

@@ -8,10 +8,20 @@ import { EarlyExitRequest } from "./EarlyExit.js"
 const checked = (check: (n: number) => boolean, problem: string) =>
   Schema.Number.pipe(Schema.filter(check, { message: (issue) => `${problem}, got ${String(issue.actual)}` }))
 
+/**
+ * Temperatures below this decode as 0 (greedy), as in vLLM: logits / T overflows to infinity for a tiny T (below
+ * about 5.6e-309 1 / T itself does), and the distribution is the argmax's to within rounding long before that.
+ */
+export const GREEDY_TEMPERATURE = 1e-5
+
 /** The sampling parameters, with the messages a user sees for each wrong value (the engine's one check of them). */
 export const SamplingParamsSchema = Schema.Struct({
-  /** 0 = greedy. */
-  temperature: checked((t) => Number.isFinite(t) && t >= 0, "temperature must be a finite number >= 0"),
+  /** 0 = greedy; so is anything below GREEDY_TEMPERATURE. */
+  temperature: Schema.transform(
+    checked((t) => Number.isFinite(t) && t >= 0, "temperature must be a finite number >= 0"),
+    Schema.Number,
+    { strict: true, decode: (t) => (t < GREEDY_TEMPERATURE ? 0 : t), encode: (t) => t },
+  ),
   /** 0 = off. */
   topK: checked((k) => Number.isInteger(k) && k >= 0, "top_k must be an integer >= 0 (0 = off)"),
   /** 1 = off. */
@@ -49,6 +59,11 @@ export type SpeculativeRequest = typeof SpeculativeRequest.Type
 
 export const GenerationRequest = Schema.Struct({
   prompt: Schema.String,
+  /**
+   * Whether the text of the tokenizer's special tokens in the prompt (e.g. "</s>") becomes their ids: true (the
+   * default) for a prompt a chat template wrote, false for text a user wrote, whose "</s>" is four characters.
+   */
+  parseSpecialTokens: Schema.optionalWith(Schema.Boolean, { exact: true }),
   maxTokens: Schema.Int.pipe(Schema.positive({ message: () => "max tokens must be a positive integer (at least 1)" })),
   sampling: SamplingParamsSchema,
   /** Early-exit settings over the engine's defaults. */

@@ -15,10 +15,14 @@ export interface DetokenizerStream {
 
 export interface TokenizerShape {
   readonly vocabSize: number
-  /** Encodes text; with `addSpecialTokens` the model's BOS (and template) is added as the model expects. */
+  /**
+   * Encodes text; with `addSpecialTokens` (default true) the model's BOS (and template) is added as the model
+   * expects. With `parseSpecialTokens` (default true) the text of a special token (e.g. "</s>") becomes its id;
+   * false encodes it as the text it is (for text a user wrote; added tokens that are not special still match).
+   */
   readonly encode: (
     text: string,
-    options?: { readonly addSpecialTokens?: boolean },
+    options?: { readonly addSpecialTokens?: boolean; readonly parseSpecialTokens?: boolean },
   ) => Effect.Effect<ReadonlyArray<number>, TokenizerError>
   /** Decodes ids to text, skipping special tokens. */
   readonly decode: (ids: ReadonlyArray<number>) => Effect.Effect<string, TokenizerError>

@@ -1,6 +1,7 @@
 import { describe, expect, it } from "@effect/vitest"
 import { Effect } from "effect"
 import fc from "fast-check"
+import { GREEDY_TEMPERATURE } from "../src/Generation.js"
 import {
   argmax,
   candidateTokens,
@@ -311,6 +312,22 @@ describe("Sampler", () => {
       }
       const logits = logitsOf([0.1, 0.6, 0.3])
       expect(s.sample(logits, 0, 3, { temperature: 0, topK: 0, topP: 1 }, s.makeRng(1))).toBe(1)
+    }).pipe(Effect.provide(Sampler.layer)),
+  )
+
+  it.effect("a temperature below GREEDY_TEMPERATURE is greedy (1 / T would overflow and sample garbage)", () =>
+    Effect.gen(function* () {
+      const s = yield* Sampler
+      const logits = logitsOf([0.1, 0.2, 0.4, 0.3])
+      for (const temperature of [5e-324, 1e-310, 1e-200, 9e-6]) {
+        const params = yield* s.validate({ temperature, topK: 0, topP: 1 })
+        expect(params.temperature).toBe(0)
+        const rng = s.makeRng(5)
+        for (let i = 0; i < 20; i++) expect(s.sample(logits, 0, 4, params, rng)).toBe(2)
+      }
+      expect((yield* s.validate({ temperature: GREEDY_TEMPERATURE, topK: 0, topP: 1 })).temperature).toBe(
+        GREEDY_TEMPERATURE,
+      )
     }).pipe(Effect.provide(Sampler.layer)),
   )
 })

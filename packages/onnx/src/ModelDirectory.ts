@@ -1,9 +1,10 @@
 /**
- * Opens a staged model directory: reads and validates model.json and checks that every file it names exists.
+ * Opens a staged model directory: reads and validates model.json and checks that every file it names is inside the
+ * directory and exists.
  */
 import { access, readFile, stat } from "node:fs/promises"
-import { join } from "node:path"
-import { describeParseError, ModelLoadError, ModelSpec } from "@offramp/core"
+import { isAbsolute, join, relative, resolve, sep } from "node:path"
+import { describeParseError, ModelLoadError, ModelSpec, truncateForMessage } from "@offramp/core"
 import { Effect, Schema } from "effect"
 
 export interface ModelDirectory {
@@ -42,11 +43,26 @@ export const openModelDirectory = (path: string): Effect.Effect<ModelDirectory, 
     })
     const json = yield* Effect.try({
       try: () => JSON.parse(text) as unknown,
-      catch: (e) => fail(`${specPath} is not valid JSON (${(e as Error).message})`),
+      // Only where: JSON.parse's message quotes the text.
+      catch: (e) =>
+        fail(
+          `${specPath} is not valid JSON${/ at position \d+( \(line \d+ column \d+\))?/.exec(String(e))?.[0] ?? ""}`,
+        ),
     })
     const spec = yield* Schema.decodeUnknown(ModelSpec)(json, { onExcessProperty: "ignore" }).pipe(
       Effect.mapError((e) => fail(`${specPath} does not match the model format: ${describeParseError(e)}`)),
     )
+    // A file name is a path relative to the directory that stays inside it (symbolic links inside are followed).
+    const root = resolve(path)
+    for (const name of modelFiles(spec)) {
+      const rel = relative(root, resolve(root, name))
+      if (rel === "" || rel === ".." || rel.startsWith(`..${sep}`) || isAbsolute(rel)) {
+        return yield* fail(
+          `model.json names the file ${JSON.stringify(truncateForMessage(name))}, which is not inside ${path}; ` +
+            "a model's files must be in its directory",
+        )
+      }
+    }
     const files = yield* Effect.forEach(modelFiles(spec), (name) =>
       Effect.tryPromise({
         try: async () => {
@@ -58,3 +74,18 @@ export const openModelDirectory = (path: string): Effect.Effect<ModelDirectory, 
     )
     return { path, spec, files }
   })
+
+/** The tokenizer's ids must all be ids the model has logits and embeddings for. */
+export const checkTokenizerVocab = (
+  path: string,
+  spec: ModelSpec,
+  tokenizerVocab: number,
+): Effect.Effect<void, ModelLoadError> =>
+  tokenizerVocab <= spec.dims.vocab
+    ? Effect.void
+    : Effect.fail(
+        new ModelLoadError({
+          path: join(path, spec.files.tokenizer),
+          message: `the tokenizer has ${tokenizerVocab} tokens but model.json says the vocabulary has ${spec.dims.vocab}; the tokenizer does not belong to this model`,
+        }),
+      )

@@ -15,10 +15,11 @@ import {
   Sampler,
   Scheduler,
   type SchedulerOptions,
+  Tokenizer,
 } from "@offramp/core"
 import { HfTokenizer } from "@offramp/tokenizer"
 import { Effect, Layer, Schema } from "effect"
-import { openModelDirectory } from "./ModelDirectory.js"
+import { checkTokenizerVocab, openModelDirectory } from "./ModelDirectory.js"
 import { OnnxModelRunner, type RunnerOptions } from "./OnnxModelRunner.js"
 
 export interface OnnxEngineConfig {
@@ -61,7 +62,14 @@ export const onnxEngineLayer = (modelDir: string, config: OnnxEngineConfig = {})
       const services = Scheduler.layer(config.scheduler).pipe(
         Layer.provideMerge(KvCacheLive),
         Layer.provideMerge(OnnxModelRunner.layer(modelDir, config.runner)),
-        Layer.merge(HfTokenizer.layer(join(modelDir, spec.files.tokenizer))),
+        Layer.merge(
+          Layer.effect(
+            Tokenizer,
+            HfTokenizer.fromFile(join(modelDir, spec.files.tokenizer)).pipe(
+              Effect.tap((tokenizer) => checkTokenizerVocab(modelDir, spec, tokenizer.vocabSize)),
+            ),
+          ),
+        ),
         Layer.merge(Sampler.layer),
         Layer.merge(config.confidenceEvaluator ?? ConfidenceEvaluator.layer),
       )

@@ -256,6 +256,29 @@ export const makeOnnxModelRunner = (
       }
     }
 
+    // The graphs must agree with model.json's vocabulary: the sampler reads `vocab` logits per row, and every id below
+    // it needs an embedding.
+    const inconsistent = (file: string, problem: string) =>
+      new ModelLoadError({
+        path: join(modelDir, file),
+        message: `${problem}, but model.json says the vocabulary has ${dims.vocab} tokens; the model directory is inconsistent (convert the model again)`,
+      })
+    yield* embed(BigInt64Array.of(BigInt(dims.vocab - 1)), 1, 1).pipe(
+      Effect.mapError(() =>
+        inconsistent(spec.files.embed, `${spec.files.embed} has no embedding for token ${dims.vocab - 1}`),
+      ),
+    )
+    for (const [file, session] of headByFile) {
+      const out = yield* run(
+        `head ${file}`,
+        session,
+        { [G.hidden]: f32(new Float32Array(dims.hidden), [1, dims.hidden]) },
+        [G.logits],
+      ).pipe(Effect.mapError((e) => inconsistent(file, `${file} fails on one row (${e.message.split("\n")[0]})`)))
+      const width = out[G.logits]!.data.length
+      if (width !== dims.vocab) return yield* inconsistent(file, `${file} gives ${width} logits per token`)
+    }
+
     return {
       spec,
       blockSize,

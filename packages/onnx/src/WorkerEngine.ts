@@ -32,6 +32,7 @@ import { HfTokenizer } from "@offramp/tokenizer"
 import { Context, Deferred, Duration, Effect, Fiber, Layer, Schedule, Schema } from "effect"
 import { connect, type WorkerConnection } from "./internal/WorkerConnection.js"
 import type { TestFault, WorkerEngineConfig } from "./internal/WorkerProtocol.js"
+import { checkTokenizerVocab } from "./ModelDirectory.js"
 import type { OnnxEngineConfig } from "./OnnxEngine.js"
 
 export { TestFault, WorkerEngineConfig } from "./internal/WorkerProtocol.js"
@@ -65,6 +66,7 @@ const make = (modelDir: string, config: WorkerEngineConfig, options: SupervisorO
     const { spec, defaults } = first
     // Until the finalizer below owns it, the first worker is closed here if the layer fails to build.
     const tokenizer = yield* HfTokenizer.fromFile(join(modelDir, spec.files.tokenizer)).pipe(
+      Effect.tap((tokenizer) => checkTokenizerVocab(modelDir, spec, tokenizer.vocabSize)),
       Effect.tapErrorCause(() => first.close(CLOSE_WITHIN)),
     )
 

@@ -23,11 +23,16 @@ export const badRequest = (message: string, param: string | null = null, code: s
 
 export const unauthorized = (message: string) => make(401, "invalid_request_error", message, "invalid_api_key")
 
+export const forbiddenHost = (message: string) => make(403, "invalid_request_error", message, "host_not_allowed")
+
 export const notFound = (message: string, code = "not_found", param: string | null = null) =>
   make(404, "invalid_request_error", message, code, param)
 
 export const tooLarge = (limit: number) =>
   make(413, "invalid_request_error", `the request body is larger than the limit of ${limit} bytes`, "request_too_large")
+
+export const unsupportedMediaType = (message: string) =>
+  make(415, "invalid_request_error", message, "unsupported_media_type")
 
 export const queueFull = (limit: number) =>
   make(
@@ -59,9 +64,23 @@ export const errorBody = (error: ApiError) => ({
   error: { message: error.message, type: error.type, param: error.param, code: error.code },
 })
 
-export const errorResponse = (error: ApiError): HttpServerResponse.HttpServerResponse =>
-  HttpServerResponse.unsafeJson(errorBody(error), {
-    status: error.status,
-    // The rest of an oversized body is not worth reading: close the connection once the answer is out.
-    ...(error.status === 413 ? { headers: { connection: "close" } } : {}),
-  })
+/** Headers by status: when to retry a full queue or an engine that restarts, or an oversized body's connection. */
+const headersFor = (status: number): Record<string, string> | undefined => {
+  switch (status) {
+    // A queue slot frees when a request gets its first token, and a worker restarts in about a second (while the
+    // server drains, a retry goes to its replacement through the load balancer).
+    case 429:
+    case 503:
+      return { "retry-after": "1" }
+    // The rest of an oversized body was drained, not kept: close the connection once the answer is out.
+    case 413:
+      return { connection: "close" }
+    default:
+      return undefined
+  }
+}
+
+export const errorResponse = (error: ApiError): HttpServerResponse.HttpServerResponse => {
+  const headers = headersFor(error.status)
+  return HttpServerResponse.unsafeJson(errorBody(error), { status: error.status, ...(headers ? { headers } : {}) })
+}

@@ -29,6 +29,11 @@ export interface OpenAiServerOptions {
   readonly maxQueuedSequences?: number
   /** When set, /v1 routes need `Authorization: Bearer <apiKey>`. */
   readonly apiKey?: string
+  /**
+   * Host names (without port) accepted in the Host header of requests on loopback connections besides the loopback
+   * names, e.g. a reverse proxy's public name; "*" accepts any (see `checkHost`). Default none.
+   */
+  readonly allowedHosts?: ReadonlyArray<string>
 }
 
 export const DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -46,6 +51,8 @@ export interface OpenAiServerShape {
   readonly maxBodyBytes: number
   readonly maxQueuedSequences: number
   readonly apiKey: string | undefined
+  /** Lower-cased. */
+  readonly allowedHosts: ReadonlyArray<string>
   readonly metrics: ServerMetrics
   /** True once shutdown began: new generation requests get 503. */
   readonly isDraining: () => boolean
@@ -105,6 +112,7 @@ const make = (options: OpenAiServerOptions) =>
       maxBodyBytes: options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES,
       maxQueuedSequences: options.maxQueuedSequences ?? DEFAULT_MAX_QUEUED_SEQUENCES,
       apiKey: options.apiKey,
+      allowedHosts: (options.allowedHosts ?? []).map((host) => host.toLowerCase()),
       metrics,
       isDraining: () => draining,
       state: Effect.map(engine.status, (status): ServerState => (draining ? "draining" : status.state)),

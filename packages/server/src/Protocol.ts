@@ -41,10 +41,10 @@ export const SpeculativeExtension = Schema.Struct({
 })
 export type SpeculativeExtension = typeof SpeculativeExtension.Type
 
-const Stop = Schema.Union(
-  Schema.String,
-  Schema.Array(Schema.String).pipe(Schema.maxItems(4, { message: () => "at most 4 stop sequences" })),
-)
+/** A union's own message replaces its members' ("Expected string, actual [...]" for an array that is too long). */
+const Stop = Schema.Union(Schema.String, Schema.Array(Schema.String).pipe(Schema.maxItems(4))).annotations({
+  message: () => ({ message: "a string or an array of at most 4 strings (stop sequences)", override: true }),
+})
 
 const MaxTokens = Schema.Int.pipe(Schema.positive({ message: () => "must be a positive integer" }))
 
@@ -72,11 +72,8 @@ export const CompletionRequest = Schema.Struct({
   ...commonFields,
   prompt: Schema.Union(
     Schema.String,
-    Schema.Array(Schema.String).pipe(
-      Schema.minItems(1, { message: () => "give at least one prompt" }),
-      Schema.maxItems(64),
-    ),
-  ),
+    Schema.Array(Schema.String).pipe(Schema.minItems(1), Schema.maxItems(64)),
+  ).annotations({ message: () => ({ message: "a string or an array of 1 to 64 strings (prompts)", override: true }) }),
   /** Any value asks for the chosen tokens' log-probabilities (alternatives are not returned). */
   logprobs: Nullable(Schema.Int.pipe(Schema.between(0, 5))),
   echo: Nullable(Schema.Boolean),
@@ -85,9 +82,17 @@ export type CompletionRequest = typeof CompletionRequest.Type
 
 const TextPart = Schema.Struct({ type: Schema.Literal("text"), text: Schema.String })
 
+const ROLES = ["system", "developer", "user", "assistant", "tool"] as const
+
 export const ChatMessage = Schema.Struct({
-  role: Schema.Literal("system", "developer", "user", "assistant", "tool"),
-  content: Nullable(Schema.Union(Schema.String, Schema.Array(TextPart))),
+  role: Schema.Literal(...ROLES).annotations({
+    message: () => ({ message: `must be one of ${ROLES.join(", ")}`, override: true }),
+  }),
+  content: Nullable(
+    Schema.Union(Schema.String, Schema.Array(TextPart)).annotations({
+      message: () => ({ message: 'a string or an array of {"type": "text", "text": ...} parts', override: true }),
+    }),
+  ),
   name: Nullable(Schema.String),
 })
 export type ChatMessage = typeof ChatMessage.Type
@@ -98,6 +103,10 @@ export const ChatCompletionRequest = Schema.Struct({
   max_completion_tokens: Nullable(MaxTokens),
   logprobs: Nullable(Schema.Boolean),
   top_logprobs: Nullable(Schema.Int.pipe(Schema.between(0, 20))),
+  // Decoded to be refused when used (see Router's `checkUnsupported`), not silently ignored.
+  tools: Nullable(Schema.Array(Schema.Unknown)),
+  tool_choice: Nullable(Schema.Unknown),
+  response_format: Nullable(Schema.Struct({ type: Schema.String })),
 })
 export type ChatCompletionRequest = typeof ChatCompletionRequest.Type
 

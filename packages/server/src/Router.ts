@@ -13,7 +13,7 @@ import * as HttpServerResponse from "@effect/platform/HttpServerResponse"
 import { Chunk, Effect, Either, Option, type Scope, Stream } from "effect"
 import { type ApiError, badRequest, errorBody, errorResponse, internal, notFound } from "./ApiError.js"
 import { type ChatTurn, transcript } from "./ChatTemplate.js"
-import { checkApiKey, decodeBody, readJson } from "./internal/body.js"
+import { checkApiKey, checkHost, decodeBody, readJson } from "./internal/body.js"
 import { type Choice, type ChoiceDelta, exitFigures } from "./internal/choice.js"
 import {
   checkModel,
@@ -35,11 +35,14 @@ type Handler = Effect.Effect<
   OpenAiServer | HttpServerRequest | HttpRouter.RouteContext | Scope.Scope
 >
 
-/** Every failure becomes an OpenAI error body (a defect is logged, the client sees only "internal server error"). */
+/**
+ * Every failure becomes an OpenAI error body (a defect is logged, the client sees only "internal server error").
+ * Every route checks the Host header first (DNS rebinding).
+ */
 const respond = (route: string, handler: Handler) =>
   Effect.gen(function* () {
     const server = yield* OpenAiServer
-    const response = yield* handler.pipe(
+    const response = yield* Effect.zipRight(checkHost(server.allowedHosts), handler).pipe(
       Effect.catchTag("ApiError", (error) => Effect.succeed(errorResponse(error))),
       Effect.catchAllDefect((defect) =>
         Effect.logError("offramp server: internal error", defect).pipe(Effect.as(errorResponse(internal()))),
@@ -142,12 +145,12 @@ const completions: Handler = Effect.gen(function* () {
   const body = yield* decodeBody(CompletionRequest, yield* readJson(server.maxBodyBytes))
   yield* checkModel(server, body.model)
   const texts = typeof body.prompt === "string" ? [body.prompt] : body.prompt
-  // OpenAI's default for this endpoint is 16 tokens.
+  // OpenAI's default for this endpoint is 16 tokens. The prompt is the user's text: its "</s>" is not EOS.
   const p = yield* plan(
     server,
     body,
     texts,
-    { maxTokens: body.max_tokens ?? undefined, param: "max_tokens", promptParam: "prompt" },
+    { maxTokens: body.max_tokens ?? undefined, param: "max_tokens", promptParam: "prompt", parseSpecialTokens: false },
     16,
   )
   const choices = choicesOf(p)
@@ -246,11 +249,26 @@ const chatLogprobs = (logprobs: ChoiceDelta["logprobs"]) => ({
   refusal: null,
 })
 
+/** OpenAI's fields for function calling and structured output: refused, since the output is plain text. */
+const checkUnsupported = (body: ChatCompletionRequest): Effect.Effect<void, ApiError> => {
+  const unsupported = (param: string, what: string) =>
+    badRequest(`${param} is not supported: ${what}; remove it`, param, "unsupported_parameter")
+  if (body.tools && body.tools.length > 0) return unsupported("tools", "this server does not call tools")
+  if (body.tool_choice !== undefined && body.tool_choice !== null && body.tool_choice !== "none") {
+    return unsupported("tool_choice", "this server does not call tools")
+  }
+  if (body.response_format && body.response_format.type !== "text") {
+    return unsupported("response_format", 'the output is not constrained to a format (only {"type": "text"})')
+  }
+  return Effect.void
+}
+
 const chatCompletions: Handler = Effect.gen(function* () {
   const server = yield* OpenAiServer
   yield* checkApiKey(server.apiKey)
   const body = yield* decodeBody(ChatCompletionRequest, yield* readJson(server.maxBodyBytes))
   yield* checkModel(server, body.model)
+  yield* checkUnsupported(body)
   const prompt = yield* chatPrompt(server, body.messages)
   const requested = body.max_completion_tokens ?? body.max_tokens ?? undefined
   const param = body.max_completion_tokens !== undefined ? "max_completion_tokens" : "max_tokens"
@@ -258,7 +276,8 @@ const chatCompletions: Handler = Effect.gen(function* () {
     server,
     body,
     [prompt],
-    { maxTokens: requested, param, promptParam: "messages" },
+    // The template's special tokens must be special; the messages' special-token text is too (see the README).
+    { maxTokens: requested, param, promptParam: "messages", parseSpecialTokens: true },
     undefined,
   )
   const choices = choicesOf(p)

@@ -9,7 +9,7 @@
 import { createServer } from "node:http"
 import * as HttpServer from "@effect/platform/HttpServer"
 import * as NodeHttpServer from "@effect/platform-node/NodeHttpServer"
-import { type Duration, Effect, Layer } from "effect"
+import { type Duration, Effect, Layer, Schema } from "effect"
 import { OpenAiServer } from "./OpenAiServer.js"
 import { OpenAiApp } from "./Router.js"
 
@@ -41,13 +41,54 @@ export interface ListenOptions extends ServeOptions {
 export const DEFAULT_HOST = "127.0.0.1"
 export const DEFAULT_PORT = 8000
 
+/** The server cannot listen on its address: the port is taken, out of range or privileged, or the host is not here. */
+export class ListenError extends Schema.TaggedError<ListenError>()("ListenError", {
+  host: Schema.String,
+  port: Schema.Number,
+  message: Schema.String,
+}) {}
+
+const MAX_PORT = 65535
+
+/** What went wrong, from node's listen error code. */
+const listenProblem = (host: string, port: number, cause: unknown): string => {
+  const code = typeof cause === "object" && cause !== null && "code" in cause ? String(cause.code) : undefined
+  switch (code) {
+    case "EADDRINUSE":
+      return `port ${port} is in use on ${host}; choose another port`
+    case "EACCES":
+      return `no permission to listen on port ${port} of ${host} (ports below 1024 need privileges); choose another port`
+    case "EADDRNOTAVAIL":
+    case "ENOTFOUND":
+    case "EAI_AGAIN":
+      return `cannot listen on ${host}: it is not an address of this machine`
+    default:
+      return `cannot listen on ${host}:${port}: ${cause instanceof Error ? cause.message : String(cause)}`
+  }
+}
+
 /** Serves the API on a node:http server; the HttpServer stays visible so callers can read the bound address. */
-export const layerNode = (options: ListenOptions = {}) =>
-  serve(options).pipe(
-    Layer.provideMerge(
-      NodeHttpServer.layer(() => createServer(), {
-        host: options.host ?? DEFAULT_HOST,
-        port: options.port ?? DEFAULT_PORT,
-      }),
+export const layerNode = (options: ListenOptions = {}) => {
+  const host = options.host ?? DEFAULT_HOST
+  const port = options.port ?? DEFAULT_PORT
+  // node's listen throws on a port out of range, which would be a defect.
+  const listener = Layer.unwrapEffect(
+    Effect.gen(function* () {
+      if (!Number.isInteger(port) || port < 0 || port > MAX_PORT) {
+        return yield* new ListenError({
+          host,
+          port,
+          message: `the port must be an integer in 0..${MAX_PORT}, got ${port}`,
+        })
+      }
+      return NodeHttpServer.layer(() => createServer(), { host, port })
+    }),
+  ).pipe(
+    Layer.mapError((error) =>
+      error._tag === "ListenError"
+        ? error
+        : new ListenError({ host, port, message: listenProblem(host, port, error.cause) }),
     ),
   )
+  return serve(options).pipe(Layer.provideMerge(listener))
+}

@@ -115,10 +115,33 @@ const maxTokenBytesOf = (
   return longest
 }
 
+/**
+ * A tokenizer that encodes the text of special tokens as text. @huggingface/tokenizers has no option for it (no
+ * `split_special_tokens`), so this is the same tokenizer without its special added tokens: the rest (normalizer,
+ * pre-tokenizer, model, the other added tokens, the post-processor) is unchanged. It returns token strings; their ids
+ * are the full tokenizer's, since a post-processor's special tokens (BOS) may be only among the added tokens.
+ */
+const withoutSpecialTokens = (json: unknown, config: object | undefined): HfCoreTokenizer => {
+  const source = json as { readonly added_tokens?: ReadonlyArray<{ readonly special?: boolean }> }
+  const added = (source.added_tokens ?? []).filter((token) => token.special !== true)
+  return new HfCoreTokenizer({ ...source, added_tokens: added }, { ...config, clean_up_tokenization_spaces: false })
+}
+
 /** Wraps a loaded @huggingface/tokenizers tokenizer as the Offramp `TokenizerShape`. */
 const make = (hf: HfCoreTokenizer, json: unknown, config: object | undefined): TokenizerShape => {
   const tokens: Array<string | undefined> = []
-  for (const [token, id] of hf.get_vocab(true)) tokens[id] = token
+  const vocab = hf.get_vocab(true)
+  for (const [token, id] of vocab) tokens[id] = token
+  // Built on first use: most prompts a server gets are a user's.
+  let plain: HfCoreTokenizer | undefined
+  const encodeAsText = (text: string, addSpecialTokens: boolean): Array<number> => {
+    plain ??= withoutSpecialTokens(json, config)
+    return plain.tokenize(text, { add_special_tokens: addSpecialTokens }).map((token) => {
+      const id = vocab.get(token)
+      if (id === undefined) throw new Error(`the token ${JSON.stringify(token)} is not in the vocabulary`)
+      return id
+    })
+  }
   const vocabSize = tokens.length
   const special = new Set<number>()
   for (const added of hf.get_added_tokens_decoder().values()) if (added.special) special.add(added.id)
@@ -183,7 +206,10 @@ const make = (hf: HfCoreTokenizer, json: unknown, config: object | undefined): T
     vocabSize,
     encode: (text, options) =>
       Effect.try({
-        try: () => hf.encode(text, { add_special_tokens: options?.addSpecialTokens ?? true }).ids,
+        try: () =>
+          options?.parseSpecialTokens === false
+            ? encodeAsText(text, options.addSpecialTokens ?? true)
+            : hf.encode(text, { add_special_tokens: options?.addSpecialTokens ?? true }).ids,
         catch: (error) => new TokenizerError({ message: `cannot encode text: ${errorMessage(error)}` }),
       }),
     decode: (ids) =>
@@ -214,17 +240,25 @@ export const fromJson = (json: unknown, config?: object): Effect.Effect<Tokenize
     catch: (error) => new TokenizerError({ message: `invalid tokenizer.json: ${errorMessage(error)}` }),
   })
 
-/** Reads a JSON file; `undefined` when `optional` and the file does not exist. */
+/**
+ * Reads a JSON file; `undefined` when `optional` and the file does not exist. A parse error does not say where or
+ * why: JSON.parse's message quotes the text, and the file may not be what it claims to be.
+ */
 const readJson = (path: string, optional = false) =>
-  Effect.tryPromise({
-    try: async () => {
-      const text = await readFile(path, "utf8").catch((error: NodeJS.ErrnoException) => {
-        if (optional && error.code === "ENOENT") return undefined
-        throw error
-      })
-      return text === undefined ? undefined : (JSON.parse(text) as unknown)
-    },
-    catch: (error) => new TokenizerError({ message: `cannot read ${path}: ${errorMessage(error)}` }),
+  Effect.gen(function* () {
+    const text = yield* Effect.tryPromise({
+      try: () =>
+        readFile(path, "utf8").catch((error: NodeJS.ErrnoException) => {
+          if (optional && error.code === "ENOENT") return undefined
+          throw error
+        }),
+      catch: (error) => new TokenizerError({ message: `cannot read ${path}: ${errorMessage(error)}` }),
+    })
+    if (text === undefined) return undefined
+    return yield* Effect.try({
+      try: () => JSON.parse(text) as unknown,
+      catch: () => new TokenizerError({ message: `${path} is not valid JSON` }),
+    })
   })
 
 /** Loads `tokenizer.json` from `path`, with the `tokenizer_config.json` next to it when there is one. */

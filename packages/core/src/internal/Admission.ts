@@ -63,7 +63,7 @@ export const makeAdmission = (deps: {
       const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
         Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
       )
-      const prompt = yield* tokenizer.encode(req.prompt)
+      const prompt = yield* tokenizer.encode(req.prompt, { parseSpecialTokens: req.parseSpecialTokens ?? true })
       if (prompt.length >= dims.contextLength) {
         return yield* new InvalidRequestError({
           message: `the prompt is ${prompt.length} tokens but the model's context is ${dims.contextLength}; shorten the prompt`,

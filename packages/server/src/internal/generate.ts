@@ -10,6 +10,7 @@ import {
   type SpeculativeRequest,
   speculativeDefaults,
   type TokenEvent,
+  truncateForMessage,
 } from "@offramp/core"
 import { Chunk, Effect, Exit, Mailbox, Option, type Scope } from "effect"
 import { ApiError, badRequest, fromGenerationError, queueFull, unavailable } from "../ApiError.js"
@@ -37,6 +38,8 @@ export interface Prompt {
 
 export interface Plan {
   readonly prompts: ReadonlyArray<Prompt>
+  /** Whether the prompts' special-token text is special (a chat template's), or plain text (a user's). */
+  readonly parseSpecialTokens: boolean
   readonly n: number
   readonly maxTokens: number
   readonly sampling: SamplingParams
@@ -65,6 +68,23 @@ export const checkModel = (server: OpenAiServerShape, model: string | null | und
         }),
       )
     : Effect.void
+
+/** Per-exit thresholds must name the model's exits: a threshold for a layer without one would be ignored. */
+const checkExitLayers = (
+  server: OpenAiServerShape,
+  ext: EarlyExitExtension | null | undefined,
+): Effect.Effect<void, ApiError> => {
+  const layers = server.engine.spec.exits.map((exit) => String(exit.layer))
+  const unknown = Object.keys(given(ext) && given(ext.thresholds) ? ext.thresholds : {}).filter(
+    (key) => !layers.includes(key),
+  )
+  return unknown.length === 0
+    ? Effect.void
+    : badRequest(
+        `early_exit.thresholds: ${JSON.stringify(truncateForMessage(unknown[0]!))} is not an exit layer of this model; its exits are after layers ${layers.join(", ")}`,
+        "early_exit.thresholds",
+      )
+}
 
 const earlyExitOf = (ext: EarlyExitExtension | null | undefined): EarlyExitRequest | undefined => {
   if (!given(ext)) return undefined
@@ -96,11 +116,15 @@ const speculativeOf = (
     : badRequest("this model has no early exit to draft with; remove speculative", "speculative")
 }
 
-/** What a request asked for: its max_tokens (when given) and the parameters an error points at. */
+/**
+ * What a request asked for: its max_tokens (when given) and the parameters an error points at; and whether its
+ * prompts' special-token text is special (see `Plan`).
+ */
 interface Requested {
   readonly maxTokens: number | undefined
   readonly param: string
   readonly promptParam: string
+  readonly parseSpecialTokens: boolean
 }
 
 /**
@@ -166,7 +190,7 @@ export const plan = (
     // Each prompt is checked as soon as it is tokenized, so a request fails at its first prompt that cannot fit.
     const prompts = yield* Effect.forEach(texts, (text, i) =>
       (i > 0 ? yieldToEventLoop : Effect.void).pipe(
-        Effect.zipRight(server.tokenizer.encode(text)),
+        Effect.zipRight(server.tokenizer.encode(text, { parseSpecialTokens: requested.parseSpecialTokens })),
         Effect.mapError(fromGenerationError),
         Effect.tap((ids) => fitContext(context, ids.length, false, requested, defaultMaxTokens)),
         Effect.map((ids) => ({ text, tokens: ids.length })),
@@ -186,10 +210,11 @@ export const plan = (
     const stops = (typeof stop === "string" ? [stop] : (stop ?? [])).filter((s) => s !== "")
     return {
       prompts,
+      parseSpecialTokens: requested.parseSpecialTokens,
       n: params.n ?? 1,
       maxTokens,
       sampling,
-      earlyExit: earlyExitOf(params.early_exit),
+      earlyExit: yield* Effect.as(checkExitLayers(server, params.early_exit), earlyExitOf(params.early_exit)),
       speculative: yield* speculativeOf(server, params.speculative),
       stops,
     }
@@ -259,6 +284,7 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
         .submit(
           {
             prompt: prompt.text,
+            parseSpecialTokens: p.parseSpecialTokens,
             maxTokens: p.maxTokens,
             // Each choice (prompt × n + sample) draws from its own stream of the seed.
             sampling: { ...p.sampling, stream: i * p.n },
