@@ -204,13 +204,13 @@ export const makeOnnxModelRunner = (
     const classify: ModelRunnerShape["classify"] = (index, hidden, previous, count) => {
       const classifier = classifiers[index]
       if (!classifier) return Effect.succeed(undefined)
-      const { weights } = classifier
-      if (weights) {
+      const predict = predictors[index]
+      if (predict) {
         return Effect.sync(() => {
           const D = dims.hidden
           const out = new Float32Array(count)
           for (let r = 0; r < count; r++) {
-            out[r] = predictExit(weights, hidden.subarray(r * D, (r + 1) * D), previous.subarray(r * D, (r + 1) * D))
+            out[r] = predict(hidden.subarray(r * D, (r + 1) * D), previous.subarray(r * D, (r + 1) * D))
           }
           return out
         })
