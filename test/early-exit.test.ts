@@ -138,20 +138,27 @@ describe("samples of one request", () => {
 })
 
 describe("K/V of skipped layers", () => {
-  it.effect("fill writes the reference projection of the exit hidden state into every skipped layer", () =>
+  it.effect("fill writes the reference projection of the exit hidden state into every skipped layer, once a later token needs it", () =>
     Effect.gen(function* () {
-      const { events, runner } = yield* alone(BENCH_PROMPTS[0]!, 24, "fill", 0)
+      const runner = yield* ModelRunner
+      // Only exit 1 decides (stories260K's first exit is overconfident: most tokens leave there, a few go full depth).
+      const events = yield* collect(
+        request(BENCH_PROMPTS[0]!, 40, { threshold: 2, thresholds: { "1": 0.995 }, kv: "fill", measure: "softmax" }),
+      )
       const { headDim } = runner.spec.dims
       const prompt = [1, 403, 407, 261, 378] // "Once upon a time"
       const tokens = [...prompt, ...ids(events)]
       const positions = reference.run(tokens.slice(0, -1))
-      // The prompt went full depth: its K at the last layer matches the reference (and confirms slot = position).
-      for (let p = 0; p < prompt.length; p++) {
-        expect(maxDiff(runner.readKv(4, p).k, interleavedToHalfRow(positions[p]!.k[4]!, headDim))).toBeLessThan(1e-4)
-      }
-      // Every generated token exited after layer 1; layer 0 is exact, layers 1..4 are filled from hidden[0].
+      // Event i ran position prompt + i - 1. Positions that exited after layer 1 before the last one that went full
+      // depth were filled before it ran layer 1; layer 0 is exact, so their exit state (hidden[0]) is the reference's.
+      const exits = events.map((e) => e.exitLayer)
+      const lastDeep = prompt.length + exits.lastIndexOf(5) - 1
+      const filled = exits.flatMap((layer, i) =>
+        i > 0 && layer === 1 && prompt.length + i - 1 < lastDeep ? [prompt.length + i - 1] : [],
+      )
+      expect(filled.length).toBeGreaterThanOrEqual(2)
       let worst = 0
-      for (let p = prompt.length; p < tokens.length - 1; p++) {
+      for (const p of filled) {
         const exitHidden = positions[p]!.hidden[0]!
         worst = Math.max(worst, maxDiff(runner.readKv(0, p).k, interleavedToHalfRow(positions[p]!.k[0]!, headDim)))
         for (let l = 1; l < 5; l++) {

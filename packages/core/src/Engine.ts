@@ -52,6 +52,12 @@ export interface EngineStats {
   /** Time deciding at intermediate exits (heads and classifiers, the `exits` summed), and in KV fill. */
   readonly headMs: number
   readonly kvFillMs: number
+  /**
+   * Time in the segment calls of decode rows, and the layers those calls ran summed over their rows: their ratio is
+   * what one layer costs a decode row, the unit a decision's cost is compared with.
+   */
+  readonly decodeSegmentMs: number
+  readonly decodeLayerRows: number
   /** What deciding cost at each early exit. */
   readonly exits: ReadonlyArray<ExitDecisionStats>
   /** Self-speculative decoding: tokens drafted, drafts the full model accepted, tokens kept, verifications. */

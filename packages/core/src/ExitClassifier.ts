@@ -83,20 +83,36 @@ const sigmoid = (z: number) => 1 / (1 + Math.exp(-z))
  */
 export const predictExit = (w: ExitClassifierWeights, hidden: Float32Array, previous: Float32Array): number => {
   const D = hidden.length
+  const { w1, b1, inputs } = w
+  if (w.hidden === 0) {
+    // Logistic regression: the statistics and the one dot product in a single pass over the row.
+    let ss = 0
+    let dot = 0
+    let pp = 0
+    let z = 0
+    for (let i = 0; i < D; i++) {
+      const h = hidden[i]!
+      const p = previous[i]!
+      ss += h * h
+      dot += h * p
+      pp += p * p
+      z += w1[i]! * h
+    }
+    const rms = Math.sqrt(ss / D + RMS_EPS)
+    const cos = ss === 0 || pp === 0 ? 0 : dot / Math.sqrt(ss * pp)
+    return sigmoid(z / rms + w1[D]! * cos + w1[D + 1]! * Math.log(rms) + b1[0]!)
+  }
   const stats = rowScalars(hidden, previous)
   const rms = stats[0]!
   const inv = 1 / rms
   const cos = stats[1]!
   const logRms = Math.log(rms)
-  const units = w.hidden === 0 ? 1 : w.hidden
-  const { w1, b1, inputs } = w
   let out = w.b2
-  for (let u = 0; u < units; u++) {
+  for (let u = 0; u < w.hidden; u++) {
     const row = u * inputs
     let z = 0
     for (let i = 0; i < D; i++) z += w1[row + i]! * hidden[i]!
     z = z * inv + w1[row + D]! * cos + w1[row + D + 1]! * logRms + b1[u]!
-    if (w.hidden === 0) return sigmoid(z)
     if (z > 0) out += w.w2[u]! * z
   }
   return sigmoid(out)

@@ -1,5 +1,5 @@
 /**
- * The engine's parts one at a time (internal/): admission, emission and the recompute strategy, on the fake model.
+ * The engine's parts one at a time (internal/): admission, emission and the KV strategies, on the fake model.
  */
 import { describe, expect, it } from "@effect/vitest"
 import { Effect, Either, Exit } from "effect"
@@ -8,7 +8,7 @@ import type { GenerationSink } from "../src/Engine.js"
 import type { TokenEvent } from "../src/Generation.js"
 import { makeAdmission } from "../src/internal/Admission.js"
 import { makeEmission } from "../src/internal/Emission.js"
-import { makeRecompute } from "../src/internal/KvStrategy.js"
+import { makeFill, makeRecompute } from "../src/internal/KvStrategy.js"
 import type { DecodeRow, Sequence } from "../src/internal/Sequence.js"
 import { drawFrom, samplingDistribution, verifyDraft } from "../src/internal/Speculative.js"
 import { makeStatistics } from "../src/internal/Statistics.js"
@@ -152,12 +152,59 @@ describe("recompute strategy", () => {
     expect([...seq.exitStates.keys()]).toEqual([7])
     // The next token: segment 1 (layer 1) finds nothing missing; segment 2 (layer 2) takes position 7 in first.
     const next: DecodeRow = { seq, positions: [8], hidden: Float32Array.of(5, 6, 7, 8), previous: new Float32Array(4) }
-    recompute.beforeSegment(1, next)
+    Effect.runSync(recompute.beforeSegment(1, [next]))
     expect(next.positions).toEqual([8])
-    recompute.beforeSegment(2, next)
+    Effect.runSync(recompute.beforeSegment(2, [next]))
     expect(next.positions).toEqual([7, 8])
     expect([...next.hidden]).toEqual([1, 2, 3, 4, 5, 6, 7, 8])
     expect(seq.exitStates.size).toBe(0)
+  })
+})
+
+describe("fill strategy", () => {
+  it("fills nothing while tokens keep exiting; a token that needs a missing layer fills every missing position, in one call", () => {
+    const calls: Array<[string, number]> = []
+    const runner = makeFakeRunner({ onCall: (stage, rows) => calls.push([stage, rows]) })
+    const kv = makeKvCache({ numBlocks: 8, blockSize: 4, layers: 4, bytesPerBlock: 64, copyBlock: () => {} })
+    const fill = makeFill({ runner, kv, statistics: makeStatistics(runner.spec) })
+    const blocks = kv.open([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])!
+    kv.commit(blocks, [0, 1, 2, 3, 4, 5, 6], 7) // positions 0..6 in every layer
+    const seq = { blocks, exact: 7, exitStates: new Map<number, Float32Array>() } as unknown as Sequence
+    const row = (position: number, value: number): DecodeRow => ({
+      seq,
+      positions: [position],
+      hidden: new Float32Array(4).fill(value),
+      previous: new Float32Array(4),
+    })
+    const run = (position: number, value: number, segments: number, exitIndex: number) => {
+      const r = row(position, value)
+      for (let s = 0; s < segments; s++) {
+        Effect.runSync(fill.beforeSegment(s, [r]))
+        kv.markFilled(blocks, s, position + 1)
+      }
+      fill.skipped(exitIndex, r)
+    }
+    run(7, 7, 2, 1) // runs layers 0-1, exits after layer 2 (exit index 1)
+    run(8, 8, 1, 0) // runs layer 0, exits after layer 1 (exit index 0)
+    expect(calls).toEqual([])
+    expect([...seq.exitStates.keys()]).toEqual([7, 8])
+    // Position 9 goes on past layer 0: layer 1 lacks position 8, so 7 and 8 are filled, each from its exit layer on.
+    const next = row(9, 9)
+    Effect.runSync(fill.beforeSegment(0, [next]))
+    kv.markFilled(blocks, 0, 10)
+    expect(calls).toEqual([])
+    Effect.runSync(fill.beforeSegment(1, [next]))
+    expect(calls).toEqual([["kvfill 0", 2]])
+    for (let l = 1; l < 4; l++) expect(kv.filled(blocks, l)).toBe(9)
+    expect(seq.exitStates.size).toBe(0)
+    expect(seq.exact).toBe(7)
+    const at = (layer: number, position: number) => runner.readKv(layer, kv.slot(blocks, position)).k[0]
+    expect([1, 2, 3].map((l) => at(l, 8))).toEqual([8, 8, 8])
+    // Position 7 ran layer 1 itself: the fill leaves it there.
+    expect([1, 2, 3].map((l) => at(l, 7))).toEqual([0, 7, 7])
+    // Nothing is missing any more: the next segment calls nothing.
+    Effect.runSync(fill.beforeSegment(2, [next]))
+    expect(calls).toHaveLength(1)
   })
 })
 

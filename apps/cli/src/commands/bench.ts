@@ -164,6 +164,11 @@ export interface BenchRun {
     readonly headRowsPerToken: number
     readonly headUsPerToken: number
     readonly decisionUsPerToken: number
+    /**
+     * A head-free decision's cost for one scored row, as a share of one layer's cost for one decode row in the same
+     * runs (segment time ÷ rows × layers): what deciding at this exit costs a row that goes on. 0 when none scored.
+     */
+    readonly decisionOfLayer: number
     /** Fraction of decoded tokens that took their token at this exit. */
     readonly exitedPerToken: number
   }>
@@ -181,6 +186,22 @@ export interface BenchRun {
     readonly tokens: number
     readonly wallMs: number
   }>
+}
+
+/** Head-free decision time per scored row at exit `x` ÷ segment time per decode row and layer, over `runs`. */
+const decisionOfLayer = (
+  runs: ReadonlyArray<{
+    readonly decodeSegmentMs: number
+    readonly decodeLayerRows: number
+    readonly exits: ReadonlyArray<{ readonly scored: number; readonly decisionMs: number }>
+  }>,
+  x: number,
+): number => {
+  const total = (f: (r: (typeof runs)[number]) => number) => runs.reduce((n, r) => n + f(r), 0)
+  const scored = total((r) => r.exits[x]!.scored)
+  const layerRows = total((r) => r.decodeLayerRows)
+  if (scored === 0 || layerRows === 0) return 0
+  return total((r) => r.exits[x]!.decisionMs) / scored / (total((r) => r.decodeSegmentMs) / layerRows)
 }
 
 const parseList = <A>(flag: string, text: string, parse: (s: string) => A | undefined) => {
@@ -241,6 +262,7 @@ const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitReques
       const b = before.exits[i]!
       return {
         layer: e.layer,
+        scored: e.scored - b.scored,
         headRows: e.headRows - b.headRows,
         headMs: e.headMs - b.headMs,
         decisionMs: e.decisionMs - b.decisionMs,
@@ -255,6 +277,8 @@ const throughput = (count: number, maxTokens: number, earlyExit: EarlyExitReques
       wallMs: ended - started,
       outputs: outputs.map((o) => o.map((e) => e.id)),
       decodeTokens: after.decodeTokens - before.decodeTokens,
+      decodeSegmentMs: after.decodeSegmentMs - before.decodeSegmentMs,
+      decodeLayerRows: after.decodeLayerRows - before.decodeLayerRows,
       exits,
       speculative: {
         drafted: after.speculative.drafted - before.speculative.drafted,
@@ -340,7 +364,6 @@ export const bench = Command.make(
       const heldoutText = yield* Effect.promise(() => readFile(heldoutPath, "utf8"))
       const heldoutIds = yield* tokenizer.encode(heldoutText, { addSpecialTokens: false })
 
-      yield* throughput(2, 16, { threshold: 2 }) // warm-up: first-run allocations and onnxruntime's lazy initialisation
       const runs: Array<BenchRun> = []
       const report = (run: BenchRun) =>
         args.json
@@ -367,6 +390,9 @@ export const bench = Command.make(
                   ? [
                       `decide µs/token ${run.exits
                         .map((e) => `L${e.layer}:${(e.headUsPerToken + e.decisionUsPerToken).toFixed(0)}`)
+                        .join(" ")}`,
+                      `decision/layer ${run.exits
+                        .map((e) => `L${e.layer}:${(e.decisionOfLayer * 100).toFixed(1)}%`)
                         .join(" ")}`,
                     ]
                   : []),
@@ -444,6 +470,9 @@ export const bench = Command.make(
             )
           : []),
       ]
+      // Warm-up of every configuration: first-run allocations, onnxruntime's lazy initialisation, and the JIT's
+      // compilation of each path (otherwise the first configuration to exit early pays it in its decisions).
+      for (const config of configs) yield* throughput(2, 16, config.earlyExit, config.speculative)
       for (const count of counts) {
         // Rounds interleave every configuration, so machine noise hits full depth and early exit alike;
         // a speedup is the median of the per-round ratios.
@@ -497,6 +526,7 @@ export const bench = Command.make(
                 headUsPerToken: sum((e) => e.headMs) * 1000,
                 decisionUsPerToken: sum((e) => e.decisionMs) * 1000,
                 exitedPerToken: sum((e) => e.exited),
+                decisionOfLayer: decisionOfLayer(measured, x),
               }
             }),
             speculative: config.speculative

@@ -12,6 +12,7 @@ import type { ConfidenceEvaluatorShape } from "../ConfidenceEvaluator.js"
 import type { KvStrategy as KvStrategyName } from "../EarlyExit.js"
 import { thresholdAt } from "../EarlyExit.js"
 import type { KvCacheShape } from "../KvCache.js"
+import type { RunnerError } from "../Errors.js"
 import type { HeadOutput, ModelRunnerShape } from "../ModelRunner.js"
 import { buildRowBatch } from "../RowBatch.js"
 import type { BatchRow, SchedulerShape } from "../Scheduler.js"
@@ -66,6 +67,7 @@ export const makeForwardPass = (deps: {
   const finalExit = spec.exits.length - 1
   const exitAfterSegment = spec.segments.map((s) => spec.exits.findIndex((e) => e.layer === s.endLayer))
   const strategyOf = (seq: Sequence) => strategies[seq.request.exit.params.kv]
+  const strategyList = Object.values(strategies)
 
   /** Prefill chunks at full depth, one call each; returns the rows that reached their last token. */
   const prefill = (rows: ReadonlyArray<BatchRow<Sequence>>) =>
@@ -103,7 +105,10 @@ export const makeForwardPass = (deps: {
   const runSegment = (index: number, rows: ReadonlyArray<DecodeRow>) =>
     Effect.gen(function* () {
       const { firstLayer, endLayer } = spec.segments[index]!
-      for (const row of rows) strategyOf(row.seq).beforeSegment(index, row)
+      for (const strategy of strategyList) {
+        const own = rows.filter((r) => strategyOf(r.seq) === strategy)
+        if (own.length > 0) yield* strategy.beforeSegment(index, own)
+      }
       const batch = buildRowBatch(
         rows.map((r) => ({ cached: r.positions[0]!, count: r.positions.length, blocks: r.seq.blocks!.blocks })),
         runner.blockSize,
@@ -114,7 +119,10 @@ export const makeForwardPass = (deps: {
         // Padding after a shorter row's tokens: the call ignores it, but stale values need not go in.
         input.fill(0, i * batch.tokens * D + r.hidden.length, (i + 1) * batch.tokens * D)
       })
+      const started = performance.now()
       const output = yield* runner.segment(index, input, batch)
+      counters.decodeSegmentMs += performance.now() - started
+      counters.decodeLayerRows += rows.length * (endLayer - firstLayer)
       rows.forEach((r, i) => {
         // A view: the output is the runner's own buffer, never written again.
         r.hidden = output.subarray(i * batch.tokens * D, (i * batch.tokens + r.positions.length) * D)
@@ -125,74 +133,132 @@ export const makeForwardPass = (deps: {
 
   const current = (row: DecodeRow) => row.hidden.subarray((row.positions.length - 1) * D)
 
+  /** The decision at an exit for one step's rows, before any head runs. */
+  interface ExitPlan {
+    readonly exitIndex: number
+    readonly rows: ReadonlyArray<DecodeRow>
+    /** Rows scored here (their threshold is at most 1). */
+    readonly scored: number
+    readonly exitRows: ReadonlyArray<ExitRow>
+    /** The head-free confidence of each row (undefined where its measure needs the head). */
+    readonly cheap: ReadonlyArray<number | undefined>
+    readonly deferred: ReadonlyArray<number>
+    readonly headed: ReadonlyArray<number>
+  }
+
+  interface ExitDecision {
+    readonly exiting: ReadonlyArray<number>
+    readonly head: HeadOutput | undefined
+    /** Each row's row in the head call; -1: it takes its token from the step's final head call. */
+    readonly headRows: ReadonlyArray<number>
+    readonly confidences: ReadonlyArray<number>
+  }
+
+  const nobody: ExitDecision = { exiting: [], head: undefined, headRows: [], confidences: [] }
+
   /**
-   * Decides which rows take their token at early exit `exitIndex` (see ExitPolicy). Head-free measures are
-   * evaluated first, from hidden states (one classifier call for the rows that use it); then the head runs once, for
-   * the rows that may still exit here and need it. Returns the exiting rows, with their confidences, and for each
-   * its row in the head call (-1: it takes its token from the step's final head call).
+   * The first half of deciding at early exit `exitIndex` (see ExitPolicy), synchronous and in one pass over the
+   * rows: their thresholds, then head-free measures from hidden states (the runner's JavaScript classifier, or one
+   * classifier call for the rows that use it when it runs as a graph). A row held back here pays nothing more, so
+   * when no row needs the head, this is the whole decision.
    */
-  const decideExits = (exitIndex: number, rows: ReadonlyArray<DecodeRow>) =>
-    Effect.gen(function* () {
-      const stats = statistics.exits[exitIndex]!
-      const params = (r: number) => rows[r]!.seq.request.exit.params
+  const planExits = (exitIndex: number, rows: ReadonlyArray<DecodeRow>, classified?: Float32Array): ExitPlan => {
+    const predictor = runner.exitPredictor(exitIndex)
+    const exitRows: Array<ExitRow> = new Array(rows.length)
+    const cheap: Array<number | undefined> = new Array(rows.length)
+    let scored = 0
+    let next = 0
+    for (let r = 0; r < rows.length; r++) {
+      const row = rows[r]!
+      const { request } = row.seq
+      const params = request.exit.params
       // A row whose request has samples still to fork goes the whole depth: the forks start at the final head from
       // its exact K/V (a prompt whose last token is its only uncached one comes here as a decode row).
-      const thresholds = rows.map((r) =>
-        r.seq.request.forks.length > 0
+      const threshold =
+        request.forks.length > 0
           ? Number.POSITIVE_INFINITY
-          : thresholdAt(r.seq.request.exit, exitIndex, r.seq.generated, r.seq.request.maxTokens),
-      )
-      const none = { exiting: [] as Array<number>, head: undefined, headRows: [], confidences: [] }
-      const scored = rows.flatMap((_, i) => (thresholds[i]! <= 1 ? [i] : []))
-      if (scored.length === 0) return none
-      stats.scored += scored.length
-
-      // Head-free measures first: one classifier call for the rows that use it, then the evaluator per row.
-      const cheap: Array<number | undefined> = rows.map(() => undefined)
-      const free = scored.filter((r) => headFree(params(r).measure))
-      if (free.length > 0) {
-        const started = performance.now()
-        const classified = free.filter((r) => params(r).measure === "classifier")
-        const predictor = runner.exitPredictor(exitIndex)
-        let classifier: Float32Array | undefined
-        if (classified.length > 0 && predictor === undefined) {
-          const hidden = classifierInput(classified.length * D)
-          const previous = previousInput(classified.length * D)
-          classified.forEach((r, i) => {
-            hidden.set(current(rows[r]!), i * D)
-            previous.set(rows[r]!.previous, i * D)
-          })
-          classifier = yield* runner.classify(exitIndex, hidden, previous, classified.length)
-        }
-        // `classified` keeps `free`'s order, so the classifier's rows come in turn.
-        let next = 0
-        for (const r of free) {
-          const hidden = current(rows[r]!)
-          const previous = rows[r]!.previous
-          const byClassifier = params(r).measure === "classifier"
-          const probability = !byClassifier ? undefined : predictor ? predictor(hidden, previous) : classifier?.[next++]
-          cheap[r] = evaluator.confidence({
-            measure: params(r).measure,
+          : thresholdAt(request.exit, exitIndex, row.seq.generated, request.maxTokens)
+      let confidence: number | undefined
+      if (threshold <= 1) {
+        scored++
+        if (headFree(params.measure)) {
+          const hidden = current(row)
+          const probability =
+            params.measure !== "classifier"
+              ? undefined
+              : predictor
+                ? predictor(hidden, row.previous)
+                : classified?.[next++]
+          confidence = evaluator.confidence({
+            measure: params.measure,
             exitIndex,
             head: undefined,
             row: 0,
             hidden,
-            previousHidden: previous,
+            previousHidden: row.previous,
             vocab: dims.vocab,
             ...(probability !== undefined ? { classifier: probability } : {}),
           })
         }
-        stats.decisionMs += performance.now() - started
       }
-      const exitRows: Array<ExitRow> = rows.map((_, r) => ({
-        threshold: thresholds[r]!,
-        policy: params(r).policy,
-        headFree: cheap[r],
-        confirm: params(r).confirm,
-      }))
-      const { deferred, headed } = planHead(exitRows, sharedHead)
-      if (deferred.length === 0 && headed.length === 0) return none
+      cheap[r] = confidence
+      exitRows[r] = { threshold, policy: params.policy, headFree: confidence, confirm: params.confirm }
+    }
+    statistics.exits[exitIndex]!.scored += scored
+    const { deferred, headed } = scored === 0 ? { deferred: [], headed: [] } : planHead(exitRows, sharedHead)
+    return { exitIndex, rows, scored, exitRows, cheap, deferred, headed }
+  }
 
+  /** Rows whose measure is the classifier and that are scored here, when the classifier runs as a graph. */
+  const classifierRows = (exitIndex: number, rows: ReadonlyArray<DecodeRow>): Array<number> => {
+    if (runner.exitPredictor(exitIndex) !== undefined) return []
+    return rows.flatMap((row, r) => {
+      const { request } = row.seq
+      const threshold =
+        request.forks.length > 0
+          ? Number.POSITIVE_INFINITY
+          : thresholdAt(request.exit, exitIndex, row.seq.generated, request.maxTokens)
+      return threshold <= 1 && request.exit.params.measure === "classifier" ? [r] : []
+    })
+  }
+
+  /**
+   * Decides which rows take their token at early exit `exitIndex`: the plan, then the head once, for the rows that
+   * may still exit here and need it. Returns the exiting rows, with their confidences, and for each its row in the
+   * head call (-1: it takes its token from the step's final head call). When no row needs the head (the common case
+   * under a head-free measure) nothing but the plan runs: no Effect, no call.
+   */
+  const decideExits = (exitIndex: number, rows: ReadonlyArray<DecodeRow>): Effect.Effect<ExitDecision, RunnerError> => {
+    const stats = statistics.exits[exitIndex]!
+    const started = performance.now()
+    // A classifier that runs as a graph is one call for the rows that use it, before the plan.
+    const viaGraph = classifierRows(exitIndex, rows)
+    if (viaGraph.length > 0) {
+      const hidden = classifierInput(viaGraph.length * D)
+      const previous = previousInput(viaGraph.length * D)
+      viaGraph.forEach((r, i) => {
+        hidden.set(current(rows[r]!), i * D)
+        previous.set(rows[r]!.previous, i * D)
+      })
+      return runner.classify(exitIndex, hidden, previous, viaGraph.length).pipe(
+        Effect.flatMap((classified) => {
+          const plan = planExits(exitIndex, rows, classified)
+          if (plan.scored > 0) stats.decisionMs += performance.now() - started
+          return plan.deferred.length === 0 && plan.headed.length === 0 ? Effect.succeed(nobody) : withHead(plan)
+        }),
+      )
+    }
+    const plan = planExits(exitIndex, rows)
+    // Rows not scored here decided nothing (their threshold says full depth).
+    if (plan.scored > 0) stats.decisionMs += performance.now() - started
+    return plan.deferred.length === 0 && plan.headed.length === 0 ? Effect.succeed(nobody) : withHead(plan)
+  }
+
+  /** The second half: the head for the plan's headed rows, then which rows exit. */
+  const withHead = (plan: ExitPlan) =>
+    Effect.gen(function* () {
+      const { exitIndex, rows, exitRows, cheap, deferred, headed } = plan
+      const stats = statistics.exits[exitIndex]!
       const confident: Array<boolean> = rows.map(() => false)
       const confidences: Array<number> = rows.map(() => 0)
       const headRows: Array<number> = rows.map(() => -1)
@@ -218,7 +284,7 @@ export const makeForwardPass = (deps: {
           const confidence =
             cheap[r] ??
             evaluator.confidence({
-              measure: params(r).measure,
+              measure: row.seq.request.exit.params.measure,
               exitIndex,
               head: head!,
               row: i,
@@ -233,7 +299,7 @@ export const makeForwardPass = (deps: {
       }
       const exiting = exitingRows(exitRows, confident)
       stats.exited += exiting.length
-      return { exiting, head, headRows, confidences }
+      return { exiting, head, headRows, confidences } satisfies ExitDecision
     })
 
   /** Decode rows through the segments with early exits. */
@@ -273,7 +339,6 @@ export const makeForwardPass = (deps: {
         }
         for (const row of active) row.previous = current(row)
       }
-      for (const strategy of Object.values(strategies)) yield* strategy.endStep
       return { finished, deferred, atEnd: active }
     })
 

@@ -1,13 +1,15 @@
 /**
  * What happens to the K/V of the layers a token skipped when it exits early. Each request chooses its strategy;
- * one step can hold rows of both.
+ * one step can hold rows of both. Under both, a token that exits keeps its hidden state at the exit, and its K/V stay
+ * missing from its exit layer on (the KV cache's fill levels stop below it) until a later token of the sequence
+ * needs them: one that runs a segment from a layer where positions are missing.
  *
- * - fill: the K/V of the skipped layers are computed from the token's exit hidden state (the paper's "fill"), in one
- *   kvfill call per step for every row that exited (the earliest exit's graph; each row writes only its layers).
+ * - fill: the missing K/V are computed from the kept exit hidden states (the paper's "fill"), in one kvfill call for
+ *   every row that needs them before that segment (the earliest exit's graph; each position writes only the layers
+ *   it skipped). The values are the ones an immediate fill gives; deferring the call means a sequence whose tokens
+ *   keep exiting pays no fill at all, and one that goes deep now and then pays one call for all its pending tokens.
  *   Filled K/V approximate the full-depth ones, so nothing from there on enters the prefix cache.
- * - recompute: the token's K/V stay missing from its exit layer on (the KV cache's fill levels stop below it) and its
- *   hidden state there is kept; the next time the sequence runs a segment from a layer where positions are missing,
- *   they join the row ahead of its token and are computed exactly.
+ * - recompute: the missing positions join the row ahead of its token, and are computed exactly.
  */
 import { Effect } from "effect"
 import type { KvStrategy as KvStrategyName } from "../EarlyExit.js"
@@ -19,12 +21,10 @@ import type { Statistics } from "./Statistics.js"
 
 export interface KvStrategy {
   readonly name: KvStrategyName
-  /** Before segment `index` runs: the row takes in the tokens it must carry through it. */
-  readonly beforeSegment: (index: number, row: DecodeRow) => void
+  /** Before segment `index` runs for `rows` (the step's rows that use this strategy): they get the K/V it reads. */
+  readonly beforeSegment: (index: number, rows: ReadonlyArray<DecodeRow>) => Effect.Effect<void, RunnerError>
   /** The row exits at early exit `exitIndex`: the layers after it were skipped. */
   readonly skipped: (exitIndex: number, row: DecodeRow) => void
-  /** At the end of the step's forward pass. */
-  readonly endStep: Effect.Effect<void, RunnerError>
 }
 
 interface Deps {
@@ -33,89 +33,112 @@ interface Deps {
   readonly statistics: Statistics
 }
 
+/** Keeps the exit hidden state of each of the row's positions until its K/V are computed. */
+const keepExitStates = (D: number) => (_exitIndex: number, row: DecodeRow) => {
+  row.positions.forEach((position, i) => {
+    row.seq.exitStates.set(position, row.hidden.slice(i * D, (i + 1) * D))
+  })
+}
+
+/** The row's positions missing from `layer` (they exited before it), ahead of its first position. */
+const missingFrom = (kv: KvCacheShape, row: DecodeRow, layer: number) => {
+  const from = kv.filled(row.seq.blocks!, layer)
+  return { from, count: Math.max(0, row.positions[0]! - from) }
+}
+
+const exitState = (seq: Sequence, position: number, layer: number) => {
+  const state = seq.exitStates.get(position)
+  if (state === undefined) throw new Error(`no exit state for position ${position} missing at layer ${layer}`)
+  return state
+}
+
 export const makeRecompute = ({ runner, kv }: Pick<Deps, "runner" | "kv">): KvStrategy => {
   const { spec } = runner
   const D = spec.dims.hidden
+  const carry = (index: number, row: DecodeRow) => {
+    const { firstLayer } = spec.segments[index]!
+    // Positions missing from this segment's first layer (they stopped at the exit there) join ahead of the row.
+    const { from, count } = missingFrom(kv, row, firstLayer)
+    if (count === 0) return
+    const hidden = new Float32Array((count + row.positions.length) * D)
+    for (let i = 0; i < count; i++) {
+      hidden.set(exitState(row.seq, from + i, firstLayer), i * D)
+      row.seq.exitStates.delete(from + i)
+    }
+    hidden.set(row.hidden, count * D)
+    row.positions = [...Array.from({ length: count }, (_, i) => from + i), ...row.positions]
+    row.hidden = hidden
+  }
   return {
     name: "recompute",
-    beforeSegment: (index, row) => {
-      const { firstLayer } = spec.segments[index]!
-      // Positions missing from this segment's first layer (they stopped at the exit there) join ahead of the row.
-      const from = kv.filled(row.seq.blocks!, firstLayer)
-      const first = row.positions[0]!
-      if (from >= first) return
-      const joining = first - from
-      const hidden = new Float32Array((joining + row.positions.length) * D)
-      for (let i = 0; i < joining; i++) {
-        const state = row.seq.exitStates.get(from + i)
-        if (state === undefined)
-          throw new Error(`recompute: no exit state for position ${from + i} at layer ${firstLayer}`)
-        hidden.set(state, i * D)
-        row.seq.exitStates.delete(from + i)
-      }
-      hidden.set(row.hidden, joining * D)
-      row.positions = [...Array.from({ length: joining }, (_, i) => from + i), ...row.positions]
-      row.hidden = hidden
-    },
-    skipped: (_exitIndex, row) => {
-      row.positions.forEach((position, i) => {
-        row.seq.exitStates.set(position, row.hidden.slice(i * D, (i + 1) * D))
-      })
-    },
-    endStep: Effect.void,
+    beforeSegment: (index, rows) =>
+      Effect.sync(() => {
+        for (const row of rows) carry(index, row)
+      }),
+    skipped: keepExitStates(D),
   }
 }
 
 export const makeFill = ({ runner, kv, statistics }: Deps): KvStrategy => {
   const { spec } = runner
+  const { layers } = spec.dims
   const D = spec.dims.hidden
-  let fills: Array<{ readonly row: DecodeRow; readonly exitIndex: number }> = []
+  const exitAt = new Map(spec.exits.map((e, i) => [e.layer, i]))
   return {
     name: "fill",
-    beforeSegment: () => {},
-    skipped: (exitIndex, row) => {
-      fills.push({ row, exitIndex })
-    },
-    // No row of a step reads another's skipped K/V, so the fill waits for the step's end and takes one call.
-    endStep: Effect.suspend(() => {
-      const step = fills
-      fills = []
-      if (step.length === 0) return Effect.void
-      const first = Math.min(...step.map((f) => f.exitIndex))
-      const count = step.reduce((n, f) => n + f.row.positions.length, 0)
-      const hidden = new Float32Array(count * D)
-      const positions = new BigInt64Array(count)
-      const slots = new Int32Array(count)
-      const fromLayers = new Int32Array(count)
-      let i = 0
-      for (const { row, exitIndex } of step) {
-        hidden.set(row.hidden, i * D)
-        for (const position of row.positions) {
-          positions[i] = BigInt(position)
-          fromLayers[i] = spec.exits[exitIndex]!.layer
-          slots[i++] = kv.slot(row.seq.blocks!, position)
+    beforeSegment: (index, rows) =>
+      Effect.suspend(() => {
+        const { firstLayer } = spec.segments[index]!
+        // Fill levels are contiguous, so a sequence that needs any position here is filled at every layer: all its
+        // missing positions, each from its own exit layer on.
+        const due = rows.flatMap((row) => {
+          if (missingFrom(kv, row, firstLayer).count === 0) return []
+          const { from, count } = missingFrom(kv, row, layers - 1)
+          return [{ row, from, count }]
+        })
+        if (due.length === 0) return Effect.void
+        const total = due.reduce((n, d) => n + d.count, 0)
+        const hidden = new Float32Array(total * D)
+        const positions = new BigInt64Array(total)
+        const slots = new Int32Array(total)
+        const fromLayers = new Int32Array(total)
+        let earliest = layers
+        let i = 0
+        for (const { row, from, count } of due) {
+          const blocks = row.seq.blocks!
+          for (let position = from; position < from + count; position++, i++) {
+            // The layer it exited at: the first whose fill level stops at or below it.
+            let exitLayer = 0
+            while (kv.filled(blocks, exitLayer) > position) exitLayer++
+            earliest = Math.min(earliest, exitLayer)
+            hidden.set(exitState(row.seq, position, exitLayer), i * D)
+            positions[i] = BigInt(position)
+            slots[i] = kv.slot(blocks, position)
+            fromLayers[i] = exitLayer
+          }
         }
-      }
-      const started = performance.now()
-      return runner.kvFill(first, hidden, positions, slots, fromLayers).pipe(
-        Effect.ensuring(
-          Effect.sync(() => {
-            statistics.counters.kvFillMs += performance.now() - started
-          }),
-        ),
-        Effect.tap(() =>
-          Effect.sync(() => {
-            for (const { row, exitIndex } of step) {
-              const upTo = row.positions.at(-1)! + 1
-              for (let l = spec.exits[exitIndex]!.layer; l < spec.dims.layers; l++)
-                kv.markFilled(row.seq.blocks!, l, upTo)
-              // Filled K/V approximate the full-depth ones: nothing from here on enters the prefix cache.
-              row.seq.exact = Math.min(row.seq.exact, row.positions[0]!)
-            }
-          }),
-        ),
-      )
-    }),
+        const exitIndex = exitAt.get(earliest)
+        if (exitIndex === undefined) throw new Error(`fill: positions stop at layer ${earliest}, which has no exit`)
+        const started = performance.now()
+        return runner.kvFill(exitIndex, hidden, positions, slots, fromLayers).pipe(
+          Effect.ensuring(
+            Effect.sync(() => {
+              statistics.counters.kvFillMs += performance.now() - started
+            }),
+          ),
+          Effect.tap(() =>
+            Effect.sync(() => {
+              for (const { row, from, count } of due) {
+                for (let l = earliest; l < layers; l++) kv.markFilled(row.seq.blocks!, l, from + count)
+                for (let position = from; position < from + count; position++) row.seq.exitStates.delete(position)
+                // Filled K/V approximate the full-depth ones: nothing from here on enters the prefix cache.
+                row.seq.exact = Math.min(row.seq.exact, from)
+              }
+            }),
+          ),
+        )
+      }),
+    skipped: keepExitStates(D),
   }
 }
 

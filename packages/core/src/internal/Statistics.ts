@@ -16,7 +16,15 @@ export interface ExitCounters {
 }
 
 export const makeStatistics = (spec: ModelSpec) => {
-  const counters = { steps: 0, prefillTokens: 0, decodeTokens: 0, layersSkipped: 0, kvFillMs: 0 }
+  const counters = {
+    steps: 0,
+    prefillTokens: 0,
+    decodeTokens: 0,
+    layersSkipped: 0,
+    kvFillMs: 0,
+    decodeSegmentMs: 0,
+    decodeLayerRows: 0,
+  }
   const exits: ReadonlyArray<ExitCounters> = spec.exits
     .slice(0, -1)
     .map((e) => ({ layer: e.layer, scored: 0, headRows: 0, exited: 0, headMs: 0, decisionMs: 0 }))

@@ -92,6 +92,8 @@ export const EngineStatsSchema = Schema.Struct({
   layersSkipped: Count,
   headMs: Count,
   kvFillMs: Count,
+  decodeSegmentMs: Count,
+  decodeLayerRows: Count,
   exits: Schema.Array(
     Schema.Struct({ layer: Count, scored: Count, headRows: Count, exited: Count, headMs: Count, decisionMs: Count }),
   ),
