@@ -138,37 +138,39 @@ describe("samples of one request", () => {
 })
 
 describe("K/V of skipped layers", () => {
-  it.effect("fill writes the reference projection of the exit hidden state into every skipped layer, once a later token needs it", () =>
-    Effect.gen(function* () {
-      const runner = yield* ModelRunner
-      // Only exit 1 decides (stories260K's first exit is overconfident: most tokens leave there, a few go full depth).
-      const events = yield* collect(
-        request(BENCH_PROMPTS[0]!, 40, { threshold: 2, thresholds: { "1": 0.995 }, kv: "fill", measure: "softmax" }),
-      )
-      const { headDim } = runner.spec.dims
-      const prompt = [1, 403, 407, 261, 378] // "Once upon a time"
-      const tokens = [...prompt, ...ids(events)]
-      const positions = reference.run(tokens.slice(0, -1))
-      // Event i ran position prompt + i - 1. Positions that exited after layer 1 before the last one that went full
-      // depth were filled before it ran layer 1; layer 0 is exact, so their exit state (hidden[0]) is the reference's.
-      const exits = events.map((e) => e.exitLayer)
-      const lastDeep = prompt.length + exits.lastIndexOf(5) - 1
-      const filled = exits.flatMap((layer, i) =>
-        i > 0 && layer === 1 && prompt.length + i - 1 < lastDeep ? [prompt.length + i - 1] : [],
-      )
-      expect(filled.length).toBeGreaterThanOrEqual(2)
-      let worst = 0
-      for (const p of filled) {
-        const exitHidden = positions[p]!.hidden[0]!
-        worst = Math.max(worst, maxDiff(runner.readKv(0, p).k, interleavedToHalfRow(positions[p]!.k[0]!, headDim)))
-        for (let l = 1; l < 5; l++) {
-          const want = reference.projectKv(l, exitHidden, p)
-          worst = Math.max(worst, maxDiff(runner.readKv(l, p).k, interleavedToHalfRow(want.k, headDim)))
-          worst = Math.max(worst, maxDiff(runner.readKv(l, p).v, want.v))
+  it.effect(
+    "fill writes the reference projection of the exit hidden state into every skipped layer, once a later token needs it",
+    () =>
+      Effect.gen(function* () {
+        const runner = yield* ModelRunner
+        // Only exit 1 decides (stories260K's first exit is overconfident: most tokens leave there, a few go full depth).
+        const events = yield* collect(
+          request(BENCH_PROMPTS[0]!, 40, { threshold: 2, thresholds: { "1": 0.995 }, kv: "fill", measure: "softmax" }),
+        )
+        const { headDim } = runner.spec.dims
+        const prompt = [1, 403, 407, 261, 378] // "Once upon a time"
+        const tokens = [...prompt, ...ids(events)]
+        const positions = reference.run(tokens.slice(0, -1))
+        // Event i ran position prompt + i - 1. Positions that exited after layer 1 before the last one that went full
+        // depth were filled before it ran layer 1; layer 0 is exact, so their exit state (hidden[0]) is the reference's.
+        const exits = events.map((e) => e.exitLayer)
+        const lastDeep = prompt.length + exits.lastIndexOf(5) - 1
+        const filled = exits.flatMap((layer, i) =>
+          i > 0 && layer === 1 && prompt.length + i - 1 < lastDeep ? [prompt.length + i - 1] : [],
+        )
+        expect(filled.length).toBeGreaterThanOrEqual(2)
+        let worst = 0
+        for (const p of filled) {
+          const exitHidden = positions[p]!.hidden[0]!
+          worst = Math.max(worst, maxDiff(runner.readKv(0, p).k, interleavedToHalfRow(positions[p]!.k[0]!, headDim)))
+          for (let l = 1; l < 5; l++) {
+            const want = reference.projectKv(l, exitHidden, p)
+            worst = Math.max(worst, maxDiff(runner.readKv(l, p).k, interleavedToHalfRow(want.k, headDim)))
+            worst = Math.max(worst, maxDiff(runner.readKv(l, p).v, want.v))
+          }
         }
-      }
-      expect(worst).toBeLessThan(1e-4)
-    }).pipe(withEngine()),
+        expect(worst).toBeLessThan(1e-4)
+      }).pipe(withEngine()),
   )
 
   it.effect("recompute: once a pending token is processed, its K/V in every layer equal the full-depth K/V", () =>
