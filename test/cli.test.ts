@@ -145,12 +145,12 @@ describe("offramp convert + generate (stories260K)", () => {
     for (const c of doc.calls) {
       expect(c.segmentUs).toHaveLength(5)
       expect(c.kvFillUs).toHaveLength(4)
-      const bounds = c.forcedExitBound as Array<{ layer: number; recompute: number; fill: number }>
+      const bounds = c.forcedExitBound as Array<{ layer: number; speedup: number; withFill: number }>
       expect(bounds.map((b) => b.layer)).toEqual([1, 2, 3, 4])
       for (const [i, b] of bounds.entries()) {
-        expect(b.recompute).toBeGreaterThan(1)
-        expect(b.fill).toBeLessThan(b.recompute)
-        if (i > 0) expect(b.recompute).toBeLessThan(bounds[i - 1]!.recompute)
+        expect(b.speedup).toBeGreaterThan(1)
+        expect(b.withFill).toBeLessThan(b.speedup)
+        if (i > 0) expect(b.speedup).toBeLessThan(bounds[i - 1]!.speedup)
       }
     }
   })

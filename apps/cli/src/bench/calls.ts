@@ -1,9 +1,10 @@
 /**
  * What each model runner call costs, timed directly (no engine around it), and what those costs allow early exit to
  * gain: the speedup of a token that exits at an early exit over one that runs full depth counts every call either
- * token needs (the embedding, the segments it runs, the head, and under `fill` the K/V fill of the layers it
- * skipped), not only the layers. The head and the embedding are paid whatever the exit, so an exit after half the
- * layers gains less than 2x even with no engine overhead at all.
+ * token needs (the embedding, the segments it runs, the head), not only the layers. The head and the embedding are
+ * paid whatever the exit, so an exit after half the layers gains less than 2x even with no engine overhead at all.
+ * When every token exits, neither KV strategy computes the skipped layers' K/V (both wait for a later token that
+ * needs them); `withFill` is the figure if each token's were filled at once, as the paper's fill does.
  */
 import { buildRowBatch, ModelRunner } from "@offramp/core"
 import { Effect } from "effect"
@@ -23,8 +24,11 @@ export interface CallCosts {
   /** Per early exit: the K/V fill of the layers after it, and its classifier (null: none). */
   readonly kvFillUs: ReadonlyArray<number>
   readonly classifyUs: ReadonlyArray<number | null>
-  /** Per early exit: full-depth calls ÷ the calls of a token that exits there, under each K/V strategy. */
-  readonly forcedExitBound: ReadonlyArray<{ readonly layer: number; readonly recompute: number; readonly fill: number }>
+  /**
+   * Per early exit: full-depth calls ÷ the calls of a token that exits there (`speedup`), and ÷ those calls plus the
+   * fill of its skipped layers (`withFill`).
+   */
+  readonly forcedExitBound: ReadonlyArray<{ readonly layer: number; readonly speedup: number; readonly withFill: number }>
 }
 
 /** Median µs per call of `f` over `rounds` rounds of `calls` calls, after a warm-up. */
@@ -80,7 +84,7 @@ export const measureCalls = (streams: number, calls = 200, rounds = 5) =>
     const full = embedUs + sum(segmentUs) + headUs
     const forcedExitBound = early.map((exit, i) => {
       const upTo = embedUs + sum(segmentUs.filter((_, s) => segments[s]!.endLayer <= exit.layer)) + headUs
-      return { layer: exit.layer, recompute: full / upTo, fill: full / (upTo + kvFillUs[i]!) }
+      return { layer: exit.layer, speedup: full / upTo, withFill: full / (upTo + kvFillUs[i]!) }
     })
     return {
       streams,
@@ -103,6 +107,6 @@ export const describeCalls = (c: CallCosts) =>
     `kvfill ${c.kvFillUs.map((u) => u.toFixed(0)).join("/")}`,
     `classifier ${c.classifyUs.map((u) => (u === null ? "-" : u.toFixed(1))).join("/")};`,
     `forced-exit bound ${c.forcedExitBound
-      .map((b) => `L${b.layer} x${b.recompute.toFixed(2)} recompute / x${b.fill.toFixed(2)} fill`)
+      .map((b) => `L${b.layer} x${b.speedup.toFixed(2)} (filled at once x${b.withFill.toFixed(2)})`)
       .join(", ")}`,
   ].join("  ")
