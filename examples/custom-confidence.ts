@@ -5,8 +5,9 @@
  *
  * Run: npx tsx examples/custom-confidence.ts build/stories260K
  */
-import { ConfidenceEvaluator, type ConfidenceInput, defaultConfidence, Engine } from "@offramp/core"
-import { onnxEngineLayer } from "@offramp/onnx"
+import { ConfidenceEvaluator, type ConfidenceInput, defaultConfidence } from "@offramp/core/ConfidenceEvaluator"
+import { Engine } from "@offramp/core/Engine"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Console, Effect, Layer, Stream } from "effect"
 
 const modelDir = process.argv[2] ?? "build/stories260K"

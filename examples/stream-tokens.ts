@@ -2,8 +2,8 @@
  * Streams tokens from the Engine in a host program, with each token's exit layer.
  * Run: npm run demo (once, to convert the model), then npx tsx examples/stream-tokens.ts
  */
-import { Engine } from "@offramp/core"
-import { onnxEngineLayer } from "@offramp/onnx"
+import { Engine } from "@offramp/core/Engine"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Effect, Stream } from "effect"
 
 const program = Effect.gen(function* () {

@@ -7,15 +7,16 @@ import { join } from "node:path"
 import { describe, expect, it } from "@effect/vitest"
 import {
   CLOSED_THRESHOLD,
-  ConfidenceEvaluator,
   collectExitStatistics,
-  Engine,
   type ExitStatistics,
-  ModelRunner,
   thresholdsForPerplexity,
   thresholdsForTarget,
-} from "@offramp/core"
-import { CALIBRATION_FILE, CalibrationFile, OnnxModelRunner, onnxEngineLayer } from "@offramp/onnx"
+} from "@offramp/core/Calibration"
+import { ConfidenceEvaluator } from "@offramp/core/ConfidenceEvaluator"
+import { Engine } from "@offramp/core/Engine"
+import { ModelRunner } from "@offramp/core/ModelRunner"
+import { CALIBRATION_FILE, CalibrationFile, onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
+import { OnnxModelRunner } from "@offramp/onnx/OnnxModelRunner"
 import { Effect, Layer, Schema } from "effect"
 import { beforeAll } from "vitest"
 import { expectCleanFailure, runCli } from "./support/cli.js"

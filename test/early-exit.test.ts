@@ -6,18 +6,13 @@
 import { cpSync, readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { describe, expect, it } from "@effect/vitest"
-import { buildClassifierGraph } from "@offramp/convert"
-import {
-  type EarlyExitRequest,
-  Engine,
-  FULL_DEPTH,
-  featureCount,
-  type GenerationRequest,
-  type KvStrategy,
-  ModelRunner,
-  type TokenEvent,
-} from "@offramp/core"
-import { onnxEngineLayer } from "@offramp/onnx"
+import { buildClassifierGraph } from "@offramp/convert/ClassifierGraph"
+import { type EarlyExitRequest, FULL_DEPTH, type KvStrategy } from "@offramp/core/EarlyExit"
+import { Engine } from "@offramp/core/Engine"
+import { featureCount } from "@offramp/core/ExitClassifier"
+import type { GenerationRequest, TokenEvent } from "@offramp/core/Generation"
+import { ModelRunner } from "@offramp/core/ModelRunner"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Chunk, Deferred, Effect, Either, Fiber, Stream } from "effect"
 import { beforeAll } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"

@@ -4,8 +4,10 @@
  */
 
 import { describe, expect, it } from "@effect/vitest"
-import { Engine, type GenerationRequest, KvCache, type TokenEvent } from "@offramp/core"
-import { type OnnxEngineConfig, onnxEngineLayer } from "@offramp/onnx"
+import { Engine } from "@offramp/core/Engine"
+import type { GenerationRequest, TokenEvent } from "@offramp/core/Generation"
+import { KvCache } from "@offramp/core/KvCache"
+import { type OnnxEngineConfig, onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Chunk, Context, Effect, Either, Exit, Fiber, Layer, Scope, Stream } from "effect"
 import { beforeAll } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"

@@ -5,8 +5,10 @@
  * every request completes or fails with a typed error, and once the engine is idle no block is held
  * (cached blocks evict to zero).
  */
-import { Engine, type GenerationRequest, KvCache } from "@offramp/core"
-import { onnxEngineLayer } from "@offramp/onnx"
+import { Engine } from "@offramp/core/Engine"
+import type { GenerationRequest } from "@offramp/core/Generation"
+import { KvCache } from "@offramp/core/KvCache"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Effect, Fiber, Stream } from "effect"
 import fc from "fast-check"
 import { beforeAll, describe, expect, it } from "vitest"

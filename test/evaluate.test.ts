@@ -4,7 +4,7 @@
  */
 import { readFileSync } from "node:fs"
 import { join } from "node:path"
-import { HfTokenizer } from "@offramp/tokenizer"
+import * as HfTokenizer from "@offramp/tokenizer/HfTokenizer"
 import { Effect } from "effect"
 import { beforeAll, describe, expect, it } from "vitest"
 import { runCli } from "./support/cli.js"

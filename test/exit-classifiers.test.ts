@@ -7,22 +7,21 @@
 import { readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { describe, expect, it } from "@effect/vitest"
-import { buildClassifierGraph } from "@offramp/convert"
-import {
-  ConfidenceEvaluator,
-  Engine,
-  GraphNames,
-  greedyParams,
-  KvCacheLive,
-  ModelRunner,
-  predictExit,
-  Sampler,
-  Scheduler,
-  type TokenEvent,
-  Tokenizer,
-} from "@offramp/core"
-import { OnnxModelRunner, onnxEngineLayer, openModelDirectory } from "@offramp/onnx"
-import { HfTokenizer } from "@offramp/tokenizer"
+import { buildClassifierGraph } from "@offramp/convert/ClassifierGraph"
+import { ConfidenceEvaluator } from "@offramp/core/ConfidenceEvaluator"
+import { Engine } from "@offramp/core/Engine"
+import { predictExit } from "@offramp/core/ExitClassifier"
+import type { TokenEvent } from "@offramp/core/Generation"
+import { GraphNames } from "@offramp/core/GraphNames"
+import { KvCacheLive } from "@offramp/core/KvCacheImpl"
+import { ModelRunner } from "@offramp/core/ModelRunner"
+import { greedyParams, Sampler } from "@offramp/core/Sampler"
+import { Scheduler } from "@offramp/core/Scheduler"
+import { Tokenizer } from "@offramp/core/Tokenizer"
+import { openModelDirectory } from "@offramp/onnx/ModelDirectory"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
+import { OnnxModelRunner } from "@offramp/onnx/OnnxModelRunner"
+import * as HfTokenizer from "@offramp/tokenizer/HfTokenizer"
 import { Chunk, Effect, Layer, Stream } from "effect"
 import * as ort from "onnxruntime-node"
 import { beforeAll } from "vitest"

@@ -4,8 +4,10 @@
  */
 import { cpSync, readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
-import { makeOnnxModelRunner, onnxEngineLayer, openModelDirectory } from "@offramp/onnx"
-import { HfTokenizer } from "@offramp/tokenizer"
+import { openModelDirectory } from "@offramp/onnx/ModelDirectory"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
+import { makeOnnxModelRunner } from "@offramp/onnx/OnnxModelRunner"
+import * as HfTokenizer from "@offramp/tokenizer/HfTokenizer"
 import { Effect, Layer } from "effect"
 import { beforeAll, describe, expect, it } from "vitest"
 import { convertStories, tempDir } from "./support/stories.js"

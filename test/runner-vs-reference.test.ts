@@ -5,8 +5,10 @@
  */
 
 import { describe, expect, it } from "@effect/vitest"
-import { argmax, buildRowBatch, ModelRunner, type RowInput } from "@offramp/core"
-import { OnnxModelRunner } from "@offramp/onnx"
+import { ModelRunner } from "@offramp/core/ModelRunner"
+import { buildRowBatch, type RowInput } from "@offramp/core/RowBatch"
+import { argmax } from "@offramp/core/Sampler"
+import { OnnxModelRunner } from "@offramp/onnx/OnnxModelRunner"
 import { Effect } from "effect"
 import { beforeAll } from "vitest"
 import { interleavedToHalfRow, loadLlama2cReference, type PositionResult } from "./support/reference-llama.js"

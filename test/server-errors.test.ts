@@ -4,9 +4,11 @@
  * shutdown (503), and a model chat template.
  */
 import { request } from "node:http"
-import { Engine, EngineStoppedError, Tokenizer } from "@offramp/core"
-import { onnxEngineLayer } from "@offramp/onnx"
-import { OpenAiServer } from "@offramp/server"
+import { Engine } from "@offramp/core/Engine"
+import { EngineStoppedError } from "@offramp/core/Errors"
+import { Tokenizer } from "@offramp/core/Tokenizer"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
+import { OpenAiServer } from "@offramp/server/OpenAiServer"
 import { Context, Effect, Fiber, Layer, Stream } from "effect"
 import OpenAI from "openai"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"

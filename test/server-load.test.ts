@@ -2,8 +2,8 @@
  * The server under concurrent clients: 32 simultaneous streams all end with [DONE] (greedy ones as when alone),
  * and 100 clients that disconnect mid-stream leave no KV blocks in use.
  */
-import { Engine } from "@offramp/core"
-import { onnxEngineLayer } from "@offramp/onnx"
+import { Engine } from "@offramp/core/Engine"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Effect } from "effect"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"

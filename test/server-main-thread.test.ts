@@ -5,7 +5,7 @@
  * client's chunks against its usual gap, not as a timing benchmark.
  */
 import { join } from "node:path"
-import { onnxEngineLayer } from "@offramp/onnx"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
 import { json, postJson, startServer, type TestServer } from "../packages/server/test/support.js"

@@ -4,7 +4,8 @@
  * event and [DONE], or a 5xx JSON error without internals); /health reports restarting and then ready; /metrics
  * answers throughout; and the server serves again.
  */
-import { DEFAULT_MODEL_DIR, WorkerEngine } from "@offramp/onnx"
+import { modelDir as DEFAULT_MODEL_DIR } from "@offramp/default-model"
+import * as WorkerEngine from "@offramp/onnx/WorkerEngine"
 import { describe, expect, it } from "vitest"
 import { json, metric, postJson, readSse, startServer, type TestServer } from "../packages/server/test/support.js"
 

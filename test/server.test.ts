@@ -2,8 +2,8 @@
  * The OpenAI-compatible server end to end on stories260K: a real server on a loopback port, driven by the official
  * `openai` client (and raw fetch where the wire format itself is checked).
  */
-import { Engine } from "@offramp/core"
-import { onnxEngineLayer } from "@offramp/onnx"
+import { Engine } from "@offramp/core/Engine"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Effect } from "effect"
 import OpenAI from "openai"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"

@@ -4,8 +4,11 @@
  * enough to force preemption; sampled output follows full depth's distribution (first tokens over many seeds).
  */
 import { describe, expect, it } from "@effect/vitest"
-import { Engine, type GenerationRequest, greedyParams, type TokenEvent } from "@offramp/core"
-import { DEFAULT_MODEL_DIR, type OnnxEngineConfig, onnxEngineLayer } from "@offramp/onnx"
+import { Engine } from "@offramp/core/Engine"
+import type { GenerationRequest, TokenEvent } from "@offramp/core/Generation"
+import { greedyParams } from "@offramp/core/Sampler"
+import { modelDir as DEFAULT_MODEL_DIR } from "@offramp/default-model"
+import { type OnnxEngineConfig, onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Chunk, Effect, Stream } from "effect"
 import { beforeAll } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"

@@ -5,15 +5,12 @@
  */
 
 import { describe, expect, it } from "@effect/vitest"
-import {
-  Engine,
-  EngineStoppedError,
-  type GenerationRequest,
-  InvalidRequestError,
-  type TokenEvent,
-  Tokenizer,
-} from "@offramp/core"
-import { onnxEngineLayer, WorkerEngine } from "@offramp/onnx"
+import { Engine } from "@offramp/core/Engine"
+import { EngineStoppedError, InvalidRequestError } from "@offramp/core/Errors"
+import type { GenerationRequest, TokenEvent } from "@offramp/core/Generation"
+import { Tokenizer } from "@offramp/core/Tokenizer"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
+import * as WorkerEngine from "@offramp/onnx/WorkerEngine"
 import { Chunk, Context, Deferred, Effect, Exit, Fiber, Layer, Scope, Stream } from "effect"
 import { beforeAll } from "vitest"
 import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"

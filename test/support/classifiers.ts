@@ -4,8 +4,9 @@
  */
 import { readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
-import { buildClassifierGraph } from "@offramp/convert"
-import { type ExitClassifierWeights, featureCount, type ModelSpec } from "@offramp/core"
+import { buildClassifierGraph } from "@offramp/convert/ClassifierGraph"
+import { type ExitClassifierWeights, featureCount } from "@offramp/core/ExitClassifier"
+import type { ModelSpec } from "@offramp/core/ModelSpec"
 
 /** A seeded generator of numbers in [-0.5, 0.5) (a linear congruential one: enough for test weights). */
 export const seededRandom = (seed: number) => {

@@ -4,12 +4,9 @@
 import { mkdtempSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join, resolve } from "node:path"
-import {
-  readLlama2cCheckpoint,
-  readLlama2cTokenizer,
-  toHuggingFaceTokenizerJson,
-  writeStagedModel,
-} from "@offramp/convert"
+import { readLlama2cCheckpoint } from "@offramp/convert/Llama2cCheckpoint"
+import { readLlama2cTokenizer, toHuggingFaceTokenizerJson } from "@offramp/convert/Llama2cTokenizer"
+import { writeStagedModel } from "@offramp/convert/StagedModelWriter"
 import { Effect } from "effect"
 
 export const REPO_ROOT = resolve(import.meta.dirname, "../..")

@@ -1,6 +1,3 @@
 #!/usr/bin/env node
-// The CLI is TypeScript run through tsx, so there is no build step between a checkout and a working command.
-import { register } from "tsx/esm/api"
-
-register()
-await import("../src/main.ts")
+// The compiled CLI (`npm run build` writes dist/; `npm install` in the repository runs it).
+await import("../dist/main.js")

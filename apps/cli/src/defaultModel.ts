@@ -2,7 +2,7 @@
  * `--model DIR`, defaulting to the embedded model (models/default) when a command gets none.
  */
 import { Options } from "@effect/cli"
-import { DEFAULT_MODEL_DIR } from "@offramp/onnx"
+import { modelDir as DEFAULT_MODEL_DIR } from "@offramp/default-model"
 import { Option } from "effect"
 
 export const modelOption = Options.directory("model").pipe(

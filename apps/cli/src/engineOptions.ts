@@ -2,8 +2,8 @@
  * Engine flags shared by the commands that run the engine.
  */
 import { Options } from "@effect/cli"
-import { InvalidRequestError } from "@offramp/core"
-import type { OnnxEngineConfig } from "@offramp/onnx"
+import { InvalidRequestError } from "@offramp/core/Errors"
+import type { OnnxEngineConfig } from "@offramp/onnx/OnnxEngine"
 import { Effect, Option } from "effect"
 
 export const kvCacheMb = Options.integer("kv-cache-mb").pipe(

@@ -4,17 +4,12 @@
  */
 import { Command, Options } from "@effect/cli"
 import * as HttpServer from "@effect/platform/HttpServer"
-import { InvalidRequestError } from "@offramp/core"
-import { DEFAULT_MODEL_DIR, onnxEngineLayer, WorkerEngine } from "@offramp/onnx"
-import {
-  DEFAULT_HOST,
-  DEFAULT_MAX_BODY_BYTES,
-  DEFAULT_MAX_QUEUED_SEQUENCES,
-  DEFAULT_PORT,
-  ListenError,
-  layerNode,
-  OpenAiServer,
-} from "@offramp/server"
+import { InvalidRequestError } from "@offramp/core/Errors"
+import { modelDir as DEFAULT_MODEL_DIR } from "@offramp/default-model"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
+import * as WorkerEngine from "@offramp/onnx/WorkerEngine"
+import { DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUED_SEQUENCES, OpenAiServer } from "@offramp/server/OpenAiServer"
+import { DEFAULT_HOST, DEFAULT_PORT, ListenError, layerNode } from "@offramp/server/Serve"
 import { Config, ConfigError, Console, Effect, Either, Layer, Option, Redacted } from "effect"
 
 export const API_KEY_ENV = "OFFRAMP_API_KEY"

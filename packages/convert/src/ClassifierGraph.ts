@@ -7,9 +7,9 @@
 import {
   EXIT_CLASSIFIER_METADATA,
   type ExitClassifierWeights,
-  GraphNames as N,
   EXIT_CLASSIFIER_TENSORS as T,
-} from "@offramp/core"
+} from "@offramp/core/ExitClassifier"
+import { GraphNames as N } from "@offramp/core/GraphNames"
 import { GraphBuilder } from "./GraphBuilder.js"
 
 export const buildClassifierGraph = (weights: ExitClassifierWeights, hiddenSize: number): Uint8Array => {

@@ -8,7 +8,8 @@
  */
 import { readFile } from "node:fs/promises"
 import { basename, join, resolve } from "node:path"
-import { CheckpointError, describeParseError, type ModelSpec } from "@offramp/core"
+import { CheckpointError, describeParseError } from "@offramp/core/Errors"
+import type { ModelSpec } from "@offramp/core/ModelSpec"
 import { Effect, Schema } from "effect"
 import { MissingTensorError, type SafetensorsError, TensorShapeError, UnsupportedArchitectureError } from "./Errors.js"
 import type { ExitHeadWeights, LlamaConfig, LlamaLayerWeights, LlamaWeights } from "./LlamaWeights.js"

@@ -3,7 +3,7 @@
  * A positive vocab size in the header means the classifier shares the token embedding.
  */
 import { readFile } from "node:fs/promises"
-import { CheckpointError } from "@offramp/core"
+import { CheckpointError } from "@offramp/core/Errors"
 import { Effect } from "effect"
 import type { LlamaConfig, LlamaLayerWeights, LlamaWeights } from "./LlamaWeights.js"
 import { interleavedToHalf, ropeInvFreq } from "./LlamaWeights.js"

@@ -7,7 +7,7 @@
  * tokens `<0x00>`..`<0xFF>`, then the SentencePiece pieces with " " where SentencePiece has "▁".
  */
 import { readFile } from "node:fs/promises"
-import { CheckpointError } from "@offramp/core"
+import { CheckpointError } from "@offramp/core/Errors"
 import { Effect } from "effect"
 
 export const LLAMA2C_UNK_ID = 0

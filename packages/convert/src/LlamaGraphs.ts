@@ -3,7 +3,7 @@
  * Attention uses standard ops only (Gather by block table, MatMul, Softmax): the CPU contrib attention ops
  * refuse batched prefill with a past (DESIGN.md).
  */
-import { GraphNames as N } from "@offramp/core"
+import { GraphNames as N } from "@offramp/core/GraphNames"
 import { float32ToFloat16Array } from "./Float16.js"
 import { float, GraphBuilder } from "./GraphBuilder.js"
 import type { ExitHeadWeights, LlamaConfig, LlamaLayerWeights, LlamaWeights } from "./LlamaWeights.js"

@@ -3,7 +3,8 @@
  */
 import { mkdir, rename, rm, writeFile } from "node:fs/promises"
 import { join } from "node:path"
-import { CheckpointError, FORMAT_VERSION, ModelSpec } from "@offramp/core"
+import { CheckpointError } from "@offramp/core/Errors"
+import { FORMAT_VERSION, ModelSpec } from "@offramp/core/ModelSpec"
 import { Effect, Schema } from "effect"
 import { buildEmbedGraph, buildHeadGraph, buildKvFillGraph, buildSegmentGraph } from "./LlamaGraphs.js"
 import type { LlamaWeights } from "./LlamaWeights.js"

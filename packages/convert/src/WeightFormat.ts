@@ -2,7 +2,7 @@
  * How a conversion stores weights in the ONNX files. Compute is always float32: float16 weights are cast at load
  * and quantized ones are expanded inside onnxruntime's `MatMulNBits`.
  */
-import type { ModelSpec } from "@offramp/core"
+import type { ModelSpec } from "@offramp/core/ModelSpec"
 import type { Quantization } from "./Quantize.js"
 
 export interface WeightFormat {

@@ -148,6 +148,19 @@ export class Engine extends Context.Tag("@offramp/core/Engine")<Engine, EngineSh
     Layer.scoped(Engine, makeEngine(options))
 }
 
+/**
+ * The engine over the services it needs (ModelRunner, Tokenizer, Sampler, KvCache, Scheduler, ConfidenceEvaluator).
+ * A host app provides `Offramp.layer` from @offramp/onnx instead, which brings them all.
+ */
+export const layer = Engine.layer
+
+/** Generates with the Engine in context: the tokens of every sample, as they come (see EngineShape.generate). */
+export const generate = (request: GenerationRequest): Stream.Stream<TokenEvent, GenerationError, Engine> =>
+  Stream.unwrap(Effect.map(Engine, (engine) => engine.generate(request)))
+
+/** The engine's counters (see EngineStats). */
+export const stats: Effect.Effect<EngineStats, never, Engine> = Effect.flatMap(Engine, (engine) => engine.stats)
+
 /** The longest the engine loop runs steps back to back before Node's event loop turns. */
 const EVENT_LOOP_TURN_MS = 4
 

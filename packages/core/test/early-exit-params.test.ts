@@ -2,7 +2,8 @@
  * Early-exit settings resolved against a model: per-exit thresholds, the minimum exit layer, CALM's decay.
  */
 import { describe, expect, it } from "vitest"
-import { FULL_DEPTH, type ModelSpec, resolveEarlyExit, thresholdAt } from "../src/index.js"
+import { FULL_DEPTH, resolveEarlyExit, thresholdAt } from "../src/EarlyExit.js"
+import type { ModelSpec } from "../src/ModelSpec.js"
 
 const spec = {
   exits: [{ layer: 2 }, { layer: 4 }, { layer: 6 }, { layer: 8 }],

@@ -4,7 +4,8 @@
  */
 import { access, readFile, stat } from "node:fs/promises"
 import { isAbsolute, join, relative, resolve, sep } from "node:path"
-import { describeParseError, ModelLoadError, ModelSpec, truncateForMessage } from "@offramp/core"
+import { describeParseError, ModelLoadError, truncateForMessage } from "@offramp/core/Errors"
+import { ModelSpec } from "@offramp/core/ModelSpec"
 import { Effect, Schema } from "effect"
 
 export interface ModelDirectory {

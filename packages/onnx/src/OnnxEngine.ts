@@ -5,19 +5,15 @@
  */
 import { readFile } from "node:fs/promises"
 import { join } from "node:path"
-import {
-  ConfidenceEvaluator,
-  describeParseError,
-  EarlyExitParams,
-  Engine,
-  KvCacheLive,
-  ModelLoadError,
-  Sampler,
-  Scheduler,
-  type SchedulerOptions,
-  Tokenizer,
-} from "@offramp/core"
-import { HfTokenizer } from "@offramp/tokenizer"
+import { ConfidenceEvaluator } from "@offramp/core/ConfidenceEvaluator"
+import { EarlyExitParams } from "@offramp/core/EarlyExit"
+import { Engine } from "@offramp/core/Engine"
+import { describeParseError, ModelLoadError } from "@offramp/core/Errors"
+import { KvCacheLive } from "@offramp/core/KvCacheImpl"
+import { Sampler } from "@offramp/core/Sampler"
+import { Scheduler, type SchedulerOptions } from "@offramp/core/Scheduler"
+import { Tokenizer } from "@offramp/core/Tokenizer"
+import * as HfTokenizer from "@offramp/tokenizer/HfTokenizer"
 import { Effect, Layer, Schema } from "effect"
 import { checkTokenizerVocab, openModelDirectory } from "./ModelDirectory.js"
 import { OnnxModelRunner, type RunnerOptions } from "./OnnxModelRunner.js"

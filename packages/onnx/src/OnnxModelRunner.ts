@@ -6,16 +6,10 @@
  */
 import { readFile } from "node:fs/promises"
 import { join } from "node:path"
-import {
-  GraphNames as G,
-  type HeadOutput,
-  ModelLoadError,
-  ModelRunner,
-  type ModelRunnerShape,
-  predictExit,
-  type RowBatch,
-  RunnerError,
-} from "@offramp/core"
+import { ModelLoadError, RunnerError } from "@offramp/core/Errors"
+import { predictExit } from "@offramp/core/ExitClassifier"
+import { GraphNames as G } from "@offramp/core/GraphNames"
+import { type HeadOutput, ModelRunner, type ModelRunnerShape, type RowBatch } from "@offramp/core/ModelRunner"
 import { Effect, Layer, type Scope } from "effect"
 import * as ort from "onnxruntime-node"
 import { readClassifierWeights } from "./internal/ClassifierFile.js"

@@ -14,21 +14,23 @@
 import { join } from "node:path"
 import * as NodeWorker from "@effect/platform-node/NodeWorker"
 import {
-  describeParseError,
   Engine,
   type EngineShape,
   type EngineState,
   type EngineStats,
-  EngineStoppedError,
-  GenerationRequest,
   type GenerationSink,
+  streamOfSubmit,
+} from "@offramp/core/Engine"
+import {
+  describeParseError,
+  EngineStoppedError,
   InvalidRequestError,
   type ModelLoadError,
-  streamOfSubmit,
-  Tokenizer,
   type TokenizerError,
-} from "@offramp/core"
-import { HfTokenizer } from "@offramp/tokenizer"
+} from "@offramp/core/Errors"
+import { GenerationRequest } from "@offramp/core/Generation"
+import { Tokenizer } from "@offramp/core/Tokenizer"
+import * as HfTokenizer from "@offramp/tokenizer/HfTokenizer"
 import { Context, Deferred, Duration, Effect, Fiber, Layer, Schedule, Schema } from "effect"
 import { connect, type WorkerConnection } from "./internal/WorkerConnection.js"
 import type { TestFault, WorkerEngineConfig } from "./internal/WorkerProtocol.js"

@@ -11,14 +11,9 @@
 import * as WorkerRunner from "@effect/platform/WorkerRunner"
 import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import * as NodeWorkerRunner from "@effect/platform-node/NodeWorkerRunner"
-import {
-  Engine,
-  type EngineShape,
-  EngineStoppedError,
-  type GenerationError,
-  type GenerationRequest,
-  type GenerationSink,
-} from "@offramp/core"
+import { Engine, type EngineShape, type GenerationSink } from "@offramp/core/Engine"
+import { EngineStoppedError, type GenerationError } from "@offramp/core/Errors"
+import type { GenerationRequest } from "@offramp/core/Generation"
 import { Cause, Context, Effect, Exit, Layer, Mailbox, Option, Scope } from "effect"
 import { type StepEvents, StepEventsBuilder } from "./internal/StepEvents.js"
 import { EngineRequest, type TestFault } from "./internal/WorkerProtocol.js"

@@ -2,7 +2,8 @@
  * The worker's columnar wire form of token events: what the builder takes, through Schema serialization and a
  * structured clone (what postMessage does), reads back as the same events and ends in the same order.
  */
-import { EngineStoppedError, InvalidRequestError, type TokenEvent } from "@offramp/core"
+import { EngineStoppedError, InvalidRequestError } from "@offramp/core/Errors"
+import type { TokenEvent } from "@offramp/core/Generation"
 import { Schema } from "effect"
 import * as fc from "fast-check"
 import { describe, expect, it } from "vitest"

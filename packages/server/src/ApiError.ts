@@ -3,7 +3,7 @@
  * Every failure a handler can meet becomes one of these; nothing else (no stack, no cause) reaches the client.
  */
 import * as HttpServerResponse from "@effect/platform/HttpServerResponse"
-import type { GenerationError } from "@offramp/core"
+import type { GenerationError } from "@offramp/core/Errors"
 import { Schema } from "effect"
 
 export class ApiError extends Schema.TaggedError<ApiError>()("ApiError", {

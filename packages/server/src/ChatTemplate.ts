@@ -6,7 +6,7 @@
 import { readFile } from "node:fs/promises"
 import { join } from "node:path"
 import { Template } from "@huggingface/jinja"
-import { ModelLoadError } from "@offramp/core"
+import { ModelLoadError } from "@offramp/core/Errors"
 import { Effect, Either } from "effect"
 
 export interface ChatTemplateConfig {

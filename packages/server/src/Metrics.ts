@@ -5,7 +5,7 @@
  * servers in one process (tests, a host app mounting the router twice) never mix their figures. Engine figures
  * (KV blocks, exits, queue) are read from `engine.stats` at scrape time.
  */
-import type { EngineStats } from "@offramp/core"
+import type { EngineStats } from "@offramp/core/Engine"
 import { ServerState } from "./ServerState.js"
 
 export class Histogram {

@@ -2,14 +2,9 @@
  * The OpenAiServer service: what the router's handlers share — the engine and tokenizer, the served model's name,
  * the chat template, limits, the optional API key, metrics, and the shutdown state.
  */
-import {
-  Engine,
-  type EngineShape,
-  ModelLoadError,
-  Tokenizer,
-  type TokenizerError,
-  type TokenizerShape,
-} from "@offramp/core"
+import { Engine, type EngineShape } from "@offramp/core/Engine"
+import { ModelLoadError, type TokenizerError } from "@offramp/core/Errors"
+import { Tokenizer, type TokenizerShape } from "@offramp/core/Tokenizer"
 import { Context, type Duration, Effect, Either, Layer, type Scope } from "effect"
 import { type ChatRenderer, type ChatTemplateConfig, makeChatRenderer, readChatTemplate } from "./ChatTemplate.js"
 import { ServerMetrics } from "./Metrics.js"

@@ -4,7 +4,7 @@
  * Requests decode leniently where OpenAI is lenient (unknown fields are ignored, `null` means "not given") and
  * strictly where it is strict (a known field of the wrong type is a 400).
  */
-import { ConfidenceMeasure, ExitPolicy, KvStrategy } from "@offramp/core"
+import { ConfidenceMeasure, ExitPolicy, KvStrategy } from "@offramp/core/EarlyExit"
 import { Schema } from "effect"
 
 /** OpenAI clients send `null` for "not given"; both decode to absent-or-null. */

@@ -2,7 +2,7 @@
  * Stop strings are cut exactly however the text is split into tokens, and the held-back text is released as soon
  * as it can no longer become a stop string.
  */
-import type { TokenEvent } from "@offramp/core"
+import type { TokenEvent } from "@offramp/core/Generation"
 import fc from "fast-check"
 import { describe, expect, it } from "vitest"
 import { Choice } from "../src/internal/choice.js"

@@ -2,10 +2,14 @@
  * Test helpers: a real server on a loopback port (port 0), an `openai` client for it, and raw HTTP helpers.
  */
 import * as HttpServer from "@effect/platform/HttpServer"
-import { Engine, type GenerationRequest, type Tokenizer } from "@offramp/core"
+import { Engine } from "@offramp/core/Engine"
+import type { GenerationRequest } from "@offramp/core/Generation"
+import type { Tokenizer } from "@offramp/core/Tokenizer"
 import { Chunk, Effect, Layer, ManagedRuntime, Stream } from "effect"
 import OpenAI from "openai"
-import { layerNode, OpenAiServer, type OpenAiServerOptions, parseMetrics } from "../src/index.js"
+import { parseMetrics } from "../src/Metrics.js"
+import { OpenAiServer, type OpenAiServerOptions } from "../src/OpenAiServer.js"
+import { layerNode } from "../src/Serve.js"
 
 export interface TestServer {
   readonly url: string

@@ -4,7 +4,8 @@
 import { readFile } from "node:fs/promises"
 import { dirname, join } from "node:path"
 import { Tokenizer as HfCoreTokenizer } from "@huggingface/tokenizers"
-import { type DetokenizerStream, Tokenizer, TokenizerError, type TokenizerShape } from "@offramp/core"
+import { TokenizerError } from "@offramp/core/Errors"
+import { type DetokenizerStream, Tokenizer, type TokenizerShape } from "@offramp/core/Tokenizer"
 import { Effect, Layer } from "effect"
 
 /** Ids of prompt context decoded before the first generated id (as vLLM: enough for any decoder look-behind). */
@@ -136,7 +137,7 @@ const make = (hf: HfCoreTokenizer, json: unknown, config: object | undefined): T
   let plain: HfCoreTokenizer | undefined
   const encodeAsText = (text: string, addSpecialTokens: boolean): Array<number> => {
     plain ??= withoutSpecialTokens(json, config)
-    return plain.tokenize(text, { add_special_tokens: addSpecialTokens }).map((token) => {
+    return plain.tokenize(text, { add_special_tokens: addSpecialTokens }).map((token: string) => {
       const id = vocab.get(token)
       if (id === undefined) throw new Error(`the token ${JSON.stringify(token)} is not in the vocabulary`)
       return id

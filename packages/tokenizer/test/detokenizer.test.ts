@@ -2,12 +2,16 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { describe, expect, it } from "@effect/vitest"
-import { LLAMA2C_TOKENIZER_CONFIG, readLlama2cTokenizer, toHuggingFaceTokenizerJson } from "@offramp/convert"
-import { Tokenizer, type TokenizerShape } from "@offramp/core"
+import {
+  LLAMA2C_TOKENIZER_CONFIG,
+  readLlama2cTokenizer,
+  toHuggingFaceTokenizerJson,
+} from "@offramp/convert/Llama2cTokenizer"
+import { Tokenizer, type TokenizerShape } from "@offramp/core/Tokenizer"
 import { Effect } from "effect"
 import * as fc from "fast-check"
 import { REFERENCE_IDS, REFERENCE_TEXT, STORIES_TOKENIZER as tokPath } from "../../../test/support/stories.js"
-import { HfTokenizer } from "../src/index.js"
+import * as HfTokenizer from "../src/HfTokenizer.js"
 
 const FFFD = "\uFFFD"
 

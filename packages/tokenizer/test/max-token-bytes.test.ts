@@ -5,12 +5,16 @@
 import { readFileSync } from "node:fs"
 import { join } from "node:path"
 import { describe, expect, it } from "@effect/vitest"
-import { LLAMA2C_TOKENIZER_CONFIG, readLlama2cTokenizer, toHuggingFaceTokenizerJson } from "@offramp/convert"
-import type { TokenizerShape } from "@offramp/core"
+import {
+  LLAMA2C_TOKENIZER_CONFIG,
+  readLlama2cTokenizer,
+  toHuggingFaceTokenizerJson,
+} from "@offramp/convert/Llama2cTokenizer"
+import type { TokenizerShape } from "@offramp/core/Tokenizer"
 import { Effect } from "effect"
 import * as fc from "fast-check"
 import { REPO_ROOT, STORIES_TOKENIZER } from "../../../test/support/stories.js"
-import { HfTokenizer } from "../src/index.js"
+import * as HfTokenizer from "../src/HfTokenizer.js"
 
 const DEFAULT_JSON = JSON.parse(readFileSync(join(REPO_ROOT, "models/default/tokenizer.json"), "utf8"))
 const byteLevel = Effect.runSync(HfTokenizer.fromJson(DEFAULT_JSON))

@@ -4,10 +4,14 @@
  * as before.
  */
 import { describe, expect, it } from "@effect/vitest"
-import { LLAMA2C_TOKENIZER_CONFIG, readLlama2cTokenizer, toHuggingFaceTokenizerJson } from "@offramp/convert"
+import {
+  LLAMA2C_TOKENIZER_CONFIG,
+  readLlama2cTokenizer,
+  toHuggingFaceTokenizerJson,
+} from "@offramp/convert/Llama2cTokenizer"
 import { Effect } from "effect"
 import { STORIES_TOKENIZER } from "../../../test/support/stories.js"
-import { HfTokenizer } from "../src/index.js"
+import * as HfTokenizer from "../src/HfTokenizer.js"
 
 const BOS = 1
 const EOS = 2

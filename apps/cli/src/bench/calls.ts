@@ -6,7 +6,8 @@
  * When every token exits, neither KV strategy computes the skipped layers' K/V (both wait for a later token that
  * needs them); `withFill` is the figure if each token's were filled at once, as the paper's fill does.
  */
-import { buildRowBatch, ModelRunner } from "@offramp/core"
+import { ModelRunner } from "@offramp/core/ModelRunner"
+import { buildRowBatch } from "@offramp/core/RowBatch"
 import { Effect } from "effect"
 import { median } from "./quality.js"
 
@@ -28,7 +29,11 @@ export interface CallCosts {
    * Per early exit: full-depth calls ÷ the calls of a token that exits there (`speedup`), and ÷ those calls plus the
    * fill of its skipped layers (`withFill`).
    */
-  readonly forcedExitBound: ReadonlyArray<{ readonly layer: number; readonly speedup: number; readonly withFill: number }>
+  readonly forcedExitBound: ReadonlyArray<{
+    readonly layer: number
+    readonly speedup: number
+    readonly withFill: number
+  }>
 }
 
 /** Median µs per call of `f` over `rounds` rounds of `calls` calls, after a warm-up. */

@@ -8,18 +8,18 @@
  */
 import { readFile, rename, writeFile } from "node:fs/promises"
 import { join } from "node:path"
-import { buildClassifierGraph } from "@offramp/convert"
+import { buildClassifierGraph } from "@offramp/convert/ClassifierGraph"
+import type { ExitStatistics } from "@offramp/core/Calibration"
+import { ModelLoadError } from "@offramp/core/Errors"
 import {
   type ClassifierMetrics,
   type ClassifierSamples,
   classifierMetrics,
   type ExitClassifierWeights,
-  type ExitStatistics,
   featureCount,
   fitExitClassifier,
-  ModelLoadError,
   predictSamples,
-} from "@offramp/core"
+} from "@offramp/core/ExitClassifier"
 import { Effect } from "effect"
 
 export type ClassifierKind = "auto" | "logistic" | "mlp"

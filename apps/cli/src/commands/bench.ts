@@ -8,21 +8,15 @@ import { readFile, writeFile } from "node:fs/promises"
 import { relative, resolve } from "node:path"
 import { fileURLToPath } from "node:url"
 import { Command, Options } from "@effect/cli"
-import {
-  ConfidenceMeasure,
-  DEFAULT_DRAFT_THRESHOLD,
-  DEFAULT_MAX_DRAFT,
-  defaultDraftExit,
-  type EarlyExitRequest,
-  Engine,
-  type ExitPolicy,
-  greedyParams,
-  InvalidRequestError,
-  type KvStrategy,
-  type SpeculativeRequest,
-  Tokenizer,
-} from "@offramp/core"
-import { DEFAULT_MODEL_DIR, DEFAULT_MODEL_HELDOUT, onnxEngineLayer } from "@offramp/onnx"
+import { ConfidenceMeasure, type EarlyExitRequest, type ExitPolicy, type KvStrategy } from "@offramp/core/EarlyExit"
+import { Engine } from "@offramp/core/Engine"
+import { InvalidRequestError } from "@offramp/core/Errors"
+import type { SpeculativeRequest } from "@offramp/core/Generation"
+import { greedyParams } from "@offramp/core/Sampler"
+import { DEFAULT_DRAFT_THRESHOLD, DEFAULT_MAX_DRAFT, defaultDraftExit } from "@offramp/core/Speculation"
+import { Tokenizer } from "@offramp/core/Tokenizer"
+import { modelDir as DEFAULT_MODEL_DIR, heldoutText as DEFAULT_MODEL_HELDOUT } from "@offramp/default-model"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Chunk, Console, Effect, Layer, Option, Stream } from "effect"
 import { describeCalls, measureCalls } from "../bench/calls.js"
 import { type ChartPoint, speedupQualityChart } from "../bench/chart.js"

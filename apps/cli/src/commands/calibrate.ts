@@ -8,29 +8,23 @@ import { basename, join } from "node:path"
 import { Command, Options } from "@effect/cli"
 import {
   CALIBRATION_WINDOW,
-  ConfidenceEvaluator,
-  ConfidenceMeasure,
   calibratedEarlyExit,
   calibrationWindow,
   collectExitStatistics,
   type ExitCalibration,
-  featureCount,
-  InvalidRequestError,
-  ModelLoadError,
-  ModelRunner,
-  predictSamples,
-  Tokenizer,
   thresholdsForPerplexity,
   thresholdsForTarget,
-} from "@offramp/core"
-import {
-  CALIBRATION_FILE,
-  type CalibrationFile,
-  DEFAULT_BLOCK_SIZE,
-  OnnxModelRunner,
-  openModelDirectory,
-} from "@offramp/onnx"
-import { HfTokenizer } from "@offramp/tokenizer"
+} from "@offramp/core/Calibration"
+import { ConfidenceEvaluator } from "@offramp/core/ConfidenceEvaluator"
+import { ConfidenceMeasure } from "@offramp/core/EarlyExit"
+import { InvalidRequestError, ModelLoadError } from "@offramp/core/Errors"
+import { featureCount, predictSamples } from "@offramp/core/ExitClassifier"
+import { ModelRunner } from "@offramp/core/ModelRunner"
+import { Tokenizer } from "@offramp/core/Tokenizer"
+import { openModelDirectory } from "@offramp/onnx/ModelDirectory"
+import { CALIBRATION_FILE, type CalibrationFile } from "@offramp/onnx/OnnxEngine"
+import { DEFAULT_BLOCK_SIZE, OnnxModelRunner } from "@offramp/onnx/OnnxModelRunner"
+import * as HfTokenizer from "@offramp/tokenizer/HfTokenizer"
 import { Console, Effect, Layer, Option } from "effect"
 import {
   CLASSIFIERS_FILE,

@@ -4,18 +4,13 @@
 import { readFile } from "node:fs/promises"
 import { basename } from "node:path"
 import { Command, Options } from "@effect/cli"
-import {
-  DEFAULT_BLOCK_SIZE,
-  readHfCheckpoint,
-  readLlama2cCheckpoint,
-  readLlama2cTokenizer,
-  toHuggingFaceTokenizerJson,
-  type WeightFormat,
-  type WriteProgress,
-  writeStagedModel,
-} from "@offramp/convert"
-import { CheckpointError, InvalidRequestError, TokenizerError } from "@offramp/core"
-import { HfTokenizer } from "@offramp/tokenizer"
+import { readHfCheckpoint } from "@offramp/convert/HfCheckpoint"
+import { readLlama2cCheckpoint } from "@offramp/convert/Llama2cCheckpoint"
+import { readLlama2cTokenizer, toHuggingFaceTokenizerJson } from "@offramp/convert/Llama2cTokenizer"
+import { type WriteProgress, writeStagedModel } from "@offramp/convert/StagedModelWriter"
+import { DEFAULT_BLOCK_SIZE, type WeightFormat } from "@offramp/convert/WeightFormat"
+import { CheckpointError, InvalidRequestError, TokenizerError } from "@offramp/core/Errors"
+import * as HfTokenizer from "@offramp/tokenizer/HfTokenizer"
 import { Console, Effect, Option } from "effect"
 
 /** Parses "1,2,3" into exit layers. */

@@ -3,7 +3,7 @@
  * its top-1 agreement with the full-depth head (the figures of models/README.md).
  */
 import { Command, Options } from "@effect/cli"
-import { exitQuality } from "@offramp/core"
+import { exitQuality } from "@offramp/core/Calibration"
 import { Console, Effect } from "effect"
 import { textExitStatistics } from "./calibrate.js"
 

@@ -3,18 +3,12 @@
  */
 import { readFile } from "node:fs/promises"
 import { Command, Options } from "@effect/cli"
-import {
-  ConfidenceMeasure,
-  DEFAULT_DRAFT_THRESHOLD,
-  DEFAULT_MAX_DRAFT,
-  type EarlyExitParams,
-  type EarlyExitRequest,
-  Engine,
-  InvalidRequestError,
-  speculativeDefaults,
-  type TokenEvent,
-} from "@offramp/core"
-import { onnxEngineLayer } from "@offramp/onnx"
+import { ConfidenceMeasure, type EarlyExitParams, type EarlyExitRequest } from "@offramp/core/EarlyExit"
+import { Engine } from "@offramp/core/Engine"
+import { InvalidRequestError } from "@offramp/core/Errors"
+import type { TokenEvent } from "@offramp/core/Generation"
+import { DEFAULT_DRAFT_THRESHOLD, DEFAULT_MAX_DRAFT, speculativeDefaults } from "@offramp/core/Speculation"
+import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Console, Effect, Layer, Option, Stream } from "effect"
 import { modelOption as model } from "../defaultModel.js"
 import { engineConfig, kvCacheMb, threads } from "../engineOptions.js"

@@ -2,7 +2,7 @@
  * `offramp inspect DIR`: the model's spec and files.
  */
 import { Args, Command } from "@effect/cli"
-import { openModelDirectory } from "@offramp/onnx"
+import { openModelDirectory } from "@offramp/onnx/ModelDirectory"
 import { Console, Effect } from "effect"
 
 const dir = Args.directory({ name: "model-dir" }).pipe(Args.withDescription("a staged model directory"))

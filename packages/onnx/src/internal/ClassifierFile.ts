@@ -8,7 +8,7 @@ import {
   type ExitClassifierWeights,
   featureCount,
   EXIT_CLASSIFIER_TENSORS as T,
-} from "@offramp/core"
+} from "@offramp/core/ExitClassifier"
 import onnxProto from "onnx-proto"
 
 const { onnx } = onnxProto

@@ -15,17 +15,11 @@
 import { Worker as NodeThread } from "node:worker_threads"
 import * as Worker from "@effect/platform/Worker"
 import type * as WorkerError from "@effect/platform/WorkerError"
-import {
-  describeParseError,
-  type EarlyExitParams,
-  type EngineStats,
-  type EngineStoppedError,
-  type GenerationRequest,
-  type GenerationSink,
-  ModelLoadError,
-  type ModelSpec,
-  type TokenizerError,
-} from "@offramp/core"
+import type { EarlyExitParams } from "@offramp/core/EarlyExit"
+import type { EngineStats, GenerationSink } from "@offramp/core/Engine"
+import { describeParseError, type EngineStoppedError, ModelLoadError, type TokenizerError } from "@offramp/core/Errors"
+import type { GenerationRequest } from "@offramp/core/Generation"
+import type { ModelSpec } from "@offramp/core/ModelSpec"
 import { Cause, Deferred, Duration, Effect, Exit, Fiber, Option, ParseResult, Queue, Scope, Stream } from "effect"
 import { readStepEvents, type StepEvents } from "./StepEvents.js"
 import {
@@ -72,10 +66,15 @@ export interface WorkerConnection {
 }
 
 /**
- * The worker's entry. Node 20 workers do not inherit the parent's module hooks, so this small .mjs registers tsx
- * and then imports the TypeScript runner (engineWorker.ts); it works the same under the CLI's tsx and vitest.
+ * The worker's entry. Compiled (dist/), it is engineWorker.js. Run from the TypeScript sources (the repository's
+ * tests and tools), it is a small .mjs that registers tsx, since Node 20 workers do not inherit the parent's module
+ * hooks, and then imports engineWorker.ts; that worker resolves the workspace packages to their sources too.
  */
-const WORKER_ENTRY = new URL("../engineWorker.mjs", import.meta.url)
+const FROM_SOURCES = import.meta.url.endsWith(".ts")
+const WORKER_ENTRY = new URL(FROM_SOURCES ? "../engineWorker.mjs" : "../engineWorker.js", import.meta.url)
+const WORKER_ARGV = FROM_SOURCES
+  ? [...process.execArgv.filter((a) => !a.startsWith("--conditions")), "--conditions=source"]
+  : undefined
 
 export interface ConnectOptions {
   readonly modelDir: string
@@ -122,7 +121,10 @@ export const connect = (
       const worker = yield* Worker.makeSerialized<EngineRequest>({}).pipe(
         Effect.provideService(Worker.Spawner, () => {
           // One thread per connection; the platform spawns again after a thread exits, which `close` ends.
-          thread = new NodeThread(WORKER_ENTRY, { name: "offramp-engine" })
+          thread = new NodeThread(WORKER_ENTRY, {
+            name: "offramp-engine",
+            ...(WORKER_ARGV ? { execArgv: WORKER_ARGV } : {}),
+          })
           return thread
         }),
         Effect.mapError(cannotStart),

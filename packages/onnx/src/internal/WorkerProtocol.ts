@@ -2,7 +2,10 @@
  * The engine worker's protocol: the messages the main thread (WorkerEngine.ts) sends the worker (engineWorker.ts),
  * as a union of schema-typed `Schema.TaggedRequest`s over @effect/platform's serialized worker protocol.
  */
-import { EarlyExitParams, GenerationRequest, ModelLoadError, ModelSpec, TokenizerError } from "@offramp/core"
+import { EarlyExitParams } from "@offramp/core/EarlyExit"
+import { ModelLoadError, TokenizerError } from "@offramp/core/Errors"
+import { GenerationRequest } from "@offramp/core/Generation"
+import { ModelSpec } from "@offramp/core/ModelSpec"
 import { Schema } from "effect"
 import { StepEvents } from "./StepEvents.js"
 

@@ -8,7 +8,7 @@ import { IncomingMessage } from "node:http"
 import * as HttpIncomingMessage from "@effect/platform/HttpIncomingMessage"
 import * as HttpServerRequest from "@effect/platform/HttpServerRequest"
 import * as NodeHttpServerRequest from "@effect/platform-node/NodeHttpServerRequest"
-import { truncateForMessage } from "@offramp/core"
+import { truncateForMessage } from "@offramp/core/Errors"
 import { Effect, Option, ParseResult, Schema } from "effect"
 import { type ApiError, badRequest, forbiddenHost, tooLarge, unauthorized, unsupportedMediaType } from "../ApiError.js"
 

@@ -2,7 +2,7 @@
  * One choice of a response as its token events arrive: stop strings cut exactly (text that could still become a
  * stop string is held back until it cannot), the chosen tokens' log-probabilities, and early-exit figures.
  */
-import type { FinishReason, TokenEvent } from "@offramp/core"
+import type { FinishReason, TokenEvent } from "@offramp/core/Generation"
 
 export interface TokenLogprob {
   readonly token: string

@@ -3,15 +3,11 @@
  * with the engine's `n`), admission (queue limit, shutdown), the first pull before any byte is sent (so that an
  * engine refusal is still an HTTP status), and metrics on the way.
  */
-import {
-  type EarlyExitRequest,
-  type GenerationError,
-  type SamplingParams,
-  type SpeculativeRequest,
-  speculativeDefaults,
-  type TokenEvent,
-  truncateForMessage,
-} from "@offramp/core"
+import type { EarlyExitRequest } from "@offramp/core/EarlyExit"
+import { type GenerationError, truncateForMessage } from "@offramp/core/Errors"
+import type { SpeculativeRequest, TokenEvent } from "@offramp/core/Generation"
+import type { SamplingParams } from "@offramp/core/Sampler"
+import { speculativeDefaults } from "@offramp/core/Speculation"
 import { Chunk, Effect, Exit, Mailbox, Option, type Scope } from "effect"
 import { ApiError, badRequest, fromGenerationError, queueFull, unavailable } from "../ApiError.js"
 import type { OpenAiServerShape } from "../OpenAiServer.js"
