@@ -5,7 +5,11 @@
  * of their tokens and of everything before them; a new sequence whose prompt starts with cached blocks reuses
  * them. A block that no sequence holds but that is published stays cached (evictable) until its space is needed.
  */
-import { Context } from "effect"
+import { Context, Effect, Layer } from "effect"
+import { type KvCacheOptions, makeKvCache } from "./internal/KvCacheImpl.js"
+import { ModelRunner } from "./ModelRunner.js"
+
+export type { KvCacheOptions } from "./internal/KvCacheImpl.js"
 
 export interface KvCacheStats {
   readonly blockSize: number
@@ -80,4 +84,25 @@ export interface KvCacheShape {
   readonly stats: () => KvCacheStats
 }
 
-export class KvCache extends Context.Tag("@offramp/core/KvCache")<KvCache, KvCacheShape>() {}
+export class KvCache extends Context.Tag("@offramp/core/KvCache")<KvCache, KvCacheShape>() {
+  /** The KvCache over the runner's K/V pools. */
+  static readonly layer: Layer.Layer<KvCache, never, ModelRunner> = Layer.effect(
+    KvCache,
+    Effect.map(ModelRunner, (runner) =>
+      makeKvCache({
+        numBlocks: runner.numBlocks,
+        blockSize: runner.blockSize,
+        layers: runner.spec.dims.layers,
+        bytesPerBlock: runner.bytesPerBlock,
+        copyBlock: (from, to) => runner.copyBlock(from, to),
+      }),
+    ),
+  )
+}
+
+/** The KvCache over the runner's K/V pools. */
+export const layer = KvCache.layer
+
+/** A KvCache over a fixed pool with no K/V storage, for tests and tools that run without a ModelRunner. */
+export const layerWithoutRunner = (options: KvCacheOptions): Layer.Layer<KvCache> =>
+  Layer.sync(KvCache, () => makeKvCache(options))

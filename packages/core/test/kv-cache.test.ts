@@ -1,8 +1,13 @@
 import { describe, expect, it } from "@effect/vitest"
 import { Effect, Layer } from "effect"
 import fc from "fast-check"
-import { KvCache, type SequenceBlocks } from "../src/KvCache.js"
-import { type KvCacheImpl, KvCacheLive, kvCacheLayer, makeKvCache } from "../src/KvCacheImpl.js"
+import { type KvCacheImpl, makeKvCache } from "../src/internal/KvCacheImpl.js"
+import {
+  KvCache,
+  layer as KvCacheLive,
+  layerWithoutRunner as kvCacheLayer,
+  type SequenceBlocks,
+} from "../src/KvCache.js"
 import { ModelRunner, type ModelRunnerShape } from "../src/ModelRunner.js"
 
 const make = (numBlocks: number, blockSize: number, copies: Array<[number, number]> = [], layers = 2) =>

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "@effect/vitest"
 import fc from "fast-check"
-import { makeKvCache } from "../src/KvCacheImpl.js"
+import { makeKvCache } from "../src/internal/KvCacheImpl.js"
 import { makeScheduler, type ScheduledSequence } from "../src/Scheduler.js"
 
 const kvOf = (numBlocks: number, blockSize = 4) =>

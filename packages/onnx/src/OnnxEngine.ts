@@ -9,7 +9,7 @@ import { ConfidenceEvaluator } from "@offramp/core/ConfidenceEvaluator"
 import { EarlyExitParams } from "@offramp/core/EarlyExit"
 import { Engine } from "@offramp/core/Engine"
 import { describeParseError, ModelLoadError } from "@offramp/core/Errors"
-import { KvCacheLive } from "@offramp/core/KvCacheImpl"
+import { KvCache } from "@offramp/core/KvCache"
 import { Sampler } from "@offramp/core/Sampler"
 import { Scheduler, type SchedulerOptions } from "@offramp/core/Scheduler"
 import { Tokenizer } from "@offramp/core/Tokenizer"
@@ -56,7 +56,7 @@ export const onnxEngineLayer = (modelDir: string, config: OnnxEngineConfig = {})
       const { spec } = yield* openModelDirectory(modelDir)
       const earlyExit = config.earlyExit ?? (yield* readCalibration(modelDir))
       const services = Scheduler.layer(config.scheduler).pipe(
-        Layer.provideMerge(KvCacheLive),
+        Layer.provideMerge(KvCache.layer),
         Layer.provideMerge(OnnxModelRunner.layer(modelDir, config.runner)),
         Layer.merge(
           Layer.effect(

@@ -11,7 +11,7 @@
 import { Effect, Layer } from "effect"
 import { ConfidenceEvaluator } from "../../src/ConfidenceEvaluator.js"
 import { Engine, type EngineOptions } from "../../src/Engine.js"
-import { KvCacheLive } from "../../src/KvCacheImpl.js"
+import { layer as KvCacheLive } from "../../src/KvCache.js"
 import { type HeadOutput, ModelRunner, type ModelRunnerShape, type RowBatch } from "../../src/ModelRunner.js"
 import type { ModelSpec } from "../../src/ModelSpec.js"
 import { Sampler } from "../../src/Sampler.js"

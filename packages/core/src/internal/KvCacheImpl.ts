@@ -9,9 +9,7 @@
  * tokens and parent hash of the entry, so a hit needs an exact match of the block and a 53-bit hash match of
  * everything before it.
  */
-import { Effect, Layer } from "effect"
-import { KvCache, type KvCacheShape, type KvCacheStats, type SequenceBlocks } from "./KvCache.js"
-import { ModelRunner } from "./ModelRunner.js"
+import type { KvCacheShape, KvCacheStats, SequenceBlocks } from "../KvCache.js"
 
 export interface KvCacheOptions {
   readonly numBlocks: number
@@ -426,21 +424,3 @@ export const makeKvCache = (options: KvCacheOptions): KvCacheImpl => {
     checkInvariants,
   }
 }
-
-/** A KvCache over a fixed pool, for tests and tools that run without a ModelRunner. */
-export const kvCacheLayer = (options: KvCacheOptions): Layer.Layer<KvCache> =>
-  Layer.sync(KvCache, () => makeKvCache(options))
-
-/** The KvCache over the runner's K/V pools. */
-export const KvCacheLive: Layer.Layer<KvCache, never, ModelRunner> = Layer.effect(
-  KvCache,
-  Effect.map(ModelRunner, (runner) =>
-    makeKvCache({
-      numBlocks: runner.numBlocks,
-      blockSize: runner.blockSize,
-      layers: runner.spec.dims.layers,
-      bytesPerBlock: runner.bytesPerBlock,
-      copyBlock: (from, to) => runner.copyBlock(from, to),
-    }),
-  ),
-)
