@@ -168,6 +168,38 @@ describe("K/V of skipped layers", () => {
       }).pipe(withEngine()),
   )
 
+  it.effect(
+    "one kvfill call takes more positions than the context length, and writes what one call per position does",
+    () =>
+      Effect.gen(function* () {
+        // A fill waits for a later token that needs it, so one call can carry every pending position of many rows.
+        const runner = yield* ModelRunner
+        const { hidden: D, contextLength } = runner.spec.dims
+        const n = contextLength + 8
+        const hidden = Float32Array.from({ length: n * D }, (_, i) => Math.sin(i * 0.37))
+        const positions = BigInt64Array.from({ length: n }, (_, i) => BigInt(i % contextLength))
+        yield* runner.kvFill(
+          0,
+          hidden,
+          positions,
+          Int32Array.from({ length: n }, (_, i) => i),
+        )
+        const last = runner.spec.dims.layers - 1
+        let worst = 0
+        for (const i of [0, 1, contextLength - 1, contextLength, n - 1]) {
+          const together = runner.readKv(last, i)
+          const slot = n + i
+          yield* runner.kvFill(0, hidden.slice(i * D, (i + 1) * D), positions.slice(i, i + 1), Int32Array.of(slot))
+          worst = Math.max(
+            worst,
+            maxDiff(together.k, runner.readKv(last, slot).k),
+            maxDiff(together.v, runner.readKv(last, slot).v),
+          )
+        }
+        expect(worst).toBeLessThan(1e-5)
+      }).pipe(withEngine()),
+  )
+
   it.effect("recompute: once a pending token is processed, its K/V in every layer equal the full-depth K/V", () =>
     Effect.gen(function* () {
       // stories260K was not trained for early exit: its shallow exits are overconfident, so exits start at 3 here,

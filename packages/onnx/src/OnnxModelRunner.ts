@@ -223,9 +223,11 @@ export const makeOnnxModelRunner = (
       const session = kvFillSessions[index]
       if (!session) return Effect.void
       const n = slots.length
+      // One position per batch row: the rotary embedding's sequence axis must stay within the context length, and
+      // a fill can carry more positions than that (every pending one of many rows).
       return run(`kvfill after layer ${exit.layer}`, session, {
-        [G.hidden]: f32(hidden, [1, n, dims.hidden]),
-        [G.positions]: i64(positions, [1, n]),
+        [G.hidden]: f32(hidden, [n, 1, dims.hidden]),
+        [G.positions]: i64(positions, [n, 1]),
       }).pipe(
         Effect.map((out) => {
           const layerSlots = fromLayers ? new Int32Array(n) : slots
