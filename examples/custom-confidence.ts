@@ -3,14 +3,15 @@
  * top probability only when the runner-up is far behind (margin ≥ 0.7), so near-ties never exit early. The engine
  * takes the custom evaluator in place of the default one and is compared with the default at the same threshold.
  *
- * Run: npx tsx examples/custom-confidence.ts build/stories260K
+ * Run: npx tsx --conditions=source examples/custom-confidence.ts [MODEL_DIR]
  */
 import { ConfidenceEvaluator, type ConfidenceInput, defaultConfidence } from "@offramp/core/ConfidenceEvaluator"
 import { Engine } from "@offramp/core/Engine"
+import { modelDir as defaultModelDir } from "@offramp/default-model"
 import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Console, Effect, Layer, Stream } from "effect"
 
-const modelDir = process.argv[2] ?? "build/stories260K"
+const modelDir = process.argv[2] ?? defaultModelDir
 
 const gatedSoftmax = (input: ConfidenceInput): number => {
   // Other measures keep their default meaning; only "softmax" is redefined.

@@ -2,7 +2,7 @@
  * Mounts Offramp's OpenAI-compatible router into an existing @effect/platform HTTP app, next to the app's own
  * route: the API answers under /openai (an OpenAI client uses baseURL http://HOST:PORT/openai/v1).
  *
- * Run: npx tsx examples/mount-router.ts build/stories260K [--serve]
+ * Run: npx tsx --conditions=source examples/mount-router.ts [MODEL_DIR] [--serve]
  * Without --serve it asks both routes once, prints the answers and exits; with it, it keeps serving on port 8000.
  */
 import { createServer } from "node:http"
@@ -12,12 +12,13 @@ import * as HttpServer from "@effect/platform/HttpServer"
 import * as HttpServerResponse from "@effect/platform/HttpServerResponse"
 import * as NodeHttpServer from "@effect/platform-node/NodeHttpServer"
 import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
+import { modelDir as defaultModelDir } from "@offramp/default-model"
 import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { OpenAiServer } from "@offramp/server/OpenAiServer"
 import { OpenAiRouter } from "@offramp/server/Router"
 import { Console, Effect, Layer } from "effect"
 
-const modelDir = process.argv[2] ?? "build/stories260K"
+const modelDir = process.argv[2] ?? defaultModelDir
 const keepServing = process.argv.includes("--serve")
 
 // The host app: its own routes, with the OpenAI API mounted under a prefix.
