@@ -7,10 +7,10 @@
 import { describe, expect, it } from "@effect/vitest"
 import { ModelRunner } from "@offramp/core/ModelRunner"
 import { buildRowBatch, type RowInput } from "@offramp/core/RowBatch"
-import { argmax } from "@offramp/core/Sampler"
 import { OnnxModelRunner } from "@offramp/onnx/OnnxModelRunner"
 import { Effect } from "effect"
 import { beforeAll } from "vitest"
+import { argmax } from "../packages/core/src/internal/SamplingMath.js"
 import { interleavedToHalfRow, loadLlama2cReference, type PositionResult } from "./support/reference-llama.js"
 import { convertStories, REFERENCE_IDS, STORIES_CHECKPOINT, tempDir } from "./support/stories.js"
 

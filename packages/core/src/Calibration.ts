@@ -8,9 +8,9 @@ import type { ConfidenceEvaluatorShape } from "./ConfidenceEvaluator.js"
 import type { ConfidenceMeasure, EarlyExitParams, ExitPolicy, KvStrategy } from "./EarlyExit.js"
 import { InvalidRequestError, type RunnerError } from "./Errors.js"
 import { featureCount, writeFeatures } from "./ExitClassifier.js"
+import { logProbability } from "./internal/SamplingMath.js"
 import type { HeadOutput, ModelRunnerShape } from "./ModelRunner.js"
 import { buildRowBatch } from "./RowBatch.js"
-import { logProbability } from "./Sampler.js"
 
 /** Positions per calibration window (BOS included) unless the context is shorter. */
 export const CALIBRATION_WINDOW = 256

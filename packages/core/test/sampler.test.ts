@@ -7,15 +7,12 @@ import {
   candidateTokens,
   logProbability,
   logProbabilityFromTop,
-  makeRng,
-  makeSampler,
   nucleus,
-  Sampler,
-  type SamplingParams,
   softmax,
   topKFilter,
   topPFilter,
-} from "../src/Sampler.js"
+} from "../src/internal/SamplingMath.js"
+import { makeRng, makeSampler, Sampler, type SamplingParams } from "../src/Sampler.js"
 
 const sampler = makeSampler()
 

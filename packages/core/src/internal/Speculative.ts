@@ -5,7 +5,8 @@
  * norm(max(0, p − q)). The kept and drawn tokens are then distributed exactly as p: the output is the full model's.
  * Greedy decoding keeps a draft when it is the full model's top token, and otherwise takes that top token.
  */
-import { nucleus, type Rng, type SamplingParams, softmax, topKFilter } from "../Sampler.js"
+import type { Rng, SamplingParams } from "../Sampler.js"
+import { nucleus, softmax, topKFilter } from "./SamplingMath.js"
 
 /**
  * The distribution that sampling with `params` draws from for one row of logits: top-k, then the nucleus of the
