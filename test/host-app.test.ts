@@ -2,7 +2,8 @@
  * Offramp as a host app installs it: every workspace packs (`npm pack`), and examples/host-app, copied outside the
  * repository, installs the tarballs it needs (the npm registry as the only other source) and runs: tokens stream
  * from the default model with early exit, the generation's figures arrive, the Effect composition works, and the
- * process exits 0, with one copy of `effect` and no tsx anywhere.
+ * process exits 0, with one copy of `effect` and no tsx anywhere; the installed `offramp` command answers `--help`
+ * and `inspect` from its compiled bundle.
  */
 import { execFile } from "node:child_process"
 import { cpSync, existsSync, readdirSync } from "node:fs"
@@ -57,7 +58,8 @@ describe("host app", () => {
 
     const app = join(work, "app")
     cpSync(join(REPO_ROOT, "examples/host-app"), app, { recursive: true, filter: (p) => !p.includes("node_modules") })
-    const needed = ["@offramp/core", "@offramp/tokenizer", "@offramp/onnx", "@offramp/default-model"]
+    // The library, the default model, and the command (to check that it runs from compiled JavaScript alone).
+    const needed = ["@offramp/core", "@offramp/tokenizer", "@offramp/onnx", "@offramp/default-model", "@offramp/cli"]
     await run(
       "npm",
       [
@@ -71,6 +73,14 @@ describe("host app", () => {
     )
     expect(copiesOf(app, "effect")).toHaveLength(1)
     expect(copiesOf(app, "tsx")).toEqual([])
+
+    // The installed command, with no tsx anywhere: `--help`, and `inspect` of the packed default model.
+    const offramp = join(app, "node_modules/.bin/offramp")
+    const help = await run(offramp, ["--help"], { cwd: app })
+    expect(help.stdout).toMatch(/generate/)
+    const modelDir = join(app, "node_modules/@offramp/default-model/model")
+    const inspect = await run(offramp, ["inspect", modelDir], { cwd: app })
+    expect(inspect.stdout).toMatch(/exits +after layers 2, 4, 6, 8/)
 
     const { stdout } = await run("npm", ["start", "--silent"], { cwd: app, maxBuffer: 64 * 1024 * 1024 })
     // The story, then its figures: fewer than 8 layers on average, so early exit happened.

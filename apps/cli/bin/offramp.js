@@ -1,3 +1,3 @@
 #!/usr/bin/env node
-// The compiled CLI (`npm run build` writes dist/; `npm install` in the repository runs it).
-await import("../dist/main.js")
+// The compiled command, bundled into one module (`npm run build` writes it; `npm install` in the repository runs it).
+await import("../dist/bundle/offramp.mjs")

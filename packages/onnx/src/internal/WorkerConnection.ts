@@ -66,12 +66,15 @@ export interface WorkerConnection {
 }
 
 /**
- * The worker's entry. Compiled (dist/), it is engineWorker.js. Run from the TypeScript sources (the repository's
- * tests and tools), it is a small .mjs that registers tsx, since Node 20 workers do not inherit the parent's module
- * hooks, and then imports engineWorker.ts; that worker resolves the workspace packages to their sources too.
+ * The worker's entry. Compiled, it is the package's dist/engineWorker.js, found by package resolution so that a
+ * bundle of this code (the `offramp` command) finds it too. Run from the TypeScript sources (the repository's tests
+ * and tools), it is a small .mjs that registers tsx, since Node 20 workers do not inherit the parent's module hooks,
+ * and then imports engineWorker.ts; that worker resolves the workspace packages to their sources too.
  */
 const FROM_SOURCES = import.meta.url.endsWith(".ts")
-const WORKER_ENTRY = new URL(FROM_SOURCES ? "../engineWorker.mjs" : "../engineWorker.js", import.meta.url)
+const WORKER_ENTRY = FROM_SOURCES
+  ? new URL("../engineWorker.mjs", import.meta.url)
+  : new URL(import.meta.resolve("@offramp/onnx/engineWorker"))
 const WORKER_ARGV = FROM_SOURCES
   ? [...process.execArgv.filter((a) => !a.startsWith("--conditions")), "--conditions=source"]
   : undefined
