@@ -285,7 +285,7 @@ describe("bad input gets a typed, actionable error and a non-zero exit", () => {
 
   it("exit layers outside the model", async () => {
     const result = await convertStoriesCli(join(tempDir("exits"), "out"), "--exits", "2,9")
-    expect(expectCleanFailure(result, "exit layers must be integers in 1..4")).toEqual(clean)
+    expect(expectCleanFailure(result, "exit layers must be integers in 1..5")).toEqual(clean)
   })
 
   it("a prompt longer than the context", async () => {

@@ -407,3 +407,44 @@ describe("offramp convert hf: typed failures", () => {
     expect(result.stderr).toContain("the tokenizer has 512 tokens but the model's vocab_size is 256")
   })
 })
+
+describe("offramp convert hf: a tokenizer smaller than the vocabulary", () => {
+  it("masks the ids the tokenizer lacks out of every head, so generation never meets one", async () => {
+    // vocab_size padded past the tokenizer's 512 tokens, as many checkpoints are.
+    const dir = join(root, "padded")
+    await writeTinyLlama(dir, { tokenizer, seed: 6, vocab: 640 })
+    const out = join(dir, "out")
+    const converted = await runCli(["convert", "hf", "--dir", dir, "--out", out])
+    expect(converted.code, converted.stderr).toBe(0)
+    const heads = await Effect.runPromise(
+      Effect.gen(function* () {
+        const runner = yield* ModelRunner
+        const rows = 64
+        const hidden = Float32Array.from({ length: rows * runner.spec.dims.hidden }, (_, i) => Math.sin(i * 1.7) * 3)
+        return yield* runner.head(runner.spec.exits.length - 1, hidden, rows, true)
+      }).pipe(Effect.provide(OnnxModelRunner.layer(out, { numBlocks: 4 }))),
+    )
+    const logits = heads.logits!
+    let worstPadded = Number.NEGATIVE_INFINITY
+    for (let r = 0; r < 64; r++)
+      for (let v = 512; v < 640; v++) worstPadded = Math.max(worstPadded, logits[r * 640 + v]!)
+    expect(worstPadded).toBeLessThan(-1e8)
+    expect(Math.max(...Array.from(heads.topToken, Number))).toBeLessThan(512)
+    expect(heads.entropy.every(Number.isFinite)).toBe(true)
+    // Sampling at temperature 1 from the random head: without the mask a fifth of the mass is on ids it cannot decode.
+    const generated = await runCli([
+      "generate",
+      "--model",
+      out,
+      "--prompt",
+      "Once",
+      "--max-tokens",
+      "24",
+      "--temperature",
+      "1",
+      "--seed",
+      "3",
+    ])
+    expect(generated.code, generated.stderr).toBe(0)
+  })
+})

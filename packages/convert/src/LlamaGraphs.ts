@@ -203,12 +203,35 @@ export const buildSegmentGraph = (
   return g.encode()
 }
 
-/** Norm + LM head with the confidence statistics computed in-graph, so only small results leave ONNX. */
-export const buildHeadGraph = (c: LlamaConfig, head: ExitHeadWeights, fmt: WeightFormat = FP32): Uint8Array => {
+/** What a masked logit is: exp underflows to 0, and 0 · log-softmax stays 0 (with −∞ the entropy would be NaN). */
+const MASKED_LOGIT = -1e9
+
+/**
+ * Norm + LM head with the confidence statistics computed in-graph, so only small results leave ONNX. With `tokens`
+ * below the vocabulary (a tokenizer smaller than the checkpoint's padded vocabulary), the ids from `tokens` on are
+ * masked out of the logits: no head ever prefers or samples an id the tokenizer cannot decode.
+ */
+export const buildHeadGraph = (
+  c: LlamaConfig,
+  head: ExitHeadWeights,
+  fmt: WeightFormat = FP32,
+  tokens: number = c.vocab,
+): Uint8Array => {
   const g = new GraphBuilder("head")
   g.input(N.hidden, "float32", ["N", c.dim])
   const h = rmsNorm(g, N.hidden, head.norm, c.normEps, "head_norm")
-  const logits = linear(g, fmt, h, head.lmHead, c.vocab, c.dim, "lm_head")
+  const raw = linear(g, fmt, h, head.lmHead, c.vocab, c.dim, "lm_head")
+  const logits =
+    tokens < c.vocab
+      ? g.node("Add", [
+          raw,
+          g.weight(
+            "vocab_mask",
+            Float32Array.from({ length: c.vocab }, (_, v) => (v < tokens ? 0 : MASKED_LOGIT)),
+            [c.vocab],
+          ),
+        ])
+      : raw
   const probs = g.node("Softmax", [logits], { axis: -1 })
   const [top, topIds] = g.nodeN("TopK", [probs, g.ints([2])], 2, { axis: -1 })
   const [first, second] = g.nodeN("Split", [top!, g.ints([1, 1])], 2, { axis: -1 })

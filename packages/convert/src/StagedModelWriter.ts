@@ -27,13 +27,19 @@ export interface StagedModelOptions {
   readonly name: string
   readonly source: string
   /**
-   * Early exits as layer counts in 1..layers-1; the full-depth exit is always added.
+   * Early exits as layer counts in 1..layers-1; the full-depth exit is always added (and may be listed: `[layers]`
+   * alone converts with no early exits).
    * Default: the layers with dedicated heads if the weights have them, else every layer.
    */
   readonly exits?: ReadonlyArray<number>
   readonly tokens: ModelSpec["tokens"]
   /** A Hugging Face tokenizer.json document. */
   readonly tokenizer: unknown
+  /**
+   * The tokenizer's size, when it has fewer tokens than the model's (padded) vocabulary: the heads then mask the ids
+   * from it on, which the tokenizer could not decode.
+   */
+  readonly tokenizerTokens?: number
   /** A Hugging Face tokenizer_config.json document (chat template, special tokens), written next to it if given. */
   readonly tokenizerConfig?: unknown
   /** Weight storage in the ONNX files (default: all float32). */
@@ -42,13 +48,19 @@ export interface StagedModelOptions {
   readonly onProgress?: (progress: WriteProgress) => void
 }
 
+/**
+ * The early exits of a list of exit layers: sorted, without repeats and without the full-depth exit, which a model
+ * always has and a list may name (so that `[layers]` alone means "no early exits").
+ */
 export const validateExits = (layers: number, exits: ReadonlyArray<number>): ReadonlyArray<number> => {
   const sorted = [...new Set(exits)].sort((a, b) => a - b)
-  const bad = sorted.filter((e) => !Number.isInteger(e) || e < 1 || e >= layers)
+  const bad = sorted.filter((e) => !Number.isInteger(e) || e < 1 || e > layers)
   if (bad.length > 0) {
-    throw new Error(`exit layers must be integers in 1..${layers - 1} for a ${layers}-layer model; got ${bad}`)
+    throw new Error(
+      `exit layers must be integers in 1..${layers} for a ${layers}-layer model (${layers} alone: no early exits); got ${bad}`,
+    )
   }
-  return sorted
+  return sorted.filter((e) => e < layers)
 }
 
 /** The model.json of a conversion (also what the writer lays out on disk). */
@@ -130,7 +142,13 @@ export const writeStagedModel = (
       ...spec.exits.map(
         (e): Entry => [
           e.head,
-          () => buildHeadGraph(w.config, (e.layer < w.config.layers && w.exitHeads?.get(e.layer)) || w.finalHead, fmt),
+          () =>
+            buildHeadGraph(
+              w.config,
+              (e.layer < w.config.layers && w.exitHeads?.get(e.layer)) || w.finalHead,
+              fmt,
+              options.tokenizerTokens,
+            ),
         ],
       ),
       ...spec.exits.flatMap(

@@ -95,6 +95,20 @@ describe("Hugging Face Llama checkpoints", () => {
         stagedModelSpec(hf.weights, { name: "t", source: "t", tokens: hf.tokens, tokenizer: {}, exits: [2] }),
       ).toThrow(/none after 2/)
 
+      // The full-depth exit may be listed; alone, it converts a model with no early exits.
+      const finalOnly = stagedModelSpec(hf.weights, {
+        name: "t",
+        source: "t",
+        tokens: hf.tokens,
+        tokenizer: {},
+        exits: [4],
+      })
+      expect(finalOnly.exits.map((e) => e.layer)).toEqual([4])
+      expect(finalOnly.segments.map((s) => [s.firstLayer, s.endLayer])).toEqual([[0, 4]])
+      expect(() =>
+        stagedModelSpec(hf.weights, { name: "t", source: "t", tokens: hf.tokens, tokenizer: {}, exits: [5] }),
+      ).toThrow(/integers in 1\.\.4/)
+
       const configured = yield* Effect.promise(() => tiny({ layers: 4, config: { early_exit_layers: [2, 4] } }))
       expect((yield* readHfCheckpoint(configured.dir)).exits).toEqual([2])
     }),

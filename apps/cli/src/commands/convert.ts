@@ -68,7 +68,9 @@ const progressReporter = () => {
 
 const out = Options.directory("out").pipe(Options.withDescription("output model directory (replaced if it exists)"))
 const exits = Options.text("exits").pipe(
-  Options.withDescription("early exits as layer counts, e.g. 1,2,3,4 (default: after every layer)"),
+  Options.withDescription(
+    "early exits as layer counts, e.g. 1,2,3,4 (default: after every layer); the layer count alone: no early exits",
+  ),
   Options.optional,
 )
 
@@ -181,6 +183,7 @@ const hf = Command.make(
         ...(chosenExits ? { exits: chosenExits } : {}),
         tokens: model.tokens,
         tokenizer: tokenizerJson,
+        ...(loaded.vocabSize < model.weights.config.vocab ? { tokenizerTokens: loaded.vocabSize } : {}),
         ...(config !== undefined ? { tokenizerConfig: config } : {}),
         weights,
         onProgress: progress.write,
