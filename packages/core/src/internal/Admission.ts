@@ -10,7 +10,7 @@ import { describeParseError, type GenerationError, InvalidRequestError } from ".
 import { GenerationRequest } from "../Generation.js"
 import type { KvCacheShape } from "../KvCache.js"
 import type { ModelSpec } from "../ModelSpec.js"
-import type { SamplerShape } from "../Sampler.js"
+import { resolveSampling, type SamplerShape } from "../Sampler.js"
 import type { SchedulerShape } from "../Scheduler.js"
 import type { TokenizerShape } from "../Tokenizer.js"
 import type { RequestState, Sequence } from "./Sequence.js"
@@ -63,7 +63,16 @@ export const makeAdmission = (deps: {
       const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
         Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
       )
-      const prompt = yield* tokenizer.encode(req.prompt, { parseSpecialTokens: req.parseSpecialTokens ?? true })
+      const prompt =
+        typeof req.prompt === "string"
+          ? yield* tokenizer.encode(req.prompt, { parseSpecialTokens: req.parseSpecialTokens ?? true })
+          : req.prompt
+      const outside = typeof req.prompt === "string" ? -1 : prompt.findIndex((id) => id >= dims.vocab)
+      if (outside >= 0) {
+        return yield* new InvalidRequestError({
+          message: `prompt: token id ${prompt[outside]} (at index ${outside}) is not below the model's vocabulary size ${dims.vocab}; pass ids from this model's tokenizer`,
+        })
+      }
       if (prompt.length >= dims.contextLength) {
         return yield* new InvalidRequestError({
           message: `the prompt is ${prompt.length} tokens but the model's context is ${dims.contextLength}; shorten the prompt`,
@@ -108,11 +117,12 @@ export const makeAdmission = (deps: {
           message: `forced tokens must be ids below the vocabulary size ${dims.vocab}`,
         })
       }
+      const sampling = resolveSampling(req.sampling)
       const state: RequestState = {
         maxTokens: forcedTokens ? Math.min(req.maxTokens, forcedTokens.length) : req.maxTokens,
         forcedTokens,
-        sampling: req.sampling,
-        usesLogits: req.sampling.temperature > 0 || forcedTokens !== undefined,
+        sampling,
+        usesLogits: sampling.temperature > 0 || forcedTokens !== undefined,
         exit: resolveEarlyExit(spec, speculative ? FULL_DEPTH : exitParams),
         speculative:
           speculative && draftExit !== undefined
