@@ -158,7 +158,22 @@ export type GenerationRequest = typeof GenerationRequest.Type
 export const FinishReason = Schema.Literal("stop", "length")
 export type FinishReason = typeof FinishReason.Type
 
-/** One generated token. Each sample's last event carries the finish reason. */
+/** What one sample's generation cost: where its tokens exited, against the model's depth. */
+export const GenerationSummary = Schema.Struct({
+  /** Tokens the sample generated (its events). */
+  tokens: Schema.Int,
+  /** Its tokens by the layer count of the exit that produced them (keys are layer counts; the counts sum to tokens). */
+  exitHistogram: Schema.Record({ key: Schema.String, value: Schema.Int }),
+  /** Mean layers run per token: Σ exitLayer / tokens. */
+  meanExitDepth: Schema.Number,
+  /** Layers its tokens skipped by exiting early: Σ (layers − exitLayer). */
+  layersSkipped: Schema.Int,
+  /** The model's depth (layers). */
+  layers: Schema.Int,
+})
+export type GenerationSummary = typeof GenerationSummary.Type
+
+/** One generated token. Each sample's last event carries the finish reason and the sample's summary. */
 export const TokenEvent = Schema.Struct({
   /** Which of the request's n samples this token belongs to (0 when n = 1). */
   sample: Schema.Int,
@@ -176,5 +191,7 @@ export const TokenEvent = Schema.Struct({
   logprob: Schema.Number,
   /** Set on the sample's last event: why it ended ("stop": a stop token; "length": maxTokens or the context). */
   finishReason: Schema.NullOr(FinishReason),
+  /** On the sample's last event (the one with a finish reason): the early-exit figures of the whole sample. */
+  summary: Schema.optionalWith(GenerationSummary, { exact: true }),
 })
 export type TokenEvent = typeof TokenEvent.Type

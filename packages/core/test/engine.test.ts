@@ -9,7 +9,7 @@ import { Engine } from "../src/Engine.js"
 import type { GenerationRequest, TokenEvent } from "../src/Generation.js"
 import { greedyParams } from "../src/Sampler.js"
 import type { TokenizerShape } from "../src/Tokenizer.js"
-import { FAKE_VOCAB, fakeEngineLayer, fakeTokenizer, referenceGreedy } from "./support/FakeModel.js"
+import { FAKE_LAYERS, FAKE_VOCAB, fakeEngineLayer, fakeTokenizer, referenceGreedy } from "./support/FakeModel.js"
 
 const PROMPTS = ["once upon a time", "the cat sat", "hello, world", "a", "we went to the park and", "zebra crossing"]
 
@@ -189,6 +189,39 @@ describe("Engine on the fake runner", () => {
         )
       // The last id of the vocabulary is a prompt like any other.
       expect(yield* collect({ prompt: [0, FAKE_VOCAB - 1], maxTokens: 2 })).toHaveLength(2)
+    }).pipe(Effect.provide(fakeEngineLayer())),
+  )
+
+  it.effect("each sample's last event sums up its exits: histogram, mean depth, layers skipped", () =>
+    Effect.gen(function* () {
+      const batch = requests.flatMap((r, i) => [
+        { ...r, n: 2, earlyExit: { threshold: 0, minExitLayer: 2, kv: i % 2 === 0 ? "fill" : "recompute" } } as const,
+        ...(i < 4 ? [{ ...r, speculative: { exit: 2, maxDraft: 3 } }, r] : []),
+      ])
+      const outputs = yield* Effect.forEach(batch, collect, { concurrency: "unbounded" })
+      let skipped = 0
+      for (const events of outputs)
+        for (const sample of new Set(events.map((e) => e.sample))) {
+          const own = events.filter((e) => e.sample === sample)
+          const last = own.at(-1)!
+          expect(last.finishReason).not.toBeNull()
+          expect(own.slice(0, -1).every((e) => e.summary === undefined)).toBe(true)
+          const histogram: Record<string, number> = {}
+          for (const e of own) histogram[e.exitLayer] = (histogram[e.exitLayer] ?? 0) + 1
+          const depth = own.reduce((sum, e) => sum + e.exitLayer, 0)
+          expect(last.summary).toEqual({
+            tokens: own.length,
+            exitHistogram: histogram,
+            meanExitDepth: depth / own.length,
+            layersSkipped: own.length * FAKE_LAYERS - depth,
+            layers: FAKE_LAYERS,
+          })
+          skipped += last.summary!.layersSkipped
+        }
+      // Early exit at layer 2 did skip layers, and the engine's own count agrees with the samples'.
+      const stats = yield* Effect.flatMap(Engine, (e) => e.stats)
+      expect(skipped).toBeGreaterThan(0)
+      expect(stats.layersSkipped).toBe(skipped)
     }).pipe(Effect.provide(fakeEngineLayer())),
   )
 })

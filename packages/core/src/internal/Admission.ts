@@ -50,6 +50,7 @@ export const makeAdmission = (deps: {
       rng: sampler.makeRng(request.sampling.seed, (request.sampling.stream ?? 0) + sample),
       detokenizer: tokenizer.detokenizer(prompt),
       generated: 0,
+      exitHistogram: {},
       exitStates: new Map(),
       exact: 0,
     }
