@@ -58,6 +58,16 @@ export const makeAdmission = (deps: {
     return seq
   }
 
+  /** A prompt given as token ids, refused at its first id outside the model's vocabulary. */
+  const checkPromptIds = (ids: ReadonlyArray<number>): Effect.Effect<ReadonlyArray<number>, InvalidRequestError> => {
+    const outside = ids.findIndex((id) => id >= dims.vocab)
+    return outside < 0
+      ? Effect.succeed(ids)
+      : new InvalidRequestError({
+          message: `prompt: token id ${ids[outside]} (at index ${outside}) is not below the model's vocabulary size ${dims.vocab}; pass ids from this model's tokenizer`,
+        })
+  }
+
   /** Validates `request` and returns its first sequence, ready for the scheduler (its request is `seq.request`). */
   const admit = (request: GenerationRequest, sink: GenerationSink): Effect.Effect<Sequence, GenerationError> =>
     Effect.gen(function* () {
@@ -67,13 +77,7 @@ export const makeAdmission = (deps: {
       const prompt =
         typeof req.prompt === "string"
           ? yield* tokenizer.encode(req.prompt, { parseSpecialTokens: req.parseSpecialTokens ?? true })
-          : req.prompt
-      const outside = typeof req.prompt === "string" ? -1 : prompt.findIndex((id) => id >= dims.vocab)
-      if (outside >= 0) {
-        return yield* new InvalidRequestError({
-          message: `prompt: token id ${prompt[outside]} (at index ${outside}) is not below the model's vocabulary size ${dims.vocab}; pass ids from this model's tokenizer`,
-        })
-      }
+          : yield* checkPromptIds(req.prompt)
       if (prompt.length >= dims.contextLength) {
         return yield* new InvalidRequestError({
           message: `the prompt is ${prompt.length} tokens but the model's context is ${dims.contextLength}; shorten the prompt`,
