@@ -60,6 +60,8 @@ describe("WorkerEngine", () => {
       const local = yield* Effect.provide(all, onnxEngineLayer(modelDir))
       expect(texts(worker)[0]).toBe(REFERENCE_CONTINUATION)
       expect(worker).toEqual(local)
+      // Each sample's summary crosses the thread, on its last event only.
+      for (const e of worker.flat()) expect(e.summary !== undefined).toBe(e.finishReason !== null)
       // Sampled with a seed: both samples of n = 2 arrive, each with its own finish.
       expect(
         worker

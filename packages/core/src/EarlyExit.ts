@@ -23,6 +23,11 @@ export type KvStrategy = typeof KvStrategy.Type
 const Threshold = Schema.Number.pipe(Schema.nonNegative())
 
 export const EarlyExitParams = Schema.Struct({
+  /**
+   * How an exit's confidence is measured: "softmax" (the head's max probability), "margin" (top-1 − top-2
+   * probability), "entropy" (1 − normalized entropy), "saturation" (the hidden state stopped changing since the last
+   * exit) or "classifier" (the model's exit classifiers).
+   */
   measure: ConfidenceMeasure,
   /** Exit when confidence ≥ threshold. Above 1, never exit early. */
   threshold: Threshold,
@@ -40,7 +45,9 @@ export const EarlyExitParams = Schema.Struct({
    * head. Absent: the cheap measure decides alone. Ignored by the head measures (softmax, margin, entropy).
    */
   confirm: Schema.optionalWith(Schema.Number.pipe(Schema.between(0, 1)), { exact: true }),
+  /** "per-sequence": a confident row exits alone; "all": rows exit together when every one is confident. */
   policy: ExitPolicy,
+  /** The K/V of skipped layers: "fill" (from the exit's hidden state) or "recompute" (pushed through next step). */
   kv: KvStrategy,
 })
 export type EarlyExitParams = typeof EarlyExitParams.Type

@@ -7,7 +7,7 @@
  */
 import { Context, Effect, Layer, Schema } from "effect"
 import { describeParseError, InvalidRequestError } from "./Errors.js"
-import { SamplingParamsSchema } from "./Generation.js"
+import { SamplingParamsSchema, type SamplingRequest } from "./Generation.js"
 import { type Scratch, sampleRow } from "./internal/SamplingMath.js"
 
 export interface SamplingParams {
@@ -26,7 +26,14 @@ export interface SamplingParams {
   readonly stream?: number
 }
 
+/** Greedy decoding; also the default of every sampling parameter a request leaves out. */
 export const greedyParams: SamplingParams = { temperature: 0, topK: 0, topP: 1 }
+
+/** A request's sampling parameters, with greedy's for what it leaves out (all of them when it has none). */
+export const resolveSampling = (request: SamplingRequest | undefined): SamplingParams => ({
+  ...greedyParams,
+  ...request,
+})
 
 /** A small, fast PRNG; one per sequence. */
 export interface Rng {
@@ -115,12 +122,16 @@ export const makeRng = (seed?: number, stream = 0): Rng =>
     Math.trunc(stream),
   )
 
-// Probabilities this close below topP count as reaching it: float32 logits only pin probabilities to ~1e-7, and a
-// nucleus boundary must not depend on that noise (e.g. p = [0.5, 0.2, ...] with topP 0.7 is exactly {0, 1}).
-/** Checks params once per request, so `sample` can trust them (the same check and messages as a GenerationRequest's). */
-export const validateSamplingParams = (params: SamplingParams): Effect.Effect<SamplingParams, InvalidRequestError> =>
+/**
+ * Checks params once per request, so `sample` can trust them (the same check and messages as a GenerationRequest's),
+ * and fills in greedy's value for what they leave out.
+ */
+export const validateSamplingParams = (params: SamplingRequest): Effect.Effect<SamplingParams, InvalidRequestError> =>
   Schema.decodeUnknown(SamplingParamsSchema)(params).pipe(
-    Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
+    Effect.mapBoth({
+      onFailure: (e) => new InvalidRequestError({ message: describeParseError(e) }),
+      onSuccess: resolveSampling,
+    }),
   )
 
 export interface SamplerShape {
@@ -128,7 +139,7 @@ export interface SamplerShape {
   readonly sample: (logits: Float32Array, offset: number, vocab: number, params: SamplingParams, rng: Rng) => number
   /** A sequence's RNG: stream `stream` of `seed` when a seed is given (see `makeRng`), random otherwise. */
   readonly makeRng: (seed?: number, stream?: number) => Rng
-  readonly validate: (params: SamplingParams) => Effect.Effect<SamplingParams, InvalidRequestError>
+  readonly validate: (params: SamplingRequest) => Effect.Effect<SamplingParams, InvalidRequestError>
 }
 
 /** A sampler with its own scratch buffers, for code that runs outside a Layer (e.g. a worker). */

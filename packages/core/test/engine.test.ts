@@ -8,11 +8,18 @@ import { Chunk, Effect, Stream } from "effect"
 import { Engine } from "../src/Engine.js"
 import type { GenerationRequest, TokenEvent } from "../src/Generation.js"
 import { greedyParams } from "../src/Sampler.js"
-import { fakeEngineLayer, fakeTokenizer, referenceGreedy } from "./support/FakeModel.js"
+import type { TokenizerShape } from "../src/Tokenizer.js"
+import { FAKE_LAYERS, FAKE_VOCAB, fakeEngineLayer, fakeTokenizer, referenceGreedy } from "./support/FakeModel.js"
 
 const PROMPTS = ["once upon a time", "the cat sat", "hello, world", "a", "we went to the park and", "zebra crossing"]
 
-const greedy = (prompt: string, maxTokens: number, extra: Partial<GenerationRequest> = {}): GenerationRequest => ({
+type TextRequest = GenerationRequest & { readonly prompt: string }
+
+const greedy = (
+  prompt: string,
+  maxTokens: number,
+  extra: Omit<Partial<GenerationRequest>, "prompt"> = {},
+): TextRequest => ({
   prompt,
   maxTokens,
   sampling: greedyParams,
@@ -28,7 +35,7 @@ const collect = (request: GenerationRequest) =>
     Effect.map((events) => Chunk.toArray(events)),
   )
 const ids = (events: ReadonlyArray<TokenEvent>) => events.map((e) => e.id)
-const expected = (request: GenerationRequest) =>
+const expected = (request: TextRequest) =>
   referenceGreedy(Effect.runSync(fakeTokenizer.encode(request.prompt)), request.maxTokens)
 
 describe("Engine on the fake runner", () => {
@@ -133,6 +140,88 @@ describe("Engine on the fake runner", () => {
         ),
       )
       expect(mixed.message).toMatch(/does not combine with early exit/)
+    }).pipe(Effect.provide(fakeEngineLayer())),
+  )
+
+  it.effect("a request without sampling, or with some of its fields, is greedy and equals the reference", () =>
+    Effect.gen(function* () {
+      for (const request of requests.slice(0, 6)) {
+        const { prompt, maxTokens } = request
+        expect(ids(yield* collect({ prompt, maxTokens }))).toEqual(expected(request))
+        expect(ids(yield* collect({ prompt, maxTokens, sampling: { seed: 3, topK: 5 } }))).toEqual(expected(request))
+      }
+    }).pipe(Effect.provide(fakeEngineLayer())),
+  )
+
+  it.effect("a prompt of token ids gives the text prompt's output, and the engine does not tokenize it", () => {
+    let encodes = 0
+    const counting: TokenizerShape = {
+      ...fakeTokenizer,
+      encode: (text, options) =>
+        Effect.zipRight(
+          Effect.sync(() => encodes++),
+          fakeTokenizer.encode(text, options),
+        ),
+    }
+    return Effect.gen(function* () {
+      for (const request of requests.slice(0, 6)) {
+        const text = yield* collect(request)
+        const before = encodes
+        const promptIds = yield* fakeTokenizer.encode(request.prompt)
+        expect(yield* collect({ ...request, prompt: promptIds })).toEqual(text)
+        expect(encodes).toBe(before)
+      }
+      expect(encodes).toBe(6)
+    }).pipe(Effect.provide(fakeEngineLayer({ tokenizer: counting })))
+  })
+
+  it.effect("a prompt of ids outside the vocabulary, or of none, is refused with what is wrong", () =>
+    Effect.gen(function* () {
+      const engine = yield* Engine
+      const refusal = (prompt: ReadonlyArray<number>) =>
+        Effect.flip(Stream.runDrain(engine.generate({ prompt, maxTokens: 4 }))).pipe(Effect.map((e) => e.message))
+      expect(yield* refusal([0, 5, FAKE_VOCAB, FAKE_VOCAB + 1])).toBe(
+        `prompt: token id ${FAKE_VOCAB} (at index 2) is not below the model's vocabulary size ${FAKE_VOCAB}; pass ids from this model's tokenizer`,
+      )
+      for (const prompt of [[], [-1], [0, 1.5]])
+        expect(yield* refusal(prompt)).toBe(
+          "prompt: must be a string or a non-empty array of token ids (integers >= 0)",
+        )
+      // The last id of the vocabulary is a prompt like any other.
+      expect(yield* collect({ prompt: [0, FAKE_VOCAB - 1], maxTokens: 2 })).toHaveLength(2)
+    }).pipe(Effect.provide(fakeEngineLayer())),
+  )
+
+  it.effect("each sample's last event sums up its exits: histogram, mean depth, layers skipped", () =>
+    Effect.gen(function* () {
+      const batch = requests.flatMap((r, i) => [
+        { ...r, n: 2, earlyExit: { threshold: 0, minExitLayer: 2, kv: i % 2 === 0 ? "fill" : "recompute" } } as const,
+        ...(i < 4 ? [{ ...r, speculative: { exit: 2, maxDraft: 3 } }, r] : []),
+      ])
+      const outputs = yield* Effect.forEach(batch, collect, { concurrency: "unbounded" })
+      let skipped = 0
+      for (const events of outputs)
+        for (const sample of new Set(events.map((e) => e.sample))) {
+          const own = events.filter((e) => e.sample === sample)
+          const last = own.at(-1)!
+          expect(last.finishReason).not.toBeNull()
+          expect(own.slice(0, -1).every((e) => e.summary === undefined)).toBe(true)
+          const histogram: Record<string, number> = {}
+          for (const e of own) histogram[e.exitLayer] = (histogram[e.exitLayer] ?? 0) + 1
+          const depth = own.reduce((sum, e) => sum + e.exitLayer, 0)
+          expect(last.summary).toEqual({
+            tokens: own.length,
+            exitHistogram: histogram,
+            meanExitDepth: depth / own.length,
+            layersSkipped: own.length * FAKE_LAYERS - depth,
+            layers: FAKE_LAYERS,
+          })
+          skipped += last.summary!.layersSkipped
+        }
+      // Early exit at layer 2 did skip layers, and the engine's own count agrees with the samples'.
+      const stats = yield* Effect.flatMap(Engine, (e) => e.stats)
+      expect(skipped).toBeGreaterThan(0)
+      expect(stats.layersSkipped).toBe(skipped)
     }).pipe(Effect.provide(fakeEngineLayer())),
   )
 })

@@ -3,22 +3,36 @@
  * structured clone (what postMessage does), reads back as the same events and ends in the same order.
  */
 import { EngineStoppedError, InvalidRequestError } from "@offramp/core/Errors"
-import type { TokenEvent } from "@offramp/core/Generation"
+import type { GenerationSummary, TokenEvent } from "@offramp/core/Generation"
 import { Schema } from "effect"
 import * as fc from "fast-check"
 import { describe, expect, it } from "vitest"
 import { type GenerationEnd, readStepEvents, StepEvents, StepEventsBuilder } from "../src/internal/StepEvents.js"
 
-const tokenEvent: fc.Arbitrary<TokenEvent> = fc.record({
-  sample: fc.nat(7),
-  index: fc.nat(4096),
-  id: fc.nat(50_000),
-  text: fc.string({ unit: "grapheme" }),
-  exitLayer: fc.integer({ min: 1, max: 32 }),
-  confidence: fc.double({ min: 0, max: 1, noNaN: true }),
-  logprob: fc.double({ min: -100, max: 0, noNaN: true }),
-  finishReason: fc.constantFrom(null, "stop" as const, "length" as const),
+const summary: fc.Arbitrary<GenerationSummary> = fc.record({
+  tokens: fc.nat(4096),
+  exitHistogram: fc.dictionary(fc.integer({ min: 1, max: 32 }).map(String), fc.nat(4096)),
+  meanExitDepth: fc.double({ min: 1, max: 32, noNaN: true }),
+  layersSkipped: fc.nat(),
+  layers: fc.integer({ min: 1, max: 32 }),
 })
+
+/** Token events; one with a finish reason (a sample's last) may carry a summary. */
+const tokenEvent: fc.Arbitrary<TokenEvent> = fc
+  .tuple(
+    fc.record({
+      sample: fc.nat(7),
+      index: fc.nat(4096),
+      id: fc.nat(50_000),
+      text: fc.string({ unit: "grapheme" }),
+      exitLayer: fc.integer({ min: 1, max: 32 }),
+      confidence: fc.double({ min: 0, max: 1, noNaN: true }),
+      logprob: fc.double({ min: -100, max: 0, noNaN: true }),
+      finishReason: fc.constantFrom(null, "stop" as const, "length" as const),
+    }),
+    fc.option(summary, { nil: undefined }),
+  )
+  .map(([event, s]) => (event.finishReason !== null && s !== undefined ? { ...event, summary: s } : event))
 
 const crossThread = (step: StepEvents): StepEvents => {
   const wire = structuredClone(Schema.encodeSync(StepEvents)(step))

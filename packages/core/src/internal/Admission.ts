@@ -10,7 +10,7 @@ import { describeParseError, type GenerationError, InvalidRequestError } from ".
 import { GenerationRequest } from "../Generation.js"
 import type { KvCacheShape } from "../KvCache.js"
 import type { ModelSpec } from "../ModelSpec.js"
-import type { SamplerShape } from "../Sampler.js"
+import { resolveSampling, type SamplerShape } from "../Sampler.js"
 import type { SchedulerShape } from "../Scheduler.js"
 import type { TokenizerShape } from "../Tokenizer.js"
 import type { RequestState, Sequence } from "./Sequence.js"
@@ -50,11 +50,22 @@ export const makeAdmission = (deps: {
       rng: sampler.makeRng(request.sampling.seed, (request.sampling.stream ?? 0) + sample),
       detokenizer: tokenizer.detokenizer(prompt),
       generated: 0,
+      exitHistogram: {},
       exitStates: new Map(),
       exact: 0,
     }
     sequences.set(seq.id, seq)
     return seq
+  }
+
+  /** A prompt given as token ids, refused at its first id outside the model's vocabulary. */
+  const checkPromptIds = (ids: ReadonlyArray<number>): Effect.Effect<ReadonlyArray<number>, InvalidRequestError> => {
+    const outside = ids.findIndex((id) => id >= dims.vocab)
+    return outside < 0
+      ? Effect.succeed(ids)
+      : new InvalidRequestError({
+          message: `prompt: token id ${ids[outside]} (at index ${outside}) is not below the model's vocabulary size ${dims.vocab}; pass ids from this model's tokenizer`,
+        })
   }
 
   /** Validates `request` and returns its first sequence, ready for the scheduler (its request is `seq.request`). */
@@ -63,7 +74,10 @@ export const makeAdmission = (deps: {
       const req = yield* Schema.decodeUnknown(GenerationRequest)(request).pipe(
         Effect.mapError((e) => new InvalidRequestError({ message: describeParseError(e) })),
       )
-      const prompt = yield* tokenizer.encode(req.prompt, { parseSpecialTokens: req.parseSpecialTokens ?? true })
+      const prompt =
+        typeof req.prompt === "string"
+          ? yield* tokenizer.encode(req.prompt, { parseSpecialTokens: req.parseSpecialTokens ?? true })
+          : yield* checkPromptIds(req.prompt)
       if (prompt.length >= dims.contextLength) {
         return yield* new InvalidRequestError({
           message: `the prompt is ${prompt.length} tokens but the model's context is ${dims.contextLength}; shorten the prompt`,
@@ -108,11 +122,12 @@ export const makeAdmission = (deps: {
           message: `forced tokens must be ids below the vocabulary size ${dims.vocab}`,
         })
       }
+      const sampling = resolveSampling(req.sampling)
       const state: RequestState = {
         maxTokens: forcedTokens ? Math.min(req.maxTokens, forcedTokens.length) : req.maxTokens,
         forcedTokens,
-        sampling: req.sampling,
-        usesLogits: req.sampling.temperature > 0 || forcedTokens !== undefined,
+        sampling,
+        usesLogits: sampling.temperature > 0 || forcedTokens !== undefined,
         exit: resolveEarlyExit(spec, speculative ? FULL_DEPTH : exitParams),
         speculative:
           speculative && draftExit !== undefined

@@ -11,7 +11,7 @@ import type { SamplerShape } from "../Sampler.js"
 import type { SchedulerShape } from "../Scheduler.js"
 import { logProbabilityFromTop } from "./SamplingMath.js"
 import type { RequestState, Sequence } from "./Sequence.js"
-import type { Statistics } from "./Statistics.js"
+import { countExit, type Statistics, summarizeExits } from "./Statistics.js"
 
 /** A row that is done with the network this step: it samples from `head` row `row`. */
 export interface Finished {
@@ -85,6 +85,7 @@ export const makeEmission = (deps: {
     const stop = !forced && stopIds.has(id)
     seq.generated++
     statistics.token(exitLayer)
+    countExit(seq.exitHistogram, exitLayer)
     const full = seq.generated >= request.maxTokens || seq.tokens.length + 1 > dims.contextLength
     const finishReason = stop ? "stop" : full ? "length" : null
     let text = stop ? "" : seq.detokenizer.push(id)
@@ -98,6 +99,7 @@ export const makeEmission = (deps: {
       confidence,
       logprob,
       finishReason,
+      ...(finishReason !== null ? { summary: summarizeExits(seq.exitHistogram, dims.layers) } : {}),
     })
     if (finishReason !== null) {
       end(seq, Exit.void)

@@ -5,6 +5,8 @@
  */
 import type { Rng, SamplingParams } from "../Sampler.js"
 
+// Probabilities this close below topP count as reaching it: float32 logits only pin probabilities to ~1e-7, and a
+// nucleus boundary must not depend on that noise (e.g. p = [0.5, 0.2, ...] with topP 0.7 is exactly {0, 1}).
 const NUCLEUS_EPS = 1e-6
 
 /** Argmax of logits[offset .. offset+vocab); ties -> lowest id; NaN never wins. */

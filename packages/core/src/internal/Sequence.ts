@@ -14,6 +14,8 @@ export interface Sequence extends ScheduledSequence {
   readonly rng: Rng
   readonly detokenizer: DetokenizerStream
   generated: number
+  /** Its generated tokens by the layer count of the exit that produced them (its summary's histogram). */
+  readonly exitHistogram: Record<number, number>
   /**
    * Recompute strategy: the hidden state of each position whose K/V wait for recomputation, at the layer they stop
    * at (its exit). Which positions wait, and from which layer, the KV cache's fill levels say: position p waits at

@@ -3,6 +3,7 @@
  * emission write them; `snapshot` reads them for `Engine.stats`.
  */
 import type { EngineStats } from "../Engine.js"
+import type { GenerationSummary } from "../Generation.js"
 import type { KvCacheStats } from "../KvCache.js"
 import type { ModelSpec } from "../ModelSpec.js"
 
@@ -15,12 +16,33 @@ export interface ExitCounters {
   decisionMs: number
 }
 
+/** Counts a token generated at `exitLayer` into `histogram`. */
+export const countExit = (histogram: Record<number, number>, exitLayer: number) => {
+  histogram[exitLayer] = (histogram[exitLayer] ?? 0) + 1
+}
+
+/** The early-exit figures of the tokens in `histogram`, on a model of `layers` layers. */
+export const summarizeExits = (histogram: Readonly<Record<number, number>>, layers: number): GenerationSummary => {
+  let tokens = 0
+  let depth = 0
+  for (const [layer, n] of Object.entries(histogram)) {
+    tokens += n
+    depth += Number(layer) * n
+  }
+  return {
+    tokens,
+    exitHistogram: { ...histogram },
+    meanExitDepth: tokens === 0 ? 0 : depth / tokens,
+    layersSkipped: tokens * layers - depth,
+    layers,
+  }
+}
+
 export const makeStatistics = (spec: ModelSpec) => {
   const counters = {
     steps: 0,
     prefillTokens: 0,
     decodeTokens: 0,
-    layersSkipped: 0,
     kvFillMs: 0,
     decodeSegmentMs: 0,
     decodeLayerRows: 0,
@@ -32,22 +54,19 @@ export const makeStatistics = (spec: ModelSpec) => {
   const speculative = { drafted: 0, accepted: 0, kept: 0, verifications: 0 }
 
   /** A token was generated at `exitLayer`. */
-  const token = (exitLayer: number) => {
-    exitHistogram[exitLayer] = (exitHistogram[exitLayer] ?? 0) + 1
-    counters.layersSkipped += spec.dims.layers - exitLayer
-  }
+  const token = (exitLayer: number) => countExit(exitHistogram, exitLayer)
 
   const snapshot = (
     queues: { readonly running: number; readonly waiting: number; readonly preemptions: number },
     kv: KvCacheStats,
   ): EngineStats => {
-    const generated = Object.values(exitHistogram).reduce((a, b) => a + b, 0)
-    const depth = Object.entries(exitHistogram).reduce((sum, [layer, n]) => sum + Number(layer) * n, 0)
+    const { exitHistogram: histogram, meanExitDepth, layersSkipped } = summarizeExits(exitHistogram, spec.dims.layers)
     return {
       ...counters,
       ...queues,
-      exitHistogram: { ...exitHistogram },
-      meanExitDepth: generated === 0 ? 0 : depth / generated,
+      exitHistogram: histogram,
+      meanExitDepth,
+      layersSkipped,
       headMs: exits.reduce((ms, e) => ms + e.headMs + e.decisionMs, 0),
       exits: exits.map((e) => ({ ...e })),
       speculative: { ...speculative },

@@ -290,13 +290,15 @@ export const fakeEngineLayer = (
     readonly runner?: FakeRunnerOptions
     readonly scheduler?: SchedulerOptions
     readonly engine?: EngineOptions
+    /** The tokenizer (default: fakeTokenizer), e.g. one that counts its calls. */
+    readonly tokenizer?: TokenizerShape
   } = {},
 ) =>
   Engine.layer(options.engine).pipe(
     Layer.provideMerge(Scheduler.layer(options.scheduler)),
     Layer.provideMerge(KvCacheLive),
     Layer.provideMerge(Layer.succeed(ModelRunner, makeFakeRunner(options.runner))),
-    Layer.provideMerge(Layer.succeed(Tokenizer, fakeTokenizer)),
+    Layer.provideMerge(Layer.succeed(Tokenizer, options.tokenizer ?? fakeTokenizer)),
     Layer.provideMerge(Sampler.layer),
     Layer.provideMerge(ConfidenceEvaluator.layer),
   )

@@ -8,7 +8,7 @@
 import type { GenerationError } from "@offramp/core/Errors"
 import { EngineStoppedError, InvalidRequestError, RunnerError, TokenizerError } from "@offramp/core/Errors"
 import type { TokenEvent } from "@offramp/core/Generation"
-import { FinishReason } from "@offramp/core/Generation"
+import { FinishReason, GenerationSummary } from "@offramp/core/Generation"
 import { Schema } from "effect"
 
 export const GenerationErrorSchema = Schema.Union(InvalidRequestError, TokenizerError, RunnerError, EngineStoppedError)
@@ -27,6 +27,8 @@ export const StepEvents = Schema.Struct({
   /** Per event: confidence, logprob. */
   floats: Schema.instanceOf(Float64Array),
   texts: Schema.Array(Schema.String),
+  /** The summaries of the events that end a sample, by the event's position in this step. */
+  summaries: Schema.Array(Schema.Struct({ event: Schema.Int, summary: GenerationSummary })),
   /** Generations that ended after their events here: done, or with an error. */
   ends: Schema.Array(
     Schema.Struct({ ticket: Schema.Int, error: Schema.optionalWith(GenerationErrorSchema, { exact: true }) }),
@@ -45,6 +47,7 @@ export class StepEventsBuilder {
   private ints: Array<number> = []
   private floats: Array<number> = []
   private texts: Array<string> = []
+  private summaries: Array<{ readonly event: number; readonly summary: GenerationSummary }> = []
   private ends: Array<GenerationEnd> = []
 
   get isEmpty() {
@@ -52,6 +55,7 @@ export class StepEventsBuilder {
   }
 
   add(ticket: number, e: TokenEvent) {
+    if (e.summary) this.summaries.push({ event: this.tickets.length, summary: e.summary })
     this.tickets.push(ticket)
     this.ints.push(e.sample, e.index, e.id, e.exitLayer, FINISH.indexOf(e.finishReason))
     this.floats.push(e.confidence, e.logprob)
@@ -68,12 +72,14 @@ export class StepEventsBuilder {
       ints: Int32Array.from(this.ints),
       floats: Float64Array.from(this.floats),
       texts: this.texts,
+      summaries: this.summaries,
       ends: this.ends,
     }
     this.tickets = []
     this.ints = []
     this.floats = []
     this.texts = []
+    this.summaries = []
     this.ends = []
     return step
   }
@@ -85,9 +91,11 @@ export const readStepEvents = (
   onEvent: (ticket: number, event: TokenEvent) => void,
   onEnd: (end: GenerationEnd) => void,
 ) => {
-  const { tickets, ints, floats, texts } = step
+  const { tickets, ints, floats, texts, summaries } = step
+  let next = 0
   for (let i = 0; i < tickets.length; i++) {
     const k = i * INTS
+    const summary = summaries[next]?.event === i ? summaries[next++]!.summary : undefined
     onEvent(tickets[i]!, {
       sample: ints[k]!,
       index: ints[k + 1]!,
@@ -97,6 +105,7 @@ export const readStepEvents = (
       confidence: floats[i * FLOATS]!,
       logprob: floats[i * FLOATS + 1]!,
       text: texts[i]!,
+      ...(summary ? { summary } : {}),
     })
   }
   for (const end of step.ends) onEnd(end)

@@ -29,13 +29,12 @@ export interface CommonParams {
 
 export interface Prompt {
   readonly text: string
-  readonly tokens: number
+  /** The prompt's token ids, from its one tokenization: what the engine is given, and the usage's prompt tokens. */
+  readonly ids: ReadonlyArray<number>
 }
 
 export interface Plan {
   readonly prompts: ReadonlyArray<Prompt>
-  /** Whether the prompts' special-token text is special (a chat template's), or plain text (a user's). */
-  readonly parseSpecialTokens: boolean
   readonly n: number
   readonly maxTokens: number
   readonly sampling: SamplingParams
@@ -114,7 +113,7 @@ const speculativeOf = (
 
 /**
  * What a request asked for: its max_tokens (when given) and the parameters an error points at; and whether its
- * prompts' special-token text is special (see `Plan`).
+ * prompts' special-token text is special (a chat template's) or plain text (a user's).
  */
 interface Requested {
   readonly maxTokens: number | undefined
@@ -164,7 +163,8 @@ const yieldToEventLoop = Effect.async<void>((resume) => {
 })
 
 /**
- * Tokenizes the prompts and checks them against the context as OpenAI does: prompt + max_tokens must fit.
+ * Tokenizes the prompts and checks them against the context as OpenAI does: prompt + max_tokens must fit. The engine
+ * is given these token ids, so a prompt is tokenized once.
  * Tokenizing runs on the main thread, so a prompt too long for the context by the tokenizer's bytes-per-token bound
  * is refused before it is tokenized, and the event loop runs between prompts: one request's tokenization holds up
  * other streams for at most one prompt that could fit (a few kilobytes of text).
@@ -189,10 +189,10 @@ export const plan = (
         Effect.zipRight(server.tokenizer.encode(text, { parseSpecialTokens: requested.parseSpecialTokens })),
         Effect.mapError(fromGenerationError),
         Effect.tap((ids) => fitContext(context, ids.length, false, requested, defaultMaxTokens)),
-        Effect.map((ids) => ({ text, tokens: ids.length })),
+        Effect.map((ids) => ({ text, ids })),
       ),
     )
-    const longest = Math.max(...prompts.map((p) => p.tokens))
+    const longest = Math.max(...prompts.map((p) => p.ids.length))
     const maxTokens = yield* fitContext(context, longest, false, requested, defaultMaxTokens)
     // top_p = 0 keeps only the most likely token: greedy, which the engine spells temperature 0.
     const topP = params.top_p ?? 1
@@ -206,7 +206,6 @@ export const plan = (
     const stops = (typeof stop === "string" ? [stop] : (stop ?? [])).filter((s) => s !== "")
     return {
       prompts,
-      parseSpecialTokens: requested.parseSpecialTokens,
       n: params.n ?? 1,
       maxTokens,
       sampling,
@@ -279,8 +278,7 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
       const cancel = yield* server.engine
         .submit(
           {
-            prompt: prompt.text,
-            parseSpecialTokens: p.parseSpecialTokens,
+            prompt: prompt.ids,
             maxTokens: p.maxTokens,
             // Each choice (prompt × n + sample) draws from its own stream of the seed.
             sampling: { ...p.sampling, stream: i * p.n },
@@ -342,12 +340,12 @@ export const start = (server: OpenAiServerShape, p: Plan): Effect.Effect<EventPu
 /** Counts a finished (or abandoned) response's tokens. */
 export const countTokens = (server: OpenAiServerShape, p: Plan, choices: ReadonlyArray<Choice>) =>
   Effect.sync(() => {
-    server.metrics.promptTokens += p.prompts.reduce((sum, prompt) => sum + prompt.tokens, 0)
+    server.metrics.promptTokens += p.prompts.reduce((sum, prompt) => sum + prompt.ids.length, 0)
     server.metrics.generationTokens += choices.reduce((sum, c) => sum + c.tokens, 0)
   })
 
 export const usageOf = (p: Plan, choices: ReadonlyArray<Choice>) => {
-  const prompt = p.prompts.reduce((sum, x) => sum + x.tokens, 0)
+  const prompt = p.prompts.reduce((sum, x) => sum + x.ids.length, 0)
   const completion = choices.reduce((sum, c) => sum + c.tokens, 0)
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
 }
