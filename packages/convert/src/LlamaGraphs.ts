@@ -59,7 +59,13 @@ const linear = (
   if (packed.zeroPoints) {
     inputs.push(g.initializer(`${name}_zero_points`, "uint8", packed.zeroPoints, [packed.zeroPoints.length]))
   }
-  return g.contrib("MatMulNBits", inputs, { K: inDim, N: outDim, bits: q.bits, block_size: q.blockSize })
+  return g.contrib("MatMulNBits", inputs, {
+    K: inDim,
+    N: outDim,
+    bits: q.bits,
+    block_size: q.blockSize,
+    ...(q.accuracyLevel !== undefined ? { accuracy_level: q.accuracyLevel } : {}),
+  })
 }
 
 /** RMSNorm as onnxruntime's fused SimplifiedLayerNormalization (one kernel instead of six elementwise nodes). */

@@ -12,6 +12,13 @@ export interface Quantization {
   readonly symmetric: boolean
   /** Search each block's range for the least squared error (default true); false: plain min/max rounding. */
   readonly search?: boolean
+  /**
+   * MatMulNBits' `accuracy_level`: the precision of the activations in its kernel. 0 (the default) and 1 compute in
+   * float32, expanding the weights; 4 quantizes the activations to int8 per block and runs integer dot products
+   * (VNNI/AVX-512 where the CPU has them, onnxruntime's fallback elsewhere). See BENCHMARKS.md for what each costs
+   * and how fast it runs here.
+   */
+  readonly accuracyLevel?: 0 | 1 | 2 | 3 | 4
 }
 
 /** Range shrink factors tried per block. */
@@ -37,7 +44,9 @@ export const validateQuantization = (q: Quantization): string | undefined =>
     ? `quantization bits must be 4 or 8, got ${q.bits}`
     : !Number.isInteger(q.blockSize) || q.blockSize < 16 || (q.blockSize & (q.blockSize - 1)) !== 0
       ? `quantization block size must be a power of two ≥ 16, got ${q.blockSize}`
-      : undefined
+      : q.accuracyLevel !== undefined && ![0, 1, 2, 3, 4].includes(q.accuracyLevel)
+        ? `quantization accuracy level must be 0..4, got ${q.accuracyLevel}`
+        : undefined
 
 /** Quantizes a row-major [rows, cols] matrix block by block along its rows. */
 export const quantizeBlocks = (w: Float32Array, rows: number, cols: number, q: Quantization): BlockQuantized => {

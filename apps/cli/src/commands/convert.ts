@@ -120,6 +120,13 @@ const blockSize = Options.integer("block-size").pipe(
 const symmetric = Options.boolean("symmetric").pipe(
   Options.withDescription("quantize without zero points (default: one zero point per block)"),
 )
+const accuracyLevel = Options.choice("accuracy-level", ["0", "1", "2", "3", "4"]).pipe(
+  Options.withDescription(
+    "MatMulNBits accuracy_level: 4 (default) quantizes activations to int8 and runs integer dot products, the fastest " +
+      "here (see BENCHMARKS.md); 0 computes in float32",
+  ),
+  Options.withDefault("4" as const),
+)
 const context = Options.integer("context").pipe(
   Options.withDescription("context length of the converted model (default: max_position_embeddings)"),
   Options.optional,
@@ -137,7 +144,7 @@ const readJsonFile = (path: string) =>
 
 const hf = Command.make(
   "hf",
-  { dir, out, exits, dtype, quantize, blockSize, symmetric, context, tokenizer: hfTokenizer },
+  { dir, out, exits, dtype, quantize, blockSize, symmetric, accuracyLevel, context, tokenizer: hfTokenizer },
   (args) =>
     Effect.gen(function* () {
       const exitLayers = Option.isSome(args.exits) ? yield* parseExits(args.exits.value) : undefined
@@ -172,6 +179,7 @@ const hf = Command.make(
                 bits: args.quantize.value === "int8" ? 8 : 4,
                 blockSize: args.blockSize,
                 symmetric: args.symmetric,
+                accuracyLevel: Number(args.accuracyLevel) as 0 | 1 | 2 | 3 | 4,
               },
             }
           : {}),
