@@ -53,11 +53,14 @@ const float16Table = (): Float32Array => {
   return halfTable
 }
 
-/** float16 values (as uint16 bits) → float32. */
-export const float16ToFloat32Array = (bits: Uint16Array): Float32Array => {
+/** float16 values (as uint16 bits) → float32, into `out` at `offset` (default: a new array). */
+export const float16ToFloat32Array = (
+  bits: Uint16Array,
+  out: Float32Array = new Float32Array(bits.length),
+  offset = 0,
+): Float32Array => {
   const table = float16Table()
-  const out = new Float32Array(bits.length)
-  for (let i = 0; i < bits.length; i++) out[i] = table[bits[i]!]!
+  for (let i = 0; i < bits.length; i++) out[offset + i] = table[bits[i]!]!
   return out
 }
 

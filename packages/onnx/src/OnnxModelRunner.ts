@@ -13,6 +13,7 @@ import { type HeadOutput, ModelRunner, type ModelRunnerShape, type RowBatch } fr
 import { Effect, Layer, type Scope } from "effect"
 import * as ort from "onnxruntime-node"
 import { readClassifierWeights } from "./internal/ClassifierFile.js"
+import { readEmbeddingTable } from "./internal/EmbeddingTable.js"
 import { loadNativeSession, type NativeSession } from "./internal/NativeSession.js"
 import { openModelDirectory } from "./ModelDirectory.js"
 
@@ -94,7 +95,18 @@ export const makeOnnxModelRunner = (
     const numBlocks =
       options.numBlocks ?? Math.max(1, Math.floor((options.kvCacheBytes ?? DEFAULT_KV_CACHE_BYTES) / blockBytes))
 
-    const embedSession = yield* acquireSession(modelDir, spec.files.embed, threads)
+    // Offramp's embed graph is a table lookup, done in JavaScript (see internal/EmbeddingTable.ts); another runs in
+    // a session.
+    const embedPath = join(modelDir, spec.files.embed)
+    const embedTable = yield* Effect.tryPromise({
+      try: async () => readEmbeddingTable(new Uint8Array(await readFile(embedPath)), dims.vocab, dims.hidden),
+      catch: (e) =>
+        new ModelLoadError({
+          path: embedPath,
+          message: `cannot read ${spec.files.embed} (${(e as Error).message}); convert the model again`,
+        }),
+    })
+    const embedSession = embedTable ? undefined : yield* acquireSession(modelDir, spec.files.embed, threads)
     const segmentSessions = yield* Effect.forEach(spec.segments, (s) => acquireSession(modelDir, s.file, threads))
     // Exits that share one head file share one session.
     const headByFile = new Map<string, NativeSession>()
@@ -142,9 +154,14 @@ export const makeOnnxModelRunner = (
     }
 
     const embed: ModelRunnerShape["embed"] = (ids, rows, tokens) =>
-      run("embed", embedSession, { [G.ids]: i64(ids, [rows, tokens]) }).pipe(
-        Effect.map((out) => out[G.hidden]!.data as Float32Array),
-      )
+      embedTable
+        ? Effect.try({
+            try: () => embedTable.lookup(ids),
+            catch: (e) => new RunnerError({ stage: "embed", message: (e as Error).message }),
+          })
+        : run("embed", embedSession!, { [G.ids]: i64(ids, [rows, tokens]) }).pipe(
+            Effect.map((out) => out[G.hidden]!.data as Float32Array),
+          )
 
     const segment: ModelRunnerShape["segment"] = (index, hidden, batch: RowBatch) => {
       const s = spec.segments[index]!
