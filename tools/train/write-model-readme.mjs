@@ -35,6 +35,10 @@ const flags = sweep ? sweep.runs[sweep.chosen].flags.join(" ") : ""
 const pct = (x) => `${(100 * x).toFixed(1)}%`
 const params = Number(/params (\d+)/.exec(trainOut)[1])
 const resumes = [...trainOut.matchAll(/resumed from \S+ at step (\d+)/g)].map((m) => Number(m[1]))
+const storage =
+  spec.weights?.matmul === "int8" || spec.weights?.matmul === "int4"
+    ? `MatMul weights ${spec.weights.matmul} (onnxruntime MatMulNBits, block ${spec.weights.blockSize}), embedding ${spec.weights.embedding}`
+    : `weights ${spec.weights?.matmul ?? "fp32"} (cast to fp32 at load)`
 const files = readdirSync(model).sort()
 const sizes = files.map((f) => statSync(join(model, f)).size)
 const total = sizes.reduce((a, b) => a + b, 0)
@@ -76,7 +80,7 @@ next token and, by self-distillation, the final layer's distribution, under Laye
 | vocabulary / context | ${spec.dims.vocab} (byte-level BPE) / ${spec.dims.contextLength} tokens |
 | exits | after layers ${spec.exits.map((e) => e.layer).join(", ")}; one shared final norm + LM head (LayerSkip style) |
 | training | CE at every exit (weights ${start.config.early_exit_loss_weights.join(", ")}) + ${start.args.distill} × KL(final ‖ exit) at the early exits, layer dropout up to ${start.args.layer_drop}, dropout ${start.args.dropout}; ${done.steps} steps of ${start.args.batch} × ${start.args.ctx} tokens${sweep ? " (`sweep.py`: the run `" + sweep.chosen + "`, flags `" + flags + "`)" : ""}; the weights kept are the step-${done.kept_step} ones (lowest full-depth validation loss) |
-| storage | weights fp16 (cast to fp32 at load), ${(total / 1024 / 1024).toFixed(2)} MiB in ${files.length} files |
+| storage | ${storage}, ${(total / 1024 / 1024).toFixed(2)} MiB in ${files.length} files |
 | exit classifiers | \`classifier_<layer>.onnx\` (${classifiers.exits.map((e) => e.kind).join(", ")}), fitted by \`offramp calibrate --classifiers\` on validation text; see below |
 | early-exit defaults | \`calibration.json\`: ${calibration.earlyExit.measure} thresholds per exit ${calibration.calibration.maxPerplexityIncrease !== undefined ? `of least mean depth within +${calibration.calibration.maxPerplexityIncrease * 100}% teacher-forced perplexity` : `for ${calibration.calibration.target * 100}% agreement with full depth`} on validation text |
 
@@ -104,7 +108,7 @@ bash tools/train/setup.sh && bash tools/train/fetch-data.sh   # Debian packages 
 /usr/bin/python3 tools/train/sweep.py --minutes 5 --max-val-ppl 40 \\
   --only ld10-do10-kl3,ld10-do10-kl4,ld20-do10-kl2,ld20-do10-kl3,ld10-do10-kl2-uniform,ld10-do10-kl3-uniform,ld20-do10-kl2-uniform,ld10-do10-kl2-early \\
   -- --device cuda --batch 64 --exit-frac 1 --eval-every-min 0.5 --eval-tokens 80000 --reserve-sec 30 --warmup 200
-bash tools/train/package-model.sh                              # convert (fp16), exit classifiers, calibrate, evaluate
+bash tools/train/package-model.sh                              # convert (int8), exit classifiers, calibrate, evaluate
 node tools/train/write-model-readme.mjs                        # this file
 \`\`\`
 
