@@ -1,18 +1,16 @@
 /**
- * The standalone server as a command: `offramp-http` (bin/offramp-http.js) and `offramp serve` in the CLI share
- * these flags and this handler.
+ * The server command's handler: command.ts defines the flags of `offramp-http` (bin/offramp-http.js) and
+ * `offramp serve` in the CLI, and imports this module when the command runs, so that `--help` does not load the
+ * engine and the server.
  */
-import { Command, Options } from "@effect/cli"
 import * as HttpServer from "@effect/platform/HttpServer"
 import { InvalidRequestError } from "@offramp/core/Errors"
-import { modelDir as DEFAULT_MODEL_DIR } from "@offramp/default-model"
 import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import * as WorkerEngine from "@offramp/onnx/WorkerEngine"
-import { DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUED_SEQUENCES, OpenAiServer } from "@offramp/server/OpenAiServer"
-import { DEFAULT_HOST, DEFAULT_PORT, ListenError, layerNode } from "@offramp/server/Serve"
+import { OpenAiServer } from "@offramp/server/OpenAiServer"
+import { ListenError, layerNode } from "@offramp/server/Serve"
 import { Config, ConfigError, Console, Effect, Either, Layer, Option, Redacted } from "effect"
-
-export const API_KEY_ENV = "OFFRAMP_API_KEY"
+import type { ServeFlags as Flags } from "./command.js"
 
 /**
  * Test-only: `KIND:N` makes the first engine worker exit, throw or hang (KIND exit, throw or hang) after it sent N
@@ -30,81 +28,6 @@ const testFault = Config.string(TEST_FAULT_ENV).pipe(
   Config.option,
 )
 
-export const serveFlags = {
-  model: Options.directory("model").pipe(
-    Options.withDescription("a staged model directory (default: the embedded model, models/default)"),
-    Options.optional,
-    Options.map(Option.getOrElse(() => DEFAULT_MODEL_DIR)),
-  ),
-  host: Options.text("host").pipe(
-    Options.withDescription("address to listen on (0.0.0.0 for every interface)"),
-    Options.withDefault(DEFAULT_HOST),
-  ),
-  port: Options.integer("port").pipe(
-    Options.withDescription("TCP port; 0 picks a free one"),
-    Options.withDefault(DEFAULT_PORT),
-  ),
-  allowedHosts: Options.text("allowed-host").pipe(
-    Options.withDescription(
-      "a Host header name (no port) accepted on loopback connections besides localhost and loopback addresses, e.g. a reverse proxy's name; repeatable; * accepts any",
-    ),
-    Options.repeated,
-  ),
-  servedModelName: Options.text("served-model-name").pipe(
-    Options.withDescription("the model id clients send (default: the name in model.json)"),
-    Options.optional,
-  ),
-  apiKey: Options.redacted("api-key").pipe(
-    Options.withDescription(`require 'Authorization: Bearer KEY' on /v1 routes (or set ${API_KEY_ENV})`),
-    Options.withFallbackConfig(Config.redacted(API_KEY_ENV)),
-    Options.optional,
-  ),
-  maxBodyBytes: Options.integer("max-body-bytes").pipe(
-    Options.withDescription("largest request body; larger ones get 413"),
-    Options.withDefault(DEFAULT_MAX_BODY_BYTES),
-  ),
-  maxQueued: Options.integer("max-queued").pipe(
-    Options.withDescription(
-      "most sequences (prompts × n) waiting for their first token; more get 429, a request asking for more alone gets 400",
-    ),
-    Options.withDefault(DEFAULT_MAX_QUEUED_SEQUENCES),
-  ),
-  shutdownGrace: Options.float("shutdown-grace").pipe(
-    Options.withDescription("seconds in-flight requests may run on after SIGTERM before their streams are ended"),
-    Options.withDefault(10),
-  ),
-  stepDeadline: Options.float("step-deadline").pipe(
-    Options.withDescription(
-      "seconds one engine step may take before the engine worker counts as hung and is replaced (worker engine only)",
-    ),
-    Options.withDefault(30),
-  ),
-  kvCacheMb: Options.integer("kv-cache-mb").pipe(
-    Options.withDescription("memory for the paged KV cache, in MiB (default 64)"),
-    Options.optional,
-  ),
-  threads: Options.integer("threads").pipe(
-    Options.withDescription("onnxruntime intra-op threads per session (default 1)"),
-    Options.optional,
-  ),
-  maxRunning: Options.integer("max-running").pipe(
-    Options.withDescription("most sequences the engine runs at once (default 64)"),
-    Options.optional,
-  ),
-  maxRunningPerRequest: Options.integer("max-running-per-request").pipe(
-    Options.withDescription(
-      "most sequences of one request (its prompts × n) running at once, so that one request cannot take the whole batch (default a quarter of --max-running)",
-    ),
-    Options.optional,
-  ),
-  inProcess: Options.boolean("in-process").pipe(
-    Options.withDescription(
-      "run the engine on the main thread, not in a worker thread (onnxruntime then blocks the event loop during steps)",
-    ),
-  ),
-}
-
-type Flags = Command.Command.ParseConfig<typeof serveFlags>
 
 const positive = (flag: string, value: number) =>
   Number.isInteger(value) && value > 0
@@ -217,9 +140,3 @@ export const runServe = (flags: Flags) =>
       ),
     )
   })
-
-/** The serve command under a name: "serve" in the offramp CLI, "offramp-http" standalone. */
-export const serveCommand = (name: string) =>
-  Command.make(name, serveFlags, runServe).pipe(
-    Command.withDescription("serve a model over an OpenAI-compatible HTTP API"),
-  )
