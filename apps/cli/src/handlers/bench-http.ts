@@ -13,11 +13,12 @@
  * main thread's figures (`perf_hooks.monitorEventLoopDelay`, `eventLoopUtilization`) are the server's; that thread
  * runs at a lower CPU priority (`--client-nice`), so that on a small machine it takes less from the server than
  * clients on the same host would.
+ *
+ * Implemented here; commands/bench-http.ts defines the flags and imports this when the command runs.
  */
 import { readFileSync } from "node:fs"
 import { type IntervalHistogram, monitorEventLoopDelay } from "node:perf_hooks"
 import { Worker as Thread } from "node:worker_threads"
-import { Command, Options } from "@effect/cli"
 import * as HttpServer from "@effect/platform/HttpServer"
 import { Engine } from "@offramp/core/Engine"
 import { InvalidRequestError } from "@offramp/core/Errors"
@@ -29,43 +30,9 @@ import { OpenAiServer } from "@offramp/server/OpenAiServer"
 import { layerNode } from "@offramp/server/Serve"
 import { Console, Context, Effect, Layer, Stream } from "effect"
 import { median } from "../bench/quality.js"
-import { modelOption as model } from "../defaultModel.js"
-import { engineConfig, kvCacheMb, threads } from "../engineOptions.js"
-import { BENCH_PROMPTS } from "./bench.js"
-
-const clients = Options.integer("clients").pipe(
-  Options.withDescription("concurrent streaming clients"),
-  Options.withDefault(16),
-)
-const requests = Options.integer("requests").pipe(
-  Options.withDescription("streams each client runs one after another in a measurement"),
-  Options.withDefault(4),
-)
-const maxTokens = Options.integer("max-tokens").pipe(
-  Options.withDescription("max_tokens of every stream"),
-  Options.withDefault(128),
-)
-const repeats = Options.integer("repeats").pipe(
-  Options.withDescription("rounds; every round runs each setup once, and medians are reported"),
-  Options.withDefault(3),
-)
-const warmup = Options.integer("warmup").pipe(
-  Options.withDescription("uncounted rounds before the measured ones (JIT, first-run allocations)"),
-  Options.withDefault(3),
-)
-const CLIENTS = ["http", "fetch"] as const
-type Client = (typeof CLIENTS)[number]
-const client = Options.choice("client", CLIENTS).pipe(
-  Options.withDescription("the load generator's HTTP client: node:http with keep-alive, or fetch"),
-  Options.withDefault("http" as Client),
-)
-const clientNice = Options.integer("client-nice").pipe(
-  Options.withDescription(
-    "the load generator thread's nice value (0-19; Linux): 0 lets it compete with the server for the CPU as equals",
-  ),
-  Options.withDefault(10),
-)
-const json = Options.boolean("json").pipe(Options.withDescription("print one JSON document"))
+import { BENCH_PROMPTS } from "../commands/bench.js"
+import type { BenchHttpFlags, Client } from "../commands/bench-http.js"
+import { engineConfig } from "../engineOptions.js"
 
 export interface DelayFigures {
   readonly p50: number
@@ -358,121 +325,113 @@ const SETUPS = {
 } as const
 type SetupName = keyof typeof SETUPS
 
-export const benchHttp = Command.make(
-  "bench-http",
-  { model, clients, requests, maxTokens, repeats, warmup, client, clientNice, json, kvCacheMb, threads },
-  (args) =>
-    Effect.scoped(
-      Effect.gen(function* () {
-        for (const [flag, value] of [
-          ["clients", args.clients],
-          ["requests", args.requests],
-          ["max-tokens", args.maxTokens],
-          ["repeats", args.repeats],
-        ] as const) {
-          if (!(Number.isInteger(value) && value > 0)) {
-            return yield* new InvalidRequestError({ message: `--${flag} must be a positive integer, got ${value}` })
-          }
+export const handle = (args: BenchHttpFlags) =>
+  Effect.scoped(
+    Effect.gen(function* () {
+      for (const [flag, value] of [
+        ["clients", args.clients],
+        ["requests", args.requests],
+        ["max-tokens", args.maxTokens],
+        ["repeats", args.repeats],
+      ] as const) {
+        if (!(Number.isInteger(value) && value > 0)) {
+          return yield* new InvalidRequestError({ message: `--${flag} must be a positive integer, got ${value}` })
         }
-        if (!(Number.isInteger(args.warmup) && args.warmup >= 0)) {
-          return yield* new InvalidRequestError({ message: `--warmup must be a whole number, got ${args.warmup}` })
+      }
+      if (!(Number.isInteger(args.warmup) && args.warmup >= 0)) {
+        return yield* new InvalidRequestError({ message: `--warmup must be a whole number, got ${args.warmup}` })
+      }
+      if (!(Number.isInteger(args.clientNice) && args.clientNice >= 0 && args.clientNice <= 19)) {
+        return yield* new InvalidRequestError({
+          message: `--client-nice must be a whole number from 0 to 19, got ${args.clientNice}`,
+        })
+      }
+      const load: Load = { clients: args.clients, requests: args.requests }
+      const config = yield* engineConfig(args)
+      const inProcess = yield* startServer(onnxEngineLayer(args.model, config))
+      const worker = yield* startServer(
+        WorkerEngine.layer(args.model, config.runner ? { runner: config.runner } : {}),
+      )
+      const thread = yield* clientThread(args.clientNice)
+      const setups: Record<SetupName, Setup> = {
+        engine: engineStreams(inProcess.engine, args.maxTokens),
+        workerEngine: engineStreams(worker.engine, args.maxTokens),
+        inProcessHttp: httpStreams(thread, inProcess.url, args.maxTokens, args.client),
+        workerHttp: httpStreams(thread, worker.url, args.maxTokens, args.client),
+      }
+      const names = Object.keys(SETUPS) as Array<SetupName>
+      // Warm-up rounds that are not counted: onnxruntime's lazy initialisation, first-run allocations, and the JIT
+      // of both threads. The worker's code starts cold and reaches its steady rate only after a few seconds of
+      // generation (measured: its first 4 s ran at 0.7x of its rate from 8 s on), so one round is not enough.
+      for (let round = 0; round < args.warmup; round++) {
+        for (const name of names) yield* measure(load, setups[name])
+      }
+      const idle = yield* idleDelay(500)
+      const runs = Object.fromEntries(names.map((name) => [name, [] as Array<SetupRun>])) as Record<
+        SetupName,
+        Array<SetupRun>
+      >
+      for (let round = 0; round < args.repeats; round++) {
+        // Rotate the order so that machine noise and warm caches do not favour one setup.
+        for (let k = 0; k < names.length; k++) {
+          const name = names[(round + k) % names.length]!
+          runs[name].push(yield* measure(load, setups[name]))
         }
-        if (!(Number.isInteger(args.clientNice) && args.clientNice >= 0 && args.clientNice <= 19)) {
-          return yield* new InvalidRequestError({
-            message: `--client-nice must be a whole number from 0 to 19, got ${args.clientNice}`,
-          })
-        }
-        const load: Load = { clients: args.clients, requests: args.requests }
-        const config = yield* engineConfig(args)
-        const inProcess = yield* startServer(onnxEngineLayer(args.model, config))
-        const worker = yield* startServer(
-          WorkerEngine.layer(args.model, config.runner ? { runner: config.runner } : {}),
-        )
-        const thread = yield* clientThread(args.clientNice)
-        const setups: Record<SetupName, Setup> = {
-          engine: engineStreams(inProcess.engine, args.maxTokens),
-          workerEngine: engineStreams(worker.engine, args.maxTokens),
-          inProcessHttp: httpStreams(thread, inProcess.url, args.maxTokens, args.client),
-          workerHttp: httpStreams(thread, worker.url, args.maxTokens, args.client),
-        }
-        const names = Object.keys(SETUPS) as Array<SetupName>
-        // Warm-up rounds that are not counted: onnxruntime's lazy initialisation, first-run allocations, and the JIT
-        // of both threads. The worker's code starts cold and reaches its steady rate only after a few seconds of
-        // generation (measured: its first 4 s ran at 0.7x of its rate from 8 s on), so one round is not enough.
-        for (let round = 0; round < args.warmup; round++) {
-          for (const name of names) yield* measure(load, setups[name])
-        }
-        const idle = yield* idleDelay(500)
-        const runs = Object.fromEntries(names.map((name) => [name, [] as Array<SetupRun>])) as Record<
-          SetupName,
-          Array<SetupRun>
-        >
-        for (let round = 0; round < args.repeats; round++) {
-          // Rotate the order so that machine noise and warm caches do not favour one setup.
-          for (let k = 0; k < names.length; k++) {
-            const name = names[(round + k) % names.length]!
-            runs[name].push(yield* measure(load, setups[name]))
-          }
-        }
-        const report = Object.fromEntries(names.map((name) => [name, summarize(runs[name])])) as Record<
-          SetupName,
-          SetupReport
-        >
-        // Every round runs all setups within seconds of each other, so a ratio is the median of the per-round ratios:
-        // the machine's slower drifts (other tenants, CPU steal) then cancel, as in `offramp bench`.
-        const perRound = (f: (r: SetupRun) => number) =>
-          median(runs.workerHttp.map((r, i) => f(r) / f(runs.engine[i]!)))
-        const ratio = perRound((r) => r.tokensPerSecond)
-        const decodeRatio = perRound((r) => r.decodeTokensPerSecond)
-        const command =
-          `offramp bench-http --model ${args.model} --clients ${args.clients} --requests ${args.requests} ` +
-          `--max-tokens ${args.maxTokens} ` +
-          `--repeats ${args.repeats} --warmup ${args.warmup} --client ${args.client} --client-nice ${args.clientNice}`
-        if (args.json) {
-          yield* Console.log(
-            JSON.stringify({
-              model: inProcess.engine.spec.name,
-              command,
-              node: process.version,
-              clients: args.clients,
-              requests: args.requests,
-              maxTokens: args.maxTokens,
-              repeats: args.repeats,
-              warmup: args.warmup,
-              client: args.client,
-              clientNice: args.clientNice,
-              idleEventLoopDelayMs: idle,
-              inProcess: { engine: report.engine, http: report.inProcessHttp },
-              worker: { engine: report.workerEngine, http: report.workerHttp },
-              workerHttpOverInProcessEngine: { tokensPerSecond: ratio, decodeTokensPerSecond: decodeRatio },
-              withinTenPercent: ratio >= 0.9,
-            }),
-          )
-          return
-        }
-        yield* Console.log(`${command}  (medians of ${args.repeats} rounds)`)
+      }
+      const report = Object.fromEntries(names.map((name) => [name, summarize(runs[name])])) as Record<
+        SetupName,
+        SetupReport
+      >
+      // Every round runs all setups within seconds of each other, so a ratio is the median of the per-round ratios:
+      // the machine's slower drifts (other tenants, CPU steal) then cancel, as in `offramp bench`.
+      const perRound = (f: (r: SetupRun) => number) =>
+        median(runs.workerHttp.map((r, i) => f(r) / f(runs.engine[i]!)))
+      const ratio = perRound((r) => r.tokensPerSecond)
+      const decodeRatio = perRound((r) => r.decodeTokensPerSecond)
+      const command =
+        `offramp bench-http --model ${args.model} --clients ${args.clients} --requests ${args.requests} ` +
+        `--max-tokens ${args.maxTokens} ` +
+        `--repeats ${args.repeats} --warmup ${args.warmup} --client ${args.client} --client-nice ${args.clientNice}`
+      if (args.json) {
         yield* Console.log(
-          `${"".padEnd(26)} ${"tok/s".padStart(6)} ${"decode".padStart(6)} ${"tokens".padStart(6)}  ` +
-            "main thread: event-loop delay p50 / p99 / max, utilization; CPU ms/token main, process",
+          JSON.stringify({
+            model: inProcess.engine.spec.name,
+            command,
+            node: process.version,
+            clients: args.clients,
+            requests: args.requests,
+            maxTokens: args.maxTokens,
+            repeats: args.repeats,
+            warmup: args.warmup,
+            client: args.client,
+            clientNice: args.clientNice,
+            idleEventLoopDelayMs: idle,
+            inProcess: { engine: report.engine, http: report.inProcessHttp },
+            worker: { engine: report.workerEngine, http: report.workerHttp },
+            workerHttpOverInProcessEngine: { tokensPerSecond: ratio, decodeTokensPerSecond: decodeRatio },
+            withinTenPercent: ratio >= 0.9,
+          }),
         )
-        for (const name of names) {
-          const r = report[name]
-          yield* Console.log(
-            `${SETUPS[name].padEnd(26)} ${r.tokensPerSecond.toFixed(0).padStart(6)} ` +
-              `${r.decodeTokensPerSecond.toFixed(0).padStart(6)} ${String(r.tokens).padStart(6)}  ` +
-              `${fmt(r.eventLoopDelayMs)}, ${(r.eventLoopUtilization * 100).toFixed(0)}%; ` +
-              `${r.cpuMsPerToken.mainThread?.toFixed(3) ?? "-"}, ${r.cpuMsPerToken.process.toFixed(3)}`,
-          )
-        }
-        yield* Console.log(`${"idle main thread".padEnd(48)}  ${fmt(idle)}`)
+        return
+      }
+      yield* Console.log(`${command}  (medians of ${args.repeats} rounds)`)
+      yield* Console.log(
+        `${"".padEnd(26)} ${"tok/s".padStart(6)} ${"decode".padStart(6)} ${"tokens".padStart(6)}  ` +
+          "main thread: event-loop delay p50 / p99 / max, utilization; CPU ms/token main, process",
+      )
+      for (const name of names) {
+        const r = report[name]
         yield* Console.log(
-          `HTTP with the worker engine / in-process engine: x${ratio.toFixed(3)} tok/s, x${decodeRatio.toFixed(3)} ` +
-            `decode tok/s (${ratio >= 0.9 ? "within" : "NOT within"} 10%)`,
+          `${SETUPS[name].padEnd(26)} ${r.tokensPerSecond.toFixed(0).padStart(6)} ` +
+            `${r.decodeTokensPerSecond.toFixed(0).padStart(6)} ${String(r.tokens).padStart(6)}  ` +
+            `${fmt(r.eventLoopDelayMs)}, ${(r.eventLoopUtilization * 100).toFixed(0)}%; ` +
+            `${r.cpuMsPerToken.mainThread?.toFixed(3) ?? "-"}, ${r.cpuMsPerToken.process.toFixed(3)}`,
         )
-      }),
-    ),
-).pipe(
-  Command.withDescription(
-    "HTTP streaming throughput with the engine in a worker thread against the in-process engine, with event-loop delay",
-  ),
-)
+      }
+      yield* Console.log(`${"idle main thread".padEnd(48)}  ${fmt(idle)}`)
+      yield* Console.log(
+        `HTTP with the worker engine / in-process engine: x${ratio.toFixed(3)} tok/s, x${decodeRatio.toFixed(3)} ` +
+          `decode tok/s (${ratio >= 0.9 ? "within" : "NOT within"} 10%)`,
+      )
+    }),
+  )

@@ -1,11 +1,11 @@
 /**
  * `offramp calibrate`: finds per-exit thresholds that keep early-exit tokens in agreement with full depth at a
  * target rate on a text, and writes them to the model directory's calibration.json, which the engine reads as its
- * early-exit defaults (so `generate` and `serve` pick them up).
+ * early-exit defaults (so `generate` and `serve` pick them up). Implemented here; commands/calibrate.ts defines
+ * the flags and imports this when the command runs; `offramp evaluate` shares textExitStatistics.
  */
 import { readFile, writeFile } from "node:fs/promises"
 import { basename, join } from "node:path"
-import { Command, Options } from "@effect/cli"
 import {
   CALIBRATION_WINDOW,
   calibratedEarlyExit,
@@ -16,7 +16,7 @@ import {
   thresholdsForTarget,
 } from "@offramp/core/Calibration"
 import { ConfidenceEvaluator } from "@offramp/core/ConfidenceEvaluator"
-import { ConfidenceMeasure } from "@offramp/core/EarlyExit"
+import type { ConfidenceMeasure } from "@offramp/core/EarlyExit"
 import { InvalidRequestError, ModelLoadError } from "@offramp/core/Errors"
 import { featureCount, predictSamples } from "@offramp/core/ExitClassifier"
 import { ModelRunner } from "@offramp/core/ModelRunner"
@@ -33,55 +33,10 @@ import {
   fitClassifiers,
   writeClassifiers,
 } from "../calibrate/classifiers.js"
+import type { CalibrateFlags } from "../commands/calibrate.js"
 
 /** Fewer positions than this cannot resolve an agreement rate worth writing down. */
 export const MIN_CALIBRATION_TOKENS = 100
-
-const model = Options.directory("model").pipe(Options.withDescription("a staged model directory"))
-const text = Options.file("text").pipe(
-  Options.withDescription("a text in the model's domain; its tokens are run teacher-forced at full depth"),
-)
-const target = Options.float("target").pipe(
-  Options.withDescription("agreement rate with full depth that early-exit tokens must keep, in (0, 1]"),
-  Options.withDefault(0.99),
-)
-const measure = Options.choice("measure", ConfidenceMeasure.literals).pipe(
-  Options.withDescription("the confidence measure the thresholds are for (classifier: the model's exit classifiers)"),
-  Options.withDefault("softmax"),
-)
-const classifiers = Options.boolean("classifiers").pipe(
-  Options.withDescription(
-    "first fit an exit classifier per early exit on the text (written as classifier_<layer>.onnx, with " +
-      "classifiers.json, into the model directory), then calibrate the classifier measure on the held-out positions",
-  ),
-)
-const classifierKind = Options.choice("classifier-kind", ["auto", "logistic", "mlp"]).pipe(
-  Options.withDescription("logistic regression, a one-hidden-layer MLP, or auto: the MLP where it measurably helps"),
-  Options.withDefault("auto"),
-)
-const maxPerplexityIncrease = Options.float("max-perplexity-increase").pipe(
-  Options.withDescription(
-    "instead of --target: the thresholds of least mean depth whose teacher-forced perplexity on the text stays " +
-      "within this fraction above full depth's (0.02 = 2%)",
-  ),
-  Options.optional,
-)
-const heldoutFraction = Options.float("heldout-fraction").pipe(
-  Options.withDescription("with --classifiers: the last part of the text's positions, held out from fitting"),
-  Options.withDefault(0.25),
-)
-const policy = Options.choice("policy", ["per-sequence", "all"]).pipe(
-  Options.withDescription("batch exit policy written with the thresholds"),
-  Options.withDefault("per-sequence"),
-)
-const kv = Options.choice("kv", ["fill", "recompute"]).pipe(
-  Options.withDescription("KV strategy for skipped layers written with the thresholds"),
-  Options.withDefault("fill"),
-)
-const maxTokens = Options.integer("max-tokens").pipe(
-  Options.withDescription("most text tokens to use"),
-  Options.withDefault(20000),
-)
 
 export const readText = (path: string) =>
   Effect.gen(function* () {
@@ -224,71 +179,55 @@ const trainClassifiers = (
     return { statistics: [...classified, ...statistics.slice(early.length)], tokens, split }
   })
 
-export const calibrate = Command.make(
-  "calibrate",
-  {
-    model,
-    text,
-    target,
-    maxPerplexityIncrease,
-    measure,
-    policy,
-    kv,
-    maxTokens,
-    classifiers,
-    classifierKind,
-    heldoutFraction,
-  },
-  (args) =>
-    Effect.gen(function* () {
-      if (!(args.target > 0 && args.target <= 1)) {
-        return yield* new InvalidRequestError({
-          message: `--target is an agreement rate in (0, 1], got ${args.target}`,
-        })
-      }
-      const budget = Option.getOrUndefined(args.maxPerplexityIncrease)
-      if (budget !== undefined && !(budget >= 0)) {
-        return yield* new InvalidRequestError({ message: `--max-perplexity-increase is a fraction ≥ 0, got ${budget}` })
-      }
-      const { spec } = yield* openModelDirectory(args.model)
-      const measure = args.classifiers ? "classifier" : args.measure
-      const collected = args.classifiers
-        ? yield* trainClassifiers(args, spec.dims.hidden, budget !== undefined)
-        : {
-            ...(yield* textExitStatistics(args.model, args.text, args.maxTokens, measure, budget !== undefined)),
-            split: 0,
-          }
-      const from = collected.split
-      const all = collected.statistics.map((s) => ({ layer: s.layer, samples: s.samples.slice(from) }))
-      const { tokens } = collected
-      const statistics = budget === undefined ? all : all.slice(0, -1)
-      const exits =
-        budget === undefined
-          ? thresholdsForTarget(statistics, args.target)
-          : thresholdsForPerplexity(statistics, all.at(-1)!, budget, spec.dims.layers)
-
-      const file: typeof CalibrationFile.Type = {
-        earlyExit: calibratedEarlyExit(exits, { measure, policy: args.policy, kv: args.kv }),
-        calibration: {
-          ...(budget === undefined ? { target: args.target } : { maxPerplexityIncrease: budget }),
-          text: basename(args.text),
-          tokens,
-          ...(from > 0 ? { fromPosition: from } : {}),
-          measure,
-          exits,
-        },
-      }
-      const path = join(args.model, CALIBRATION_FILE)
-      yield* Effect.tryPromise({
-        try: () => writeFile(path, `${JSON.stringify(file, null, 2)}\n`),
-        catch: (e) => new ModelLoadError({ path, message: `cannot write calibration: ${(e as Error).message}` }),
+export const handle = (args: CalibrateFlags) =>
+  Effect.gen(function* () {
+    if (!(args.target > 0 && args.target <= 1)) {
+      return yield* new InvalidRequestError({
+        message: `--target is an agreement rate in (0, 1], got ${args.target}`,
       })
-      yield* Console.log(table(exits))
-      yield* Console.error(
-        `[${tokens} tokens of ${basename(args.text)}${from > 0 ? ` (thresholds from position ${from} on)` : ""}, ` +
-          `${budget === undefined ? `target ${percent(args.target)}` : `perplexity within +${percent(budget)}`}, ` +
-          `measure ${measure}; ` +
-          `wrote ${path}]`,
-      )
-    }),
-).pipe(Command.withDescription("find per-exit thresholds that keep early-exit tokens in agreement with full depth"))
+    }
+    const budget = Option.getOrUndefined(args.maxPerplexityIncrease)
+    if (budget !== undefined && !(budget >= 0)) {
+      return yield* new InvalidRequestError({ message: `--max-perplexity-increase is a fraction ≥ 0, got ${budget}` })
+    }
+    const { spec } = yield* openModelDirectory(args.model)
+    const measure = args.classifiers ? "classifier" : args.measure
+    const collected = args.classifiers
+      ? yield* trainClassifiers(args, spec.dims.hidden, budget !== undefined)
+      : {
+          ...(yield* textExitStatistics(args.model, args.text, args.maxTokens, measure, budget !== undefined)),
+          split: 0,
+        }
+    const from = collected.split
+    const all = collected.statistics.map((s) => ({ layer: s.layer, samples: s.samples.slice(from) }))
+    const { tokens } = collected
+    const statistics = budget === undefined ? all : all.slice(0, -1)
+    const exits =
+      budget === undefined
+        ? thresholdsForTarget(statistics, args.target)
+        : thresholdsForPerplexity(statistics, all.at(-1)!, budget, spec.dims.layers)
+
+    const file: typeof CalibrationFile.Type = {
+      earlyExit: calibratedEarlyExit(exits, { measure, policy: args.policy, kv: args.kv }),
+      calibration: {
+        ...(budget === undefined ? { target: args.target } : { maxPerplexityIncrease: budget }),
+        text: basename(args.text),
+        tokens,
+        ...(from > 0 ? { fromPosition: from } : {}),
+        measure,
+        exits,
+      },
+    }
+    const path = join(args.model, CALIBRATION_FILE)
+    yield* Effect.tryPromise({
+      try: () => writeFile(path, `${JSON.stringify(file, null, 2)}\n`),
+      catch: (e) => new ModelLoadError({ path, message: `cannot write calibration: ${(e as Error).message}` }),
+    })
+    yield* Console.log(table(exits))
+    yield* Console.error(
+      `[${tokens} tokens of ${basename(args.text)}${from > 0 ? ` (thresholds from position ${from} on)` : ""}, ` +
+        `${budget === undefined ? `target ${percent(args.target)}` : `perplexity within +${percent(budget)}`}, ` +
+        `measure ${measure}; ` +
+        `wrote ${path}]`,
+    )
+  })

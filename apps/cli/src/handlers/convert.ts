@@ -1,17 +1,18 @@
 /**
- * `offramp convert llama2c|hf`: a checkpoint → a staged model directory.
+ * `offramp convert llama2c|hf`: a checkpoint → a staged model directory. Implemented here; commands/convert.ts
+ * defines the flags and imports this when a subcommand runs.
  */
 import { readFile } from "node:fs/promises"
 import { basename } from "node:path"
-import { Command, Options } from "@effect/cli"
 import { readHfCheckpoint } from "@offramp/convert/HfCheckpoint"
 import { readLlama2cCheckpoint } from "@offramp/convert/Llama2cCheckpoint"
 import { readLlama2cTokenizer, toHuggingFaceTokenizerJson } from "@offramp/convert/Llama2cTokenizer"
 import { type WriteProgress, writeStagedModel } from "@offramp/convert/StagedModelWriter"
-import { DEFAULT_BLOCK_SIZE, type WeightFormat } from "@offramp/convert/WeightFormat"
+import type { WeightFormat } from "@offramp/convert/WeightFormat"
 import { CheckpointError, InvalidRequestError, TokenizerError } from "@offramp/core/Errors"
 import * as HfTokenizer from "@offramp/tokenizer/HfTokenizer"
 import { Console, Effect, Option } from "effect"
+import type { HfFlags, Llama2cFlags } from "../commands/convert.js"
 
 /** Parses "1,2,3" into exit layers. */
 export const parseExits = (text: string): Effect.Effect<ReadonlyArray<number>, InvalidRequestError> => {
@@ -66,22 +67,7 @@ const progressReporter = () => {
   }
 }
 
-const out = Options.directory("out").pipe(Options.withDescription("output model directory (replaced if it exists)"))
-const exits = Options.text("exits").pipe(
-  Options.withDescription(
-    "early exits as layer counts, e.g. 1,2,3,4 (default: after every layer); the layer count alone: no early exits",
-  ),
-  Options.optional,
-)
-
-const checkpoint = Options.file("checkpoint", { exists: "yes" }).pipe(
-  Options.withDescription("llama2.c checkpoint (legacy version-0 export, e.g. stories260K.bin)"),
-)
-const tokenizer = Options.file("tokenizer", { exists: "yes" }).pipe(
-  Options.withDescription("llama2.c tokenizer (e.g. tok512.bin)"),
-)
-
-const llama2c = Command.make("llama2c", { checkpoint, tokenizer, out, exits }, (args) =>
+export const llama2c = (args: Llama2cFlags) =>
   Effect.gen(function* () {
     const exitLayers = Option.isSome(args.exits) ? yield* parseExits(args.exits.value) : undefined
     const weights = yield* readLlama2cCheckpoint(args.checkpoint)
@@ -99,42 +85,7 @@ const llama2c = Command.make("llama2c", { checkpoint, tokenizer, out, exits }, (
     yield* Console.error(
       `wrote ${args.out}: ${spec.dims.layers} layers, exits after ${spec.exits.map((e) => e.layer).join(", ")}`,
     )
-  }),
-).pipe(Command.withDescription("convert a llama2.c checkpoint"))
-
-const dir = Options.directory("dir", { exists: "yes" }).pipe(
-  Options.withDescription("Hugging Face checkpoint directory: config.json, *.safetensors, tokenizer.json"),
-)
-const dtype = Options.choice("dtype", ["fp32", "fp16"]).pipe(
-  Options.withDescription("storage of float weights; fp16 halves the files, compute stays fp32"),
-  Options.withDefault("fp32" as const),
-)
-const quantize = Options.choice("quantize", ["int8", "int4"]).pipe(
-  Options.withDescription("block-quantize the attention, MLP and LM-head weights (onnxruntime MatMulNBits)"),
-  Options.optional,
-)
-const blockSize = Options.integer("block-size").pipe(
-  Options.withDescription(`quantization block along the input dimension (power of two ≥ 16)`),
-  Options.withDefault(DEFAULT_BLOCK_SIZE),
-)
-const symmetric = Options.boolean("symmetric").pipe(
-  Options.withDescription("quantize without zero points (default: one zero point per block)"),
-)
-const accuracyLevel = Options.choice("accuracy-level", ["0", "1", "2", "3", "4"]).pipe(
-  Options.withDescription(
-    "MatMulNBits accuracy_level: 4 (default) quantizes activations to int8 and runs integer dot products, the fastest " +
-      "here (see BENCHMARKS.md); 0 computes in float32",
-  ),
-  Options.withDefault("4" as const),
-)
-const context = Options.integer("context").pipe(
-  Options.withDescription("context length of the converted model (default: max_position_embeddings)"),
-  Options.optional,
-)
-const hfTokenizer = Options.file("tokenizer", { exists: "yes" }).pipe(
-  Options.withDescription("tokenizer.json to use (default: the one in --dir)"),
-  Options.optional,
-)
+  })
 
 const readJsonFile = (path: string) =>
   Effect.tryPromise({
@@ -142,69 +93,60 @@ const readJsonFile = (path: string) =>
     catch: (e) => new CheckpointError({ path, message: `cannot read the tokenizer: ${(e as Error).message}` }),
   })
 
-const hf = Command.make(
-  "hf",
-  { dir, out, exits, dtype, quantize, blockSize, symmetric, accuracyLevel, context, tokenizer: hfTokenizer },
-  (args) =>
-    Effect.gen(function* () {
-      const exitLayers = Option.isSome(args.exits) ? yield* parseExits(args.exits.value) : undefined
-      const progress = progressReporter()
-      const model = yield* readHfCheckpoint(args.dir, {
-        ...(Option.isSome(args.context) ? { contextLength: args.context.value } : {}),
-        onTensor: progress.tensor,
-      }).pipe(Effect.ensuring(Effect.sync(progress.end)))
-      const tokenizerJson = Option.isSome(args.tokenizer) ? yield* readJsonFile(args.tokenizer.value) : model.tokenizer
-      if (tokenizerJson === undefined) {
-        return yield* new CheckpointError({
-          path: args.dir,
-          message: "no tokenizer.json in the checkpoint directory; pass one with --tokenizer",
-        })
-      }
-      // The runner loads it with @huggingface/tokenizers: refuse one that would fail there, or emit unknown ids.
-      const config = model.tokenizerConfig
-      const loaded = yield* HfTokenizer.fromJson(
-        tokenizerJson,
-        typeof config === "object" && config !== null && !Array.isArray(config) ? config : undefined,
-      )
-      if (loaded.vocabSize > model.weights.config.vocab) {
-        return yield* new TokenizerError({
-          message: `the tokenizer has ${loaded.vocabSize} tokens but the model's vocab_size is ${model.weights.config.vocab}`,
-        })
-      }
-      const weights: WeightFormat = {
-        float: args.dtype === "fp16" ? "float16" : "float32",
-        ...(Option.isSome(args.quantize)
-          ? {
-              quantization: {
-                bits: args.quantize.value === "int8" ? 8 : 4,
-                blockSize: args.blockSize,
-                symmetric: args.symmetric,
-                accuracyLevel: Number(args.accuracyLevel) as 0 | 1 | 2 | 3 | 4,
-              },
-            }
-          : {}),
-      }
-      const chosenExits = exitLayers ?? model.exits
-      const spec = yield* writeStagedModel(model.weights, args.out, {
-        name: model.name,
-        source: model.source,
-        ...(chosenExits ? { exits: chosenExits } : {}),
-        tokens: model.tokens,
-        tokenizer: tokenizerJson,
-        ...(loaded.vocabSize < model.weights.config.vocab ? { tokenizerTokens: loaded.vocabSize } : {}),
-        ...(config !== undefined ? { tokenizerConfig: config } : {}),
-        weights,
-        onProgress: progress.write,
-      }).pipe(Effect.ensuring(Effect.sync(progress.end)))
-      const storage = spec.weights ? `, weights ${spec.weights.matmul} (embedding ${spec.weights.embedding})` : ""
-      yield* Console.error(
-        `wrote ${args.out}: ${spec.dims.layers} layers, exits after ${spec.exits.map((e) => e.layer).join(", ")}, ` +
-          `${spec.headKind} heads${storage}`,
-      )
-    }),
-).pipe(Command.withDescription("convert a Hugging Face Llama checkpoint (config.json + safetensors)"))
-
-export const convert = Command.make("convert").pipe(
-  Command.withDescription("convert a checkpoint into Offramp's staged ONNX format"),
-  Command.withSubcommands([llama2c, hf]),
-)
+export const hf = (args: HfFlags) =>
+  Effect.gen(function* () {
+    const exitLayers = Option.isSome(args.exits) ? yield* parseExits(args.exits.value) : undefined
+    const progress = progressReporter()
+    const model = yield* readHfCheckpoint(args.dir, {
+      ...(Option.isSome(args.context) ? { contextLength: args.context.value } : {}),
+      onTensor: progress.tensor,
+    }).pipe(Effect.ensuring(Effect.sync(progress.end)))
+    const tokenizerJson = Option.isSome(args.tokenizer) ? yield* readJsonFile(args.tokenizer.value) : model.tokenizer
+    if (tokenizerJson === undefined) {
+      return yield* new CheckpointError({
+        path: args.dir,
+        message: "no tokenizer.json in the checkpoint directory; pass one with --tokenizer",
+      })
+    }
+    // The runner loads it with @huggingface/tokenizers: refuse one that would fail there, or emit unknown ids.
+    const config = model.tokenizerConfig
+    const loaded = yield* HfTokenizer.fromJson(
+      tokenizerJson,
+      typeof config === "object" && config !== null && !Array.isArray(config) ? config : undefined,
+    )
+    if (loaded.vocabSize > model.weights.config.vocab) {
+      return yield* new TokenizerError({
+        message: `the tokenizer has ${loaded.vocabSize} tokens but the model's vocab_size is ${model.weights.config.vocab}`,
+      })
+    }
+    const weights: WeightFormat = {
+      float: args.dtype === "fp16" ? "float16" : "float32",
+      ...(Option.isSome(args.quantize)
+        ? {
+            quantization: {
+              bits: args.quantize.value === "int8" ? 8 : 4,
+              blockSize: args.blockSize,
+              symmetric: args.symmetric,
+              accuracyLevel: Number(args.accuracyLevel) as 0 | 1 | 2 | 3 | 4,
+            },
+          }
+        : {}),
+    }
+    const chosenExits = exitLayers ?? model.exits
+    const spec = yield* writeStagedModel(model.weights, args.out, {
+      name: model.name,
+      source: model.source,
+      ...(chosenExits ? { exits: chosenExits } : {}),
+      tokens: model.tokens,
+      tokenizer: tokenizerJson,
+      ...(loaded.vocabSize < model.weights.config.vocab ? { tokenizerTokens: loaded.vocabSize } : {}),
+      ...(config !== undefined ? { tokenizerConfig: config } : {}),
+      weights,
+      onProgress: progress.write,
+    }).pipe(Effect.ensuring(Effect.sync(progress.end)))
+    const storage = spec.weights ? `, weights ${spec.weights.matmul} (embedding ${spec.weights.embedding})` : ""
+    yield* Console.error(
+      `wrote ${args.out}: ${spec.dims.layers} layers, exits after ${spec.exits.map((e) => e.layer).join(", ")}, ` +
+        `${spec.headKind} heads${storage}`,
+    )
+  })

@@ -1,21 +1,14 @@
 /**
  * `offramp evaluate`: the quality of every exit on a text, teacher-forced — the perplexity of each exit head and
- * its top-1 agreement with the full-depth head (the figures of models/README.md).
+ * its top-1 agreement with the full-depth head (the figures of models/README.md). Implemented here;
+ * commands/evaluate.ts defines the flags and imports this when the command runs.
  */
-import { Command, Options } from "@effect/cli"
 import { exitQuality } from "@offramp/core/Calibration"
 import { Console, Effect } from "effect"
+import type { EvaluateFlags } from "../commands/evaluate.js"
 import { textExitStatistics } from "./calibrate.js"
 
-const model = Options.directory("model").pipe(Options.withDescription("a staged model directory"))
-const text = Options.file("text").pipe(Options.withDescription("held-out text, scored teacher-forced"))
-const maxTokens = Options.integer("max-tokens").pipe(
-  Options.withDescription("most text tokens to use"),
-  Options.withDefault(20000),
-)
-const json = Options.boolean("json").pipe(Options.withDescription("print one JSON document"))
-
-export const evaluate = Command.make("evaluate", { model, text, maxTokens, json }, (args) =>
+export const handle = (args: EvaluateFlags) =>
   Effect.gen(function* () {
     const { statistics, tokens } = yield* textExitStatistics(args.model, args.text, args.maxTokens, "softmax", true)
     const exits = statistics.map(exitQuality)
@@ -30,5 +23,4 @@ export const evaluate = Command.make("evaluate", { model, text, maxTokens, json 
         ),
       ].join("\n"),
     )
-  }),
-).pipe(Command.withDescription("perplexity and agreement with full depth of every exit, on a text"))
+  })

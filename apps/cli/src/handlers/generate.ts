@@ -1,91 +1,17 @@
 /**
- * `offramp generate`: streams continuations of one or more prompts, run concurrently through the engine.
+ * `offramp generate`, implemented (commands/generate.ts defines its flags and imports this when it runs): streams
+ * continuations of one or more prompts, run concurrently through the engine.
  */
 import { readFile } from "node:fs/promises"
-import { Command, Options } from "@effect/cli"
-import { ConfidenceMeasure, type EarlyExitParams, type EarlyExitRequest } from "@offramp/core/EarlyExit"
+import type { EarlyExitParams, EarlyExitRequest } from "@offramp/core/EarlyExit"
 import { Engine } from "@offramp/core/Engine"
 import { InvalidRequestError } from "@offramp/core/Errors"
 import type { TokenEvent } from "@offramp/core/Generation"
-import { DEFAULT_DRAFT_THRESHOLD, DEFAULT_MAX_DRAFT, speculativeDefaults } from "@offramp/core/Speculation"
+import { speculativeDefaults } from "@offramp/core/Speculation"
 import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Console, Effect, Layer, Option, Stream } from "effect"
-import { modelOption as model } from "../defaultModel.js"
-import { engineConfig, kvCacheMb, threads } from "../engineOptions.js"
-
-const prompt = Options.text("prompt").pipe(
-  Options.withDescription("a text to continue; repeat the flag for several prompts, run concurrently"),
-  Options.repeated,
-)
-const promptsFile = Options.file("prompts", { exists: "yes" }).pipe(
-  Options.withDescription("a file with one prompt per line"),
-  Options.optional,
-)
-const maxTokens = Options.integer("max-tokens").pipe(
-  Options.withDescription("most tokens to generate"),
-  Options.withDefault(256),
-)
-const temperature = Options.float("temperature").pipe(
-  Options.withDescription("sampling temperature; 0 = greedy"),
-  Options.withDefault(0.8),
-)
-const topP = Options.float("top-p").pipe(
-  Options.withDescription("nucleus sampling; 1 = off"),
-  Options.withDefault(0.95),
-)
-const topK = Options.integer("top-k").pipe(Options.withDescription("top-k sampling; 0 = off"), Options.withDefault(40))
-const seed = Options.integer("seed").pipe(
-  Options.withDescription("RNG seed, for reproducible sampling"),
-  Options.optional,
-)
-const json = Options.boolean("json").pipe(Options.withDescription("print one JSON object per line"))
-const threshold = Options.float("threshold").pipe(
-  Options.withDescription("early exit when the exit head's confidence reaches this (above 1: never)"),
-  Options.optional,
-)
-const measure = Options.choice("measure", ConfidenceMeasure.literals).pipe(
-  Options.withDescription("confidence measure of the exit heads"),
-  Options.optional,
-)
-const policy = Options.choice("policy", ["per-sequence", "all"]).pipe(
-  Options.withDescription("batch exit policy: rows exit alone, or all together"),
-  Options.optional,
-)
-const kv = Options.choice("kv", ["fill", "recompute"]).pipe(
-  Options.withDescription("K/V of skipped layers: fill from the exit state, or recompute with the next token"),
-  Options.optional,
-)
-const minExitLayer = Options.integer("min-exit-layer").pipe(
-  Options.withDescription("no exit before this many layers"),
-  Options.optional,
-)
-const confirm = Options.float("confirm").pipe(
-  Options.withDescription(
-    "gated decision: a row that passes a head-free measure (classifier, saturation) exits only if the exit head's " +
-      "max probability also reaches this",
-  ),
-  Options.optional,
-)
-
-const speculate = Options.boolean("speculate").pipe(
-  Options.withDescription(
-    "lossless self-speculative decoding: draft with the layers up to an early exit, verify with the rest (the full model's output; early-exit flags do not apply)",
-  ),
-)
-const draftExit = Options.integer("draft-exit").pipe(
-  Options.withDescription("with --speculate: the early exit that drafts (default: the one nearest half the depth)"),
-  Options.optional,
-)
-const maxDraft = Options.integer("max-draft").pipe(
-  Options.withDescription(`with --speculate: most tokens drafted per verification (default ${DEFAULT_MAX_DRAFT})`),
-  Options.optional,
-)
-const draftThreshold = Options.float("draft-threshold").pipe(
-  Options.withDescription(
-    `with --speculate: drafting stops when the draft head's top probability is below this (default ${DEFAULT_DRAFT_THRESHOLD})`,
-  ),
-  Options.optional,
-)
+import type { GenerateFlags } from "../commands/generate.js"
+import { engineConfig } from "../engineOptions.js"
 
 /** The early-exit flags that were given, over the engine defaults (calibration.json, else full depth). */
 const earlyExitFlags = (flags: {
@@ -121,118 +47,92 @@ const readPrompts = (flags: ReadonlyArray<string>, file: Option.Option<string>) 
     return prompts
   })
 
-export const generate = Command.make(
-  "generate",
-  {
-    model,
-    prompt,
-    promptsFile,
-    maxTokens,
-    temperature,
-    topP,
-    topK,
-    seed,
-    json,
-    threshold,
-    measure,
-    policy,
-    kv,
-    minExitLayer,
-    confirm,
-    speculate,
-    draftExit,
-    maxDraft,
-    draftThreshold,
-    kvCacheMb,
-    threads,
-  },
-  (args) =>
-    Effect.gen(function* () {
-      const engine = yield* Engine
-      const prompts = yield* readPrompts(args.prompt, args.promptsFile)
-      const single = prompts.length === 1
-      const earlyExit = earlyExitFlags(args)
-      const layers = engine.spec.dims.layers
-      const speculating =
-        args.speculate ||
-        Option.isSome(args.draftExit) ||
-        Option.isSome(args.maxDraft) ||
-        Option.isSome(args.draftThreshold)
-      const given = {
-        ...(Option.isSome(args.draftExit) ? { exit: args.draftExit.value } : {}),
-        ...(Option.isSome(args.maxDraft) ? { maxDraft: args.maxDraft.value } : {}),
-        ...(Option.isSome(args.draftThreshold) ? { threshold: args.draftThreshold.value } : {}),
-      }
-      const speculative = speculating ? speculativeDefaults(engine.spec, given) : undefined
-      if (speculating && speculative === undefined) {
-        return yield* new InvalidRequestError({ message: "--speculate needs a model with an early exit to draft with" })
-      }
-      const colour = single && !args.json && process.stdout.isTTY
-      const run = (text: string, request: number) =>
-        Effect.gen(function* () {
-          const started = performance.now()
-          let firstAt = 0
-          let last: TokenEvent | undefined
-          let count = 0
-          let output = ""
-          let depth = 0
-          const stream = engine.generate({
-            prompt: text,
-            maxTokens: args.maxTokens,
-            sampling: {
-              temperature: args.temperature,
-              topP: args.topP,
-              topK: args.topK,
-              // Each prompt draws from its own stream of the seed.
-              ...(Option.isSome(args.seed) ? { seed: args.seed.value, stream: request } : {}),
-            },
-            ...(earlyExit ? { earlyExit } : {}),
-            ...(speculative ? { speculative } : {}),
-          })
-          yield* Stream.runForEach(stream, (event) => {
-            if (count++ === 0) firstAt = performance.now()
-            last = event
-            depth += event.exitLayer
-            if (args.json) {
-              const line = { type: "token", ...(single ? {} : { request }), id: event.id, text: event.text }
-              return write(`${JSON.stringify({ ...line, exitLayer: event.exitLayer, confidence: event.confidence })}\n`)
-            }
-            if (single) return write(colour ? shade(event.text, event.exitLayer, layers) : event.text)
-            output += event.text
-            return Effect.void
-          })
-          const ended = performance.now()
-          // Decode rate: tokens after the first over the time after the first (prefill is reported separately).
-          const tokensPerSecond = count > 1 ? ((count - 1) * 1000) / (ended - firstAt) : 0
-          const summary = {
-            type: "done",
-            ...(single ? {} : { request }),
-            tokens: count,
-            finishReason: last?.finishReason ?? "length",
-            tokensPerSecond,
-            timeToFirstTokenMs: firstAt - started,
-            meanExitDepth: count > 0 ? depth / count : 0,
-            layersSkipped: count * layers - depth,
-          }
-          if (args.json) return yield* write(`${JSON.stringify(summary)}\n`)
-          if (!single) yield* write(`[${request}] ${text}${output}\n`)
-          else yield* write("\n")
-          yield* Console.error(
-            `[${single ? "" : `request ${request}: `}${count} tokens, ${tokensPerSecond.toFixed(0)} tokens/s, ` +
-              `first token after ${summary.timeToFirstTokenMs.toFixed(1)} ms, mean exit depth ` +
-              `${summary.meanExitDepth.toFixed(2)}/${layers} (${summary.layersSkipped} layers skipped), finish: ${summary.finishReason}]`,
-          )
+export const handle = (args: GenerateFlags) =>
+  Effect.gen(function* () {
+    const engine = yield* Engine
+    const prompts = yield* readPrompts(args.prompt, args.promptsFile)
+    const single = prompts.length === 1
+    const earlyExit = earlyExitFlags(args)
+    const layers = engine.spec.dims.layers
+    const speculating =
+      args.speculate ||
+      Option.isSome(args.draftExit) ||
+      Option.isSome(args.maxDraft) ||
+      Option.isSome(args.draftThreshold)
+    const given = {
+      ...(Option.isSome(args.draftExit) ? { exit: args.draftExit.value } : {}),
+      ...(Option.isSome(args.maxDraft) ? { maxDraft: args.maxDraft.value } : {}),
+      ...(Option.isSome(args.draftThreshold) ? { threshold: args.draftThreshold.value } : {}),
+    }
+    const speculative = speculating ? speculativeDefaults(engine.spec, given) : undefined
+    if (speculating && speculative === undefined) {
+      return yield* new InvalidRequestError({ message: "--speculate needs a model with an early exit to draft with" })
+    }
+    const colour = single && !args.json && process.stdout.isTTY
+    const run = (text: string, request: number) =>
+      Effect.gen(function* () {
+        const started = performance.now()
+        let firstAt = 0
+        let last: TokenEvent | undefined
+        let count = 0
+        let output = ""
+        let depth = 0
+        const stream = engine.generate({
+          prompt: text,
+          maxTokens: args.maxTokens,
+          sampling: {
+            temperature: args.temperature,
+            topP: args.topP,
+            topK: args.topK,
+            // Each prompt draws from its own stream of the seed.
+            ...(Option.isSome(args.seed) ? { seed: args.seed.value, stream: request } : {}),
+          },
+          ...(earlyExit ? { earlyExit } : {}),
+          ...(speculative ? { speculative } : {}),
         })
-      yield* Effect.forEach(prompts, run, { concurrency: "unbounded" })
-      if (speculative && !args.json) {
-        const { speculative: s } = yield* engine.stats
+        yield* Stream.runForEach(stream, (event) => {
+          if (count++ === 0) firstAt = performance.now()
+          last = event
+          depth += event.exitLayer
+          if (args.json) {
+            const line = { type: "token", ...(single ? {} : { request }), id: event.id, text: event.text }
+            return write(`${JSON.stringify({ ...line, exitLayer: event.exitLayer, confidence: event.confidence })}\n`)
+          }
+          if (single) return write(colour ? shade(event.text, event.exitLayer, layers) : event.text)
+          output += event.text
+          return Effect.void
+        })
+        const ended = performance.now()
+        // Decode rate: tokens after the first over the time after the first (prefill is reported separately).
+        const tokensPerSecond = count > 1 ? ((count - 1) * 1000) / (ended - firstAt) : 0
+        const summary = {
+          type: "done",
+          ...(single ? {} : { request }),
+          tokens: count,
+          finishReason: last?.finishReason ?? "length",
+          tokensPerSecond,
+          timeToFirstTokenMs: firstAt - started,
+          meanExitDepth: count > 0 ? depth / count : 0,
+          layersSkipped: count * layers - depth,
+        }
+        if (args.json) return yield* write(`${JSON.stringify(summary)}\n`)
+        if (!single) yield* write(`[${request}] ${text}${output}\n`)
+        else yield* write("\n")
         yield* Console.error(
-          `[speculative: draft exit ${speculative.exit}, ${s.drafted} tokens drafted, ${((100 * s.accepted) / Math.max(1, s.drafted)).toFixed(0)}% accepted, ${(s.kept / Math.max(1, s.verifications)).toFixed(2)} tokens per verification]`,
+          `[${single ? "" : `request ${request}: `}${count} tokens, ${tokensPerSecond.toFixed(0)} tokens/s, ` +
+            `first token after ${summary.timeToFirstTokenMs.toFixed(1)} ms, mean exit depth ` +
+            `${summary.meanExitDepth.toFixed(2)}/${layers} (${summary.layersSkipped} layers skipped), finish: ${summary.finishReason}]`,
         )
-      }
-    }).pipe(
-      Effect.provide(
-        Layer.unwrapEffect(Effect.map(engineConfig(args), (config) => onnxEngineLayer(args.model, config))),
-      ),
+      })
+    yield* Effect.forEach(prompts, run, { concurrency: "unbounded" })
+    if (speculative && !args.json) {
+      const { speculative: s } = yield* engine.stats
+      yield* Console.error(
+        `[speculative: draft exit ${speculative.exit}, ${s.drafted} tokens drafted, ${((100 * s.accepted) / Math.max(1, s.drafted)).toFixed(0)}% accepted, ${(s.kept / Math.max(1, s.verifications)).toFixed(2)} tokens per verification]`,
+      )
+    }
+  }).pipe(
+    Effect.provide(
+      Layer.unwrapEffect(Effect.map(engineConfig(args), (config) => onnxEngineLayer(args.model, config))),
     ),
-).pipe(Command.withDescription("generate continuations of prompts"))
+  )

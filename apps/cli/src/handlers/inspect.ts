@@ -1,15 +1,12 @@
 /**
- * `offramp inspect DIR`: the model's spec and files.
+ * `offramp inspect DIR`, implemented (commands/inspect.ts defines its argument): the model's spec and files.
  */
-import { Args, Command } from "@effect/cli"
 import { openModelDirectory } from "@offramp/onnx/ModelDirectory"
 import { Console, Effect } from "effect"
 
-const dir = Args.directory({ name: "model-dir" }).pipe(Args.withDescription("a staged model directory"))
-
 const mib = (bytes: number) => `${(bytes / 1024 / 1024).toFixed(2)} MiB`
 
-export const inspect = Command.make("inspect", { dir }, ({ dir }) =>
+export const handle = (dir: string) =>
   Effect.gen(function* () {
     const model = yield* openModelDirectory(dir)
     const { spec } = model
@@ -29,5 +26,4 @@ export const inspect = Command.make("inspect", { dir }, ({ dir }) =>
       ...model.files.map((f) => `  ${f.name.padEnd(22)} ${mib(f.bytes).padStart(10)}`),
     ]
     yield* Console.log(lines.join("\n"))
-  }),
-).pipe(Command.withDescription("print a staged model's spec"))
+  })
