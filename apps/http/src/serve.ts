@@ -28,7 +28,6 @@ const testFault = Config.string(TEST_FAULT_ENV).pipe(
   Config.option,
 )
 
-
 const positive = (flag: string, value: number) =>
   Number.isInteger(value) && value > 0
     ? Effect.void

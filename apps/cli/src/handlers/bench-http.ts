@@ -349,9 +349,7 @@ export const handle = (args: BenchHttpFlags) =>
       const load: Load = { clients: args.clients, requests: args.requests }
       const config = yield* engineConfig(args)
       const inProcess = yield* startServer(onnxEngineLayer(args.model, config))
-      const worker = yield* startServer(
-        WorkerEngine.layer(args.model, config.runner ? { runner: config.runner } : {}),
-      )
+      const worker = yield* startServer(WorkerEngine.layer(args.model, config.runner ? { runner: config.runner } : {}))
       const thread = yield* clientThread(args.clientNice)
       const setups: Record<SetupName, Setup> = {
         engine: engineStreams(inProcess.engine, args.maxTokens),
@@ -384,8 +382,7 @@ export const handle = (args: BenchHttpFlags) =>
       >
       // Every round runs all setups within seconds of each other, so a ratio is the median of the per-round ratios:
       // the machine's slower drifts (other tenants, CPU steal) then cancel, as in `offramp bench`.
-      const perRound = (f: (r: SetupRun) => number) =>
-        median(runs.workerHttp.map((r, i) => f(r) / f(runs.engine[i]!)))
+      const perRound = (f: (r: SetupRun) => number) => median(runs.workerHttp.map((r, i) => f(r) / f(runs.engine[i]!)))
       const ratio = perRound((r) => r.tokensPerSecond)
       const decodeRatio = perRound((r) => r.decodeTokensPerSecond)
       const command =

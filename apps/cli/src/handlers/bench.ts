@@ -369,9 +369,7 @@ export const handle = (args: BenchFlags) =>
         const meanExitDepth = median(measured.map((r) => r.meanExitDepth))
         const outputs = measured[0]!.outputs
         const idealSpeedup = layers / meanExitDepth
-        const speedup = median(
-          measured.map((r, round) => r.decodeTokensPerSecond / full[round]!.decodeTokensPerSecond),
-        )
+        const speedup = median(measured.map((r, round) => r.decodeTokensPerSecond / full[round]!.decodeTokensPerSecond))
         const drafted = measured.reduce((n, r) => n + r.speculative.drafted, 0)
         const verifications = measured.reduce((n, r) => n + r.speculative.verifications, 0)
         runs.push({
@@ -454,9 +452,7 @@ export const handle = (args: BenchFlags) =>
           y: r.speedup,
         }))
       const title = `${engine.spec.name}: decode speedup over full depth against held-out perplexity`
-      yield* Effect.promise(() =>
-        writeFile(args.chart.pipe(Option.getOrThrow), speedupQualityChart(points, { title })),
-      )
+      yield* Effect.promise(() => writeFile(args.chart.pipe(Option.getOrThrow), speedupQualityChart(points, { title })))
     }
     const calls = args.calls ? yield* Effect.forEach(counts, (count) => measureCalls(count)) : []
     if (!args.json) for (const c of calls) yield* Console.log(describeCalls(c))
@@ -470,7 +466,5 @@ export const handle = (args: BenchFlags) =>
       )
     }
   }).pipe(
-    Effect.provide(
-      Layer.unwrapEffect(Effect.map(engineConfig(args), (config) => onnxEngineLayer(args.model, config))),
-    ),
+    Effect.provide(Layer.unwrapEffect(Effect.map(engineConfig(args), (config) => onnxEngineLayer(args.model, config)))),
   )

@@ -132,7 +132,5 @@ export const handle = (args: GenerateFlags) =>
       )
     }
   }).pipe(
-    Effect.provide(
-      Layer.unwrapEffect(Effect.map(engineConfig(args), (config) => onnxEngineLayer(args.model, config))),
-    ),
+    Effect.provide(Layer.unwrapEffect(Effect.map(engineConfig(args), (config) => onnxEngineLayer(args.model, config)))),
   )
