@@ -5,7 +5,7 @@ import { Command, ValidationError } from "@effect/cli"
 import * as NodeContext from "@effect/platform-node/NodeContext"
 import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Cause, Console, Effect } from "effect"
-import { serveCommand } from "./index.js"
+import { serveCommand } from "./command.js"
 
 const cli = Command.run(serveCommand("offramp-http"), { name: "offramp-http", version: "0.1.0" })
 

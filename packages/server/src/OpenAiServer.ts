@@ -7,6 +7,7 @@ import { ModelLoadError, type TokenizerError } from "@offramp/core/Errors"
 import { Tokenizer, type TokenizerShape } from "@offramp/core/Tokenizer"
 import { Context, type Duration, Effect, Either, Layer, type Scope } from "effect"
 import { type ChatRenderer, type ChatTemplateConfig, makeChatRenderer, readChatTemplate } from "./ChatTemplate.js"
+import { DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUED_SEQUENCES } from "./Defaults.js"
 import { ServerMetrics } from "./Metrics.js"
 import type { ServerState } from "./ServerState.js"
 
@@ -31,8 +32,7 @@ export interface OpenAiServerOptions {
   readonly allowedHosts?: ReadonlyArray<string>
 }
 
-export const DEFAULT_MAX_BODY_BYTES = 1024 * 1024
-export const DEFAULT_MAX_QUEUED_SEQUENCES = 256
+export { DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUED_SEQUENCES }
 
 export interface OpenAiServerShape {
   readonly engine: EngineShape

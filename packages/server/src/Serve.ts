@@ -10,6 +10,7 @@ import { createServer } from "node:http"
 import * as HttpServer from "@effect/platform/HttpServer"
 import * as NodeHttpServer from "@effect/platform-node/NodeHttpServer"
 import { type Duration, Effect, Layer, Schema } from "effect"
+import { DEFAULT_HOST, DEFAULT_PORT } from "./Defaults.js"
 import { OpenAiServer } from "./OpenAiServer.js"
 import { OpenAiApp } from "./Router.js"
 
@@ -38,8 +39,7 @@ export interface ListenOptions extends ServeOptions {
   readonly port?: number
 }
 
-export const DEFAULT_HOST = "127.0.0.1"
-export const DEFAULT_PORT = 8000
+export { DEFAULT_HOST, DEFAULT_PORT }
 
 /** The server cannot listen on its address: the port is taken, out of range or privileged, or the host is not here. */
 export class ListenError extends Schema.TaggedError<ListenError>()("ListenError", {

@@ -1,11 +1,10 @@
 /**
  * `offramp evaluate`: the quality of every exit on a text, teacher-forced — the perplexity of each exit head and
- * its top-1 agreement with the full-depth head (the figures of models/README.md).
+ * its top-1 agreement with the full-depth head (the figures of models/README.md). The flags are defined here; the
+ * implementation (handlers/evaluate.ts, which loads onnxruntime) is imported when it runs.
  */
 import { Command, Options } from "@effect/cli"
-import { exitQuality } from "@offramp/core/Calibration"
-import { Console, Effect } from "effect"
-import { textExitStatistics } from "./calibrate.js"
+import { Effect } from "effect"
 
 const model = Options.directory("model").pipe(Options.withDescription("a staged model directory"))
 const text = Options.file("text").pipe(Options.withDescription("held-out text, scored teacher-forced"))
@@ -15,20 +14,13 @@ const maxTokens = Options.integer("max-tokens").pipe(
 )
 const json = Options.boolean("json").pipe(Options.withDescription("print one JSON document"))
 
-export const evaluate = Command.make("evaluate", { model, text, maxTokens, json }, (args) =>
-  Effect.gen(function* () {
-    const { statistics, tokens } = yield* textExitStatistics(args.model, args.text, args.maxTokens, "softmax", true)
-    const exits = statistics.map(exitQuality)
-    if (args.json) return yield* Console.log(JSON.stringify({ tokens, exits }, null, 2))
-    yield* Console.log(
-      [
-        `${tokens} tokens`,
-        "layer  perplexity  top-1 agreement with full depth",
-        ...exits.map(
-          (e) =>
-            `${String(e.layer).padStart(5)}  ${e.perplexity.toFixed(3).padStart(10)}  ${(100 * e.agreement).toFixed(1).padStart(6)} %`,
-        ),
-      ].join("\n"),
-    )
-  }),
+const flags = { model, text, maxTokens, json }
+
+export type EvaluateFlags = Command.Command.ParseConfig<typeof flags>
+
+export const evaluate = Command.make("evaluate", flags, (args) =>
+  Effect.flatMap(
+    Effect.promise(() => import("../handlers/evaluate.js")),
+    (handler) => handler.handle(args),
+  ),
 ).pipe(Command.withDescription("perplexity and agreement with full depth of every exit, on a text"))
