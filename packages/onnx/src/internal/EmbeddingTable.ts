@@ -4,7 +4,7 @@
  * call less per step (~9 µs at batch 1 on the default model, where a layer is ~70 µs), and a float16 table stays
  * float16 in memory. Any other embed graph runs in its session.
  */
-import { float16ToFloat32Array } from "@offramp/convert/Float16"
+import { float16BitsToFloat32 } from "@offramp/convert/Float16"
 import onnxProto from "onnx-proto"
 
 const { onnx } = onnxProto
@@ -65,14 +65,18 @@ export const readEmbeddingTable = (bytes: Uint8Array, vocab: number, hidden: num
   if (halfThenCast && tensor.dataType === DataType.FLOAT16) {
     const table = view(tensor, (b) => new Uint16Array(b))
     if (table?.length !== vocab * hidden) return undefined
+    // Every float16 value decoded once (256 KiB): a row is then one table read per value.
+    const decode = new Float32Array(65536)
+    for (let h = 0; h < 65536; h++) decode[h] = float16BitsToFloat32(h)
     return {
       bytes: table.byteLength,
       lookup: (ids) => {
         const out = new Float32Array(ids.length * hidden)
-        ids.forEach((id, i) => {
-          const row = rowOf(id)
-          float16ToFloat32Array(table.subarray(row * hidden, (row + 1) * hidden), out, i * hidden)
-        })
+        for (let i = 0; i < ids.length; i++) {
+          const from = rowOf(ids[i]!) * hidden
+          const to = i * hidden
+          for (let j = 0; j < hidden; j++) out[to + j] = decode[table[from + j]!]!
+        }
         return out
       },
     }
