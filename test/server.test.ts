@@ -2,6 +2,8 @@
  * The OpenAI-compatible server end to end on stories260K: a real server on a loopback port, driven by the official
  * `openai` client (and raw fetch where the wire format itself is checked).
  */
+import { readdirSync, statSync } from "node:fs"
+import { join } from "node:path"
 import { Engine } from "@offramp/core/Engine"
 import { onnxEngineLayer } from "@offramp/onnx/OnnxEngine"
 import { Effect } from "effect"
@@ -11,12 +13,13 @@ import { BENCH_PROMPTS } from "../apps/cli/src/commands/bench.js"
 import { json, metric, postJson, readSse, startServer, type TestServer } from "../packages/server/test/support.js"
 import { convertStories, REFERENCE_CONTINUATION, tempDir } from "./support/stories.js"
 
+let modelDir = ""
 const MODEL = "stories260K"
 let server: TestServer
 let client: OpenAI
 
 beforeAll(async () => {
-  const modelDir = tempDir("server")
+  modelDir = tempDir("server")
   await convertStories(modelDir)
   server = await startServer(onnxEngineLayer(modelDir))
   client = server.client
@@ -370,5 +373,11 @@ describe("models, health, metrics", () => {
     expect(metric(m, MODEL, "offramp_time_to_first_token_seconds_count")).toBeGreaterThan(0)
     expect(metric(m, MODEL, "offramp_exit_layer_bucket", 'le="2"')).toBeGreaterThan(0)
     expect(metric(m, MODEL, "offramp_kv_blocks_total")).toBeGreaterThan(0)
+    // Memory: the K/V pools, and the weights as stored (the graph files) and resident (measured at load).
+    expect(metric(m, MODEL, "offramp_kv_cache_bytes")).toBeGreaterThan(0)
+    const graphs = readdirSync(modelDir).filter((f) => f.endsWith(".onnx"))
+    const stored = graphs.reduce((n, f) => n + statSync(join(modelDir, f)).size, 0)
+    expect(metric(m, MODEL, "offramp_model_weight_bytes", 'kind="stored"')).toBe(stored)
+    expect(metric(m, MODEL, "offramp_model_weight_bytes", 'kind="resident"')).toBeGreaterThan(0)
   })
 })

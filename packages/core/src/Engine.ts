@@ -25,7 +25,7 @@ import type { RequestState, Sequence } from "./internal/Sequence.js"
 import { makeSpeculativePass } from "./internal/SpeculativePass.js"
 import { makeStatistics } from "./internal/Statistics.js"
 import { KvCache, type KvCacheStats } from "./KvCache.js"
-import { ModelRunner } from "./ModelRunner.js"
+import { ModelRunner, type ModelWeightBytes } from "./ModelRunner.js"
 import type { ModelSpec } from "./ModelSpec.js"
 import { Sampler } from "./Sampler.js"
 import { Scheduler } from "./Scheduler.js"
@@ -68,6 +68,8 @@ export interface EngineStats {
     readonly verifications: number
   }
   readonly kv: KvCacheStats
+  /** The model's weights in their files and in memory (see ModelRunnerShape.weights). */
+  readonly weights: ModelWeightBytes
 }
 
 /** Decisions at one early exit, since the engine started. */
@@ -299,6 +301,7 @@ const makeEngine = (options: EngineOptions) =>
         statistics.snapshot(
           { running: scheduler.running(), waiting: scheduler.waiting(), preemptions: scheduler.preemptions() },
           kv.stats(),
+          runner.weights,
         ),
     )
 

@@ -88,8 +88,19 @@ export interface ModelRunnerShape {
   readonly copyBlock: (from: number, to: number) => void
   /** Bytes of K/V one block holds across all layers. */
   readonly bytesPerBlock: number
+  /**
+   * What the model's weights take: `storedBytes` in the files the runner loaded, `residentBytes` in memory once
+   * loaded (for onnxruntime: the process's resident growth while its sessions were created; float16 storage, for
+   * one, is cast to float32 there).
+   */
+  readonly weights: ModelWeightBytes
   /** A copy of the K and V rows of `layer` at pool `slot` (for inspection and tests). */
   readonly readKv: (layer: number, slot: number) => { readonly k: Float32Array; readonly v: Float32Array }
+}
+
+export interface ModelWeightBytes {
+  readonly storedBytes: number
+  readonly residentBytes: number
 }
 
 export class ModelRunner extends Context.Tag("@offramp/core/ModelRunner")<ModelRunner, ModelRunnerShape>() {}

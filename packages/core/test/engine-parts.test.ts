@@ -111,9 +111,10 @@ describe("Emission", () => {
       expect(out.events[1]).toMatchObject({ id: 1, text: "", finishReason: "stop" })
       expect(out.ends).toEqual([Exit.void])
       expect(sequences.size).toBe(0)
-      expect(statistics.snapshot({ running: 0, waiting: 0, preemptions: 0 }, makeKvCacheStats()).exitHistogram).toEqual(
-        { 2: 1, 4: 1 },
-      )
+      const weights = { storedBytes: 0, residentBytes: 0 }
+      expect(
+        statistics.snapshot({ running: 0, waiting: 0, preemptions: 0 }, makeKvCacheStats(), weights).exitHistogram,
+      ).toEqual({ 2: 1, 4: 1 })
     }).pipe(Effect.runSync))
 
   it("a request with n samples ends when its last sample does", () =>

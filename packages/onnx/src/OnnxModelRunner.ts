@@ -86,7 +86,7 @@ export const makeOnnxModelRunner = (
   options: RunnerOptions = {},
 ): Effect.Effect<ModelRunnerShape, ModelLoadError, Scope.Scope> =>
   Effect.gen(function* () {
-    const { spec } = yield* openModelDirectory(modelDir)
+    const { spec, files } = yield* openModelDirectory(modelDir)
     const { dims } = spec
     const threads = options.threads ?? 1
     const blockSize = options.blockSize ?? DEFAULT_BLOCK_SIZE
@@ -95,6 +95,8 @@ export const makeOnnxModelRunner = (
     const numBlocks =
       options.numBlocks ?? Math.max(1, Math.floor((options.kvCacheBytes ?? DEFAULT_KV_CACHE_BYTES) / blockBytes))
 
+    // What loading the weights adds to the process's resident memory (onnxruntime lays them out at session creation).
+    const residentBefore = process.memoryUsage.rss()
     // Offramp's embed graph is a table lookup, done in JavaScript (see internal/EmbeddingTable.ts); another runs in
     // a session.
     const embedPath = join(modelDir, spec.files.embed)
@@ -123,6 +125,12 @@ export const makeOnnxModelRunner = (
     const classifiers = yield* Effect.forEach(spec.exits, (e) =>
       e.classifier ? loadClassifier(modelDir, e.classifier, dims.hidden, threads) : Effect.succeed(undefined),
     )
+
+    const weights = {
+      // The graph files (the tokenizer is not weights).
+      storedBytes: files.filter((f) => f.name.endsWith(".onnx")).reduce((n, f) => n + f.bytes, 0),
+      residentBytes: Math.max(0, process.memoryUsage.rss() - residentBefore),
+    }
 
     const poolDims = [numBlocks, blockSize, dims.kvHeads, dims.headDim]
     const kPools = Array.from({ length: dims.layers }, () => new Float32Array(numBlocks * blockSize * rowFloats))
@@ -297,6 +305,7 @@ export const makeOnnxModelRunner = (
       blockSize,
       numBlocks,
       bytesPerBlock: blockBytes,
+      weights,
       embed,
       segment,
       head,

@@ -193,6 +193,21 @@ export const renderMetrics = (
   )
   out.metric("gauge", "offramp_kv_blocks_total", "KV cache blocks in the pool.", one(stats.kv.totalBlocks))
   out.metric(
+    "gauge",
+    "offramp_kv_cache_bytes",
+    "Bytes of the K/V pools (every block, used or not).",
+    one(stats.kv.totalBlocks * stats.kv.bytesPerBlock),
+  )
+  out.metric(
+    "gauge",
+    "offramp_model_weight_bytes",
+    "The model's weights: in its graph files (stored) and in memory once loaded (resident).",
+    [
+      { labels: { kind: "stored" }, value: stats.weights.storedBytes },
+      { labels: { kind: "resident" }, value: stats.weights.residentBytes },
+    ],
+  )
+  out.metric(
     "counter",
     "offramp_prefix_cache_queries_total",
     "Full prompt blocks looked up in the prefix cache.",

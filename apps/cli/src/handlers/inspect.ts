@@ -1,12 +1,25 @@
 /**
  * `offramp inspect DIR`, implemented (commands/inspect.ts defines its argument): the model's spec and files.
  */
+import { ModelRunner } from "@offramp/core/ModelRunner"
 import { openModelDirectory } from "@offramp/onnx/ModelDirectory"
+import { OnnxModelRunner } from "@offramp/onnx/OnnxModelRunner"
 import { Console, Effect } from "effect"
 
 const mib = (bytes: number) => `${(bytes / 1024 / 1024).toFixed(2)} MiB`
 
-export const handle = (dir: string) =>
+/** What the loaded model takes in memory: its weights (stored and resident) and the K/V pools at the defaults. */
+const memory = (dir: string) =>
+  Effect.gen(function* () {
+    const runner = yield* ModelRunner
+    const { storedBytes, residentBytes } = runner.weights
+    return [
+      `memory       weights ${mib(residentBytes)} resident (${mib(storedBytes)} in the graph files)`,
+      `             K/V pools ${mib(runner.numBlocks * runner.bytesPerBlock)}: ${runner.numBlocks} blocks of ${runner.blockSize} tokens`,
+    ]
+  }).pipe(Effect.provide(OnnxModelRunner.layer(dir)))
+
+export const handle = (dir: string, load = false) =>
   Effect.gen(function* () {
     const model = yield* openModelDirectory(dir)
     const { spec } = model
@@ -24,6 +37,7 @@ export const handle = (dir: string) =>
       `tokens       bos ${spec.tokens.bos}   eos ${spec.tokens.eos}   stop ${spec.tokens.stop.join(",")}`,
       `files        ${model.files.length}, ${mib(total)}`,
       ...model.files.map((f) => `  ${f.name.padEnd(22)} ${mib(f.bytes).padStart(10)}`),
+      ...(load ? yield* memory(dir) : []),
     ]
     yield* Console.log(lines.join("\n"))
   })

@@ -5,6 +5,7 @@
 import type { EngineStats } from "../Engine.js"
 import type { GenerationSummary } from "../Generation.js"
 import type { KvCacheStats } from "../KvCache.js"
+import type { ModelWeightBytes } from "../ModelRunner.js"
 import type { ModelSpec } from "../ModelSpec.js"
 
 export interface ExitCounters {
@@ -59,6 +60,7 @@ export const makeStatistics = (spec: ModelSpec) => {
   const snapshot = (
     queues: { readonly running: number; readonly waiting: number; readonly preemptions: number },
     kv: KvCacheStats,
+    weights: ModelWeightBytes,
   ): EngineStats => {
     const { exitHistogram: histogram, meanExitDepth, layersSkipped } = summarizeExits(exitHistogram, spec.dims.layers)
     return {
@@ -71,6 +73,7 @@ export const makeStatistics = (spec: ModelSpec) => {
       exits: exits.map((e) => ({ ...e })),
       speculative: { ...speculative },
       kv,
+      weights: { ...weights },
     }
   }
 

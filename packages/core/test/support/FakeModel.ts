@@ -183,6 +183,8 @@ export const makeFakeRunner = (options: FakeRunnerOptions = {}): ModelRunnerShap
     blockSize,
     numBlocks,
     bytesPerBlock: layers * blockSize * D * 4 * 2,
+    // The fake's weights are a formula: nothing is stored or held.
+    weights: { storedBytes: 0, residentBytes: 0 },
     embed: (ids, rows, tokens) =>
       Effect.sync(() => {
         call("embed", rows)

@@ -113,6 +113,7 @@ export const EngineStatsSchema = Schema.Struct({
     prefixHits: Count,
     prefixHitRate: Count,
   }),
+  weights: Schema.Struct({ storedBytes: Count, residentBytes: Count }),
 })
 
 export class GetStats extends Schema.TaggedRequest<GetStats>()("GetStats", {
