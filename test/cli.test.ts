@@ -232,14 +232,14 @@ describe("offramp convert + generate (stories260K)", () => {
     expect(result.stdout).toMatch(/8 query \/ 4 kv/)
     expect(result.stdout).toContain("exits        after layers 1, 2, 3, 4, 5 (shared head)")
     expect(result.stdout).not.toContain("memory")
-    // --load: what the weights take once loaded, and the K/V pools (64 MiB by default).
+    // --load: what the weights take once loaded, and the K/V pools (as many blocks as fit in 64 MiB by default).
     const loaded = await runCli(["inspect", modelDir, "--load"])
     expect(loaded.code).toBe(0)
     const weights = loaded.stdout.match(/memory +weights ([\d.]+) MiB resident \(([\d.]+) MiB in the graph files\)/)
     expect(weights, loaded.stdout).not.toBeNull()
     expect(Number(weights![1])).toBeGreaterThan(0)
     expect(Number(weights![2])).toBeGreaterThan(0)
-    expect(loaded.stdout).toMatch(/K\/V pools 64\.00 MiB: \d+ blocks of 16 tokens/)
+    expect(loaded.stdout).toMatch(/K\/V pools 6[34]\.\d\d MiB: \d+ blocks of 16 tokens/)
   })
 })
 
