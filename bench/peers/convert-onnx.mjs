@@ -1,6 +1,7 @@
 // Hugging Face Llama checkpoint → a transformers.js model folder: onnx/model.onnx with past key values (the layout of
 // Optimum's "text-generation-with-past" exports that transformers.js 4.x loads: inputs input_ids, attention_mask,
-// position_ids, past_key_values.{i}.key/value [batch, kv_heads, past, head_dim]; outputs logits, present.{i}.key/value),
+// position_ids, past_key_values.{i}.key/value [batch, kv_heads, past, head_dim], num_logits_to_keep; outputs logits,
+// present.{i}.key/value),
 // config.json (model_type "llama"), generation_config.json and the tokenizer files.
 //   node convert-onnx.mjs --dir CHECKPOINT [--tokenizer tokenizer.json] --out DIR [--offramp /work/main]
 // The graph is built with Offramp's own GraphBuilder (packages/convert/dist, so the Offramp checkout must be built)
@@ -109,11 +110,21 @@ for (let l = 0; l < c.layers; l++) {
   const act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), up])
   x = g.node("Add", [x1, linear(act, t(`${p}mlp.down_proj.weight`), c.dim, c.ffn, `l${l}_down`)])
 }
-const normed = rmsNorm(x, t("model.norm.weight"), "final_norm")
+// num_logits_to_keep (transformers.js sets 1 while generating when the graph declares it): logits of the last k
+// positions only, all of them for 0, as Optimum's exports with that input.
+const keep = g.input("num_logits_to_keep", "int64", [])
+const keepFrom = g.node("Where", [g.node("Greater", [keep, zero]), g.node("Sub", [seqLen, keep]), zero])
+const lastRows = g.node("Slice", [
+  x,
+  g.node("Unsqueeze", [keepFrom, g.ints([0])]),
+  g.node("Unsqueeze", [seqLen, g.ints([0])]),
+  g.ints([1]),
+])
+const normed = rmsNorm(lastRows, t("model.norm.weight"), "final_norm")
 const lmHead = c.tied
   ? g.node("Transpose", [table], { perm: [1, 0] }) // folded into one initializer by onnxruntime at load
   : g.weight("lm_head", transpose(t("lm_head.weight"), c.vocab, c.dim), [c.dim, c.vocab])
-g.output("logits", g.node("MatMul", [normed, lmHead]), "float32", ["batch", "seq", c.vocab])
+g.output("logits", g.node("MatMul", [normed, lmHead]), "float32", ["batch", "kept", c.vocab])
 
 mkdirSync(join(args.out, "onnx"), { recursive: true })
 writeFileSync(join(args.out, "onnx", "model.onnx"), g.encode())

@@ -69,7 +69,7 @@ export const llamacpp = async ({ model, contextSize, threads = 1 }) => {
     if (!c) {
       c = await m.createContext({
         sequences: n,
-        contextSize: ctxSize * n,
+        contextSize: ctxSize, // per sequence (node-llama-cpp multiplies by the sequences)
         batchSize: Math.min(512, ctxSize * n),
         threads: { ideal: threads, min: threads },
       })
