@@ -127,14 +127,10 @@ const byteSymbols = bs
   .map((x) => x[1])
 const specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 const vocab = {}
-specials.forEach((s, i) => {
-  vocab[s] = i
-})
-byteSymbols.forEach((s) => {
-  vocab[s] = Object.keys(vocab).length
-})
+let size = 0
+for (const s of [...specials, ...byteSymbols]) vocab[s] = size++
 const merges = []
-const needed = cfg.vocab_size - Object.keys(vocab).length
+const needed = cfg.vocab_size - size
 // Printable symbols first (space "Ġ" and letters first), so common text gets two-byte tokens.
 const order = [...byteSymbols].sort((a, b) => {
   const rank = (s) => (s === "Ġ" ? 0 : /[a-z]/.test(s) ? 1 : /[A-Za-z]/.test(s) ? 2 : /[0-9.,!?']/.test(s) ? 3 : 4)
@@ -144,7 +140,7 @@ outer: for (const a of order)
   for (const b of order) {
     if (merges.length === needed) break outer
     merges.push([a, b])
-    vocab[a + b] = Object.keys(vocab).length
+    vocab[a + b] = size++
   }
 const tokenizer = {
   version: "1.0",
@@ -194,4 +190,4 @@ writeFileSync(
     2,
   ),
 )
-console.log(JSON.stringify({ out: args.out, vocab: Object.keys(vocab).length, merges: merges.length, bytes: offset }))
+console.log(JSON.stringify({ out: args.out, vocab: size, merges: merges.length, bytes: offset }))

@@ -1,10 +1,11 @@
 // Greedy token identity across the engines on the same weights.
-//   node verify.mjs --offramp-model /work/main/models/default --gguf models/default/f32.gguf[,more.gguf]
+//   node verify.mjs --offramp-model /work/main/models/default[,models/default/offramp-fp32] --gguf models/default/f32.gguf[,more.gguf]
 //                   --tjs models/default/transformersjs [--max-tokens 32] [--offramp-root /work/main] [--cli]
 // Prompt ids come from transformers.js's tokenizer (tokenizer.json with its BOS template) and are checked against
 // llama.cpp's tokenizer of the GGUF; every engine then continues the same ids. With --cli, Offramp's CLI also
 // generates from the prompt text (its own tokenizer), as `offramp generate ... --temperature 0 --threshold 2 --json`.
 import { execFileSync } from "node:child_process"
+import { readFileSync } from "node:fs"
 import { join, resolve } from "node:path"
 import { argv } from "./lib/checkpoint.mjs"
 import { llamacpp, offramp, transformersjs } from "./lib/engines.mjs"
@@ -19,13 +20,18 @@ const prompts = (
 const ggufs = String(args.gguf).split(",")
 
 const tjs = await transformersjs({ model: args.tjs })
-const off = await offramp({ model: args["offramp-model"], root })
-const report = { maxTokens, prompts: [] }
+// The first Offramp model is the reference; more (comma-separated) are compared with it like the peers.
+const offrampModels = String(args["offramp-model"]).split(",")
+const offs = []
+for (const model of offrampModels) offs.push(await offramp({ model, root }))
+const offName = (i) => (i === 0 ? "offramp" : `offramp:${offrampModels[i]}`)
+const modelJson = JSON.parse(readFileSync(join(offrampModels[0], "model.json"), "utf8"))
+const report = { maxTokens, bos: modelJson.tokens.bos, prompts: [] }
 let allIdentical = true
 for (const text of prompts) {
   const ids = Array.from(await tjs.tokenize(text), Number)
   const row = { text, promptIds: ids, tokens: {}, tokenizers: {}, firstMismatch: {} }
-  row.tokens.offramp = await off.generate(ids, maxTokens)
+  for (const [i, off] of offs.entries()) row.tokens[offName(i)] = await off.generate(ids, maxTokens)
   row.tokens["transformers.js"] = await tjs.generate(ids, maxTokens)
   if (args.cli) {
     const out = execFileSync(
@@ -56,7 +62,7 @@ for (const text of prompts) {
   }
   report.prompts.push(row)
 }
-await off.close()
+for (const off of offs) await off.close()
 await tjs.close()
 for (const gguf of ggufs) {
   const lc = await llamacpp({ model: gguf })
@@ -77,9 +83,14 @@ for (const row of report.prompts) {
     row.firstMismatch[engine] = i === n ? null : i
     if (i !== n && !engine.includes("f16") && !engine.includes("q8")) allIdentical = false
   }
-  // llama.cpp tokenizes the text itself (BOS added by the GGUF's add_bos_token); it should give the same ids.
+  // llama.cpp's tokenization of the text should give the same ids (node-llama-cpp's tokenize() adds no BOS: the
+  // comparison ignores a leading BOS on either side).
+  const bosless = (ids) => (ids[0] === report.bos ? ids.slice(1) : ids)
   row.tokenizerMatch = Object.fromEntries(
-    Object.entries(row.tokenizers).map(([k, v]) => [k, JSON.stringify(v) === JSON.stringify(row.promptIds)]),
+    Object.entries(row.tokenizers).map(([k, v]) => [
+      k,
+      JSON.stringify(bosless(v)) === JSON.stringify(bosless(row.promptIds)),
+    ]),
   )
 }
 report.identical = allIdentical
