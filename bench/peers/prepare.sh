@@ -9,9 +9,10 @@ cd "$(dirname "$0")"
 ROOT="${OFFRAMP_ROOT:-$(cd ../.. && pwd)}"
 WHICH="${1:-all}"
 OFFRAMP="node $ROOT/apps/cli/bin/offramp.js"
+layers_of() { node -p 'require(process.argv[1]).num_hidden_layers' "$1"; }
 
 if [[ "$WHICH" == default || "$WHICH" == all ]]; then
-  : "${CHECKPOINT:?set CHECKPOINT to the default model's Hugging Face checkpoint directory}"
+  : "${CHECKPOINT:?set CHECKPOINT to the Hugging Face checkpoint directory of the default model}"
   TOK="${TOKENIZER:-$CHECKPOINT/tokenizer.json}"
   out=models/default
   mkdir -p "$out"
@@ -21,7 +22,7 @@ if [[ "$WHICH" == default || "$WHICH" == all ]]; then
   node convert-onnx.mjs --dir "$CHECKPOINT" --tokenizer "$TOK" --out "$out/transformersjs" --offramp "$ROOT"
   # Offramp's own conversions of the same checkpoint at full depth only, fp32 (as the peers' F32) and fp16 storage
   # (as the embedded default model). The embedded model itself is $ROOT/models/default.
-  layers=$(node -e 'console.log(require(process.argv[1]).num_hidden_layers)' "$CHECKPOINT/config.json")
+  layers=$(layers_of "$(cd "$CHECKPOINT" && pwd)/config.json")
   $OFFRAMP convert hf --dir "$CHECKPOINT" --tokenizer "$TOK" --out "$out/offramp-fp32" --exits "$layers" --dtype fp32
 fi
 
@@ -33,7 +34,7 @@ if [[ "$WHICH" == smol || "$WHICH" == all ]]; then
     node convert-gguf.mjs --dir "$out/ckpt" --out "$out/$t.gguf" --type "$t" --name random-smollm2-135m-shape
   done
   node convert-onnx.mjs --dir "$out/ckpt" --out "$out/transformersjs" --offramp "$ROOT"
-  layers=$(node -e 'console.log(require(process.argv[1]).num_hidden_layers)' "$PWD/$out/ckpt/config.json")
+  layers=$(layers_of "$PWD/$out/ckpt/config.json")
   $OFFRAMP convert hf --dir "$out/ckpt" --out "$out/offramp" --exits "$layers"
   $OFFRAMP convert hf --dir "$out/ckpt" --out "$out/offramp-fp16" --exits "$layers" --dtype fp16
 fi

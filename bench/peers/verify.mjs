@@ -40,7 +40,7 @@ for (const text of prompts) {
         join(root, "apps/cli/bin/offramp.js"),
         "generate",
         "--model",
-        args["offramp-model"],
+        offrampModels[0],
         "--prompt",
         text,
         "--max-tokens",
