@@ -106,10 +106,15 @@ const median = (xs) => {
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
 }
 
+// Warm-up: every shape the measurements use once (onnxruntime plans memory per shape), with short generations.
 log("warm-up")
 for (const e of engines) {
-  await decodeRun(e, [await nextPrompt(promptLen), await nextPrompt(promptLen)])
-  await prefillRun(e, await nextPrompt(Math.min(64, prefillLen)))
+  for (const streams of streamCounts) {
+    const prompts = []
+    for (let i = 0; i < streams; i++) prompts.push(await nextPrompt(promptLen))
+    await e.streams(prompts, Math.min(16, maxTokens))
+  }
+  await prefillRun(e, await nextPrompt(prefillLen))
 }
 
 const results = []
