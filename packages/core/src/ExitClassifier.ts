@@ -43,24 +43,30 @@ export interface ExitClassifierWeights {
 
 const RMS_EPS = 1e-6
 
-/** [rms, cosine] of a row, in a buffer reused from call to call (the per-token path allocates nothing). */
-const scalars = new Float64Array(2)
+/** [rms, cosine, dot with the weights] of a row, in a buffer reused from call to call (nothing allocated per token). */
+const scalars = new Float64Array(3)
 
-/** The row's root mean square and its cosine with the previous exit's state (0 for a zero vector), into `scalars`. */
-const rowScalars = (hidden: Float32Array, previous: Float32Array): Float64Array => {
+/**
+ * The row's root mean square, its cosine with the previous exit's state (0 for a zero vector) and, given `weights`,
+ * its dot product with their first D values (logistic regression's, in the same pass over the row), into `scalars`.
+ */
+const rowScalars = (hidden: Float32Array, previous: Float32Array, weights?: Float32Array): Float64Array => {
   const D = hidden.length
   let ss = 0
   let dot = 0
   let pp = 0
+  let z = 0
   for (let i = 0; i < D; i++) {
     const h = hidden[i]!
     const p = previous[i]!
     ss += h * h
     dot += h * p
     pp += p * p
+    if (weights) z += weights[i]! * h
   }
   scalars[0] = Math.sqrt(ss / D + RMS_EPS)
   scalars[1] = ss === 0 || pp === 0 ? 0 : dot / Math.sqrt(ss * pp)
+  scalars[2] = z
   return scalars
 }
 
@@ -86,21 +92,9 @@ export const predictExit = (w: ExitClassifierWeights, hidden: Float32Array, prev
   const { w1, b1, inputs } = w
   if (w.hidden === 0) {
     // Logistic regression: the statistics and the one dot product in a single pass over the row.
-    let ss = 0
-    let dot = 0
-    let pp = 0
-    let z = 0
-    for (let i = 0; i < D; i++) {
-      const h = hidden[i]!
-      const p = previous[i]!
-      ss += h * h
-      dot += h * p
-      pp += p * p
-      z += w1[i]! * h
-    }
-    const rms = Math.sqrt(ss / D + RMS_EPS)
-    const cos = ss === 0 || pp === 0 ? 0 : dot / Math.sqrt(ss * pp)
-    return sigmoid(z / rms + w1[D]! * cos + w1[D + 1]! * Math.log(rms) + b1[0]!)
+    const stats = rowScalars(hidden, previous, w1)
+    const rms = stats[0]!
+    return sigmoid(stats[2]! / rms + w1[D]! * stats[1]! + w1[D + 1]! * Math.log(rms) + b1[0]!)
   }
   const stats = rowScalars(hidden, previous)
   const rms = stats[0]!
