@@ -3,7 +3,7 @@
 // position_ids, past_key_values.{i}.key/value [batch, kv_heads, past, head_dim], num_logits_to_keep; outputs logits,
 // present.{i}.key/value),
 // config.json (model_type "llama"), generation_config.json and the tokenizer files.
-//   node convert-onnx.mjs --dir CHECKPOINT [--tokenizer tokenizer.json] --out DIR [--offramp /work/main]
+//   node convert-onnx.mjs --dir CHECKPOINT [--tokenizer tokenizer.json] --out DIR [--offramp ../..]
 // The graph is built with Offramp's own GraphBuilder (packages/convert/dist, so the Offramp checkout must be built)
 // and the same fused operators as Offramp's graphs (SimplifiedLayerNormalization, com.microsoft RotaryEmbedding), so
 // that the comparison is of the engines, not of two graph styles. Compute is float32.

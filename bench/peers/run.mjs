@@ -1,7 +1,7 @@
 // Peer benchmark: Offramp, llama.cpp (node-llama-cpp) and transformers.js on the same weights, 1 thread each,
 // greedy, full depth. Interleaved rounds (A, B, C, A, B, C, ...) per measurement; medians and every run, as JSON.
 //   node run.mjs --offramp-model DIR --gguf FILE[,FILE2] --tjs DIR [--rounds 5] [--max-tokens 128]
-//                [--streams 1,16] [--prefill 256] [--offramp-root /work/main] [--out results/x.json]
+//                [--streams 1,16] [--prefill 256] [--offramp-root ../..] [--out results/x.json]
 // Measurements (the definitions of `offramp bench`):
 //   decode tok/s  = Σ(tokens − 1) over the streams ÷ seconds from the first token of any stream to the end of the last
 //                   (the first token of each stream comes from prefill)
