@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Converts the weights for all three engines into bench/peers/models/ (ignored by git).
-#   OFFRAMP_ROOT=/work/main CHECKPOINT=/path/to/hf-checkpoint TOKENIZER=/path/to/tokenizer.json ./prepare.sh [default|smol|all]
+#   OFFRAMP_ROOT=../.. CHECKPOINT=/path/to/hf-checkpoint TOKENIZER=/path/to/tokenizer.json ./prepare.sh [default|smol|all]
 # OFFRAMP_ROOT: an Offramp checkout with its packages built (npm install && npm run build); default: this repository.
 # CHECKPOINT: the default model's Hugging Face checkpoint (config.json + model.safetensors); TOKENIZER: its
 # tokenizer.json when the checkpoint has none (the default model's is in models/default/tokenizer.json).

@@ -1,6 +1,6 @@
 // Greedy token identity across the engines on the same weights.
-//   node verify.mjs --offramp-model /work/main/models/default[,models/default/offramp-fp32] --gguf models/default/f32.gguf[,more.gguf]
-//                   --tjs models/default/transformersjs [--max-tokens 32] [--offramp-root /work/main] [--cli]
+//   node verify.mjs --offramp-model ../../models/default[,models/default/offramp-fp32] --gguf models/default/f32.gguf[,more.gguf]
+//                   --tjs models/default/transformersjs [--max-tokens 32] [--offramp-root ../..] [--cli]
 // Prompt ids come from transformers.js's tokenizer (tokenizer.json with its BOS template) and are checked against
 // llama.cpp's tokenizer of the GGUF; every engine then continues the same ids. With --cli, Offramp's CLI also
 // generates from the prompt text (its own tokenizer), as `offramp generate ... --temperature 0 --threshold 2 --json`.
