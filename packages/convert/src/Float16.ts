@@ -44,8 +44,8 @@ export const float16BitsToFloat32 = (h: number): number => {
 }
 
 let halfTable: Float32Array | undefined
-/** All 65536 float16 values, built once: table lookup is much faster than decoding each value. */
-const float16Table = (): Float32Array => {
+/** All 65536 float16 values as float32, indexed by their bits; built once: a lookup is much faster than decoding. */
+export const float16Table = (): Float32Array => {
   if (halfTable === undefined) {
     halfTable = new Float32Array(65536)
     for (let h = 0; h < 65536; h++) halfTable[h] = float16BitsToFloat32(h)
@@ -53,14 +53,11 @@ const float16Table = (): Float32Array => {
   return halfTable
 }
 
-/** float16 values (as uint16 bits) → float32, into `out` at `offset` (default: a new array). */
-export const float16ToFloat32Array = (
-  bits: Uint16Array,
-  out: Float32Array = new Float32Array(bits.length),
-  offset = 0,
-): Float32Array => {
+/** float16 values (as uint16 bits) → float32. */
+export const float16ToFloat32Array = (bits: Uint16Array): Float32Array => {
   const table = float16Table()
-  for (let i = 0; i < bits.length; i++) out[offset + i] = table[bits[i]!]!
+  const out = new Float32Array(bits.length)
+  for (let i = 0; i < bits.length; i++) out[i] = table[bits[i]!]!
   return out
 }
 

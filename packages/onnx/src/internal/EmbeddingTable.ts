@@ -4,7 +4,7 @@
  * call less per step (~9 µs at batch 1 on the default model, where a layer is ~70 µs), and a float16 table stays
  * float16 in memory. Any other embed graph runs in its session.
  */
-import { float16BitsToFloat32 } from "@offramp/convert/Float16"
+import { float16Table } from "@offramp/convert/Float16"
 import onnxProto from "onnx-proto"
 
 const { onnx } = onnxProto
@@ -65,9 +65,8 @@ export const readEmbeddingTable = (bytes: Uint8Array, vocab: number, hidden: num
   if (halfThenCast && tensor.dataType === DataType.FLOAT16) {
     const table = view(tensor, (b) => new Uint16Array(b))
     if (table?.length !== vocab * hidden) return undefined
-    // Every float16 value decoded once (256 KiB): a row is then one table read per value.
-    const decode = new Float32Array(65536)
-    for (let h = 0; h < 65536; h++) decode[h] = float16BitsToFloat32(h)
+    // A row is one table read per value (the converter's table of every float16 value).
+    const decode = float16Table()
     return {
       bytes: table.byteLength,
       lookup: (ids) => {
