@@ -139,9 +139,8 @@ export const makeForwardPass = (deps: {
     readonly rows: ReadonlyArray<DecodeRow>
     /** Rows scored here (their threshold is at most 1). */
     readonly scored: number
+    /** Each row's threshold, policy and head-free confidence (undefined where its measure needs the head). */
     readonly exitRows: ReadonlyArray<ExitRow>
-    /** The head-free confidence of each row (undefined where its measure needs the head). */
-    readonly cheap: ReadonlyArray<number | undefined>
     readonly deferred: ReadonlyArray<number>
     readonly headed: ReadonlyArray<number>
   }
@@ -157,6 +156,18 @@ export const makeForwardPass = (deps: {
   const nobody: ExitDecision = { exiting: [], head: undefined, headRows: [], confidences: [] }
 
   /**
+   * A row's threshold at early exit `exitIndex` (above 1: not scored there). A row whose request has samples still
+   * to fork goes the whole depth: the forks start at the final head from its exact K/V (a prompt whose last token is
+   * its only uncached one comes here as a decode row).
+   */
+  const thresholdOf = (row: DecodeRow, exitIndex: number) => {
+    const { request } = row.seq
+    return request.forks.length > 0
+      ? Number.POSITIVE_INFINITY
+      : thresholdAt(request.exit, exitIndex, row.seq.generated, request.maxTokens)
+  }
+
+  /**
    * The first half of deciding at early exit `exitIndex` (see ExitPolicy), synchronous and in one pass over the
    * rows: their thresholds, then head-free measures from hidden states (the runner's JavaScript classifier, or one
    * classifier call for the rows that use it when it runs as a graph). A row held back here pays nothing more, so
@@ -165,19 +176,12 @@ export const makeForwardPass = (deps: {
   const planExits = (exitIndex: number, rows: ReadonlyArray<DecodeRow>, classified?: Float32Array): ExitPlan => {
     const predictor = runner.exitPredictor(exitIndex)
     const exitRows: Array<ExitRow> = new Array(rows.length)
-    const cheap: Array<number | undefined> = new Array(rows.length)
     let scored = 0
     let next = 0
     for (let r = 0; r < rows.length; r++) {
       const row = rows[r]!
-      const { request } = row.seq
-      const params = request.exit.params
-      // A row whose request has samples still to fork goes the whole depth: the forks start at the final head from
-      // its exact K/V (a prompt whose last token is its only uncached one comes here as a decode row).
-      const threshold =
-        request.forks.length > 0
-          ? Number.POSITIVE_INFINITY
-          : thresholdAt(request.exit, exitIndex, row.seq.generated, request.maxTokens)
+      const params = row.seq.request.exit.params
+      const threshold = thresholdOf(row, exitIndex)
       let confidence: number | undefined
       if (threshold <= 1) {
         scored++
@@ -201,25 +205,19 @@ export const makeForwardPass = (deps: {
           })
         }
       }
-      cheap[r] = confidence
       exitRows[r] = { threshold, policy: params.policy, headFree: confidence, confirm: params.confirm }
     }
     statistics.exits[exitIndex]!.scored += scored
     const { deferred, headed } = scored === 0 ? { deferred: [], headed: [] } : planHead(exitRows, sharedHead)
-    return { exitIndex, rows, scored, exitRows, cheap, deferred, headed }
+    return { exitIndex, rows, scored, exitRows, deferred, headed }
   }
 
   /** Rows whose measure is the classifier and that are scored here, when the classifier runs as a graph. */
   const classifierRows = (exitIndex: number, rows: ReadonlyArray<DecodeRow>): Array<number> => {
     if (runner.exitPredictor(exitIndex) !== undefined) return []
-    return rows.flatMap((row, r) => {
-      const { request } = row.seq
-      const threshold =
-        request.forks.length > 0
-          ? Number.POSITIVE_INFINITY
-          : thresholdAt(request.exit, exitIndex, row.seq.generated, request.maxTokens)
-      return threshold <= 1 && request.exit.params.measure === "classifier" ? [r] : []
-    })
+    return rows.flatMap((row, r) =>
+      thresholdOf(row, exitIndex) <= 1 && row.seq.request.exit.params.measure === "classifier" ? [r] : [],
+    )
   }
 
   /**
@@ -233,38 +231,33 @@ export const makeForwardPass = (deps: {
     const started = performance.now()
     // A classifier that runs as a graph is one call for the rows that use it, before the plan.
     const viaGraph = classifierRows(exitIndex, rows)
-    if (viaGraph.length > 0) {
-      const hidden = classifierInput(viaGraph.length * D)
-      const previous = previousInput(viaGraph.length * D)
-      viaGraph.forEach((r, i) => {
-        hidden.set(current(rows[r]!), i * D)
-        previous.set(rows[r]!.previous, i * D)
-      })
-      return runner.classify(exitIndex, hidden, previous, viaGraph.length).pipe(
-        Effect.flatMap((classified) => {
-          const plan = planExits(exitIndex, rows, classified)
-          if (plan.scored > 0) stats.decisionMs += performance.now() - started
-          return plan.deferred.length === 0 && plan.headed.length === 0 ? Effect.succeed(nobody) : withHead(plan)
-        }),
-      )
+    const decide = (classified?: Float32Array) => {
+      const plan = planExits(exitIndex, rows, classified)
+      // Rows not scored here decided nothing (their threshold says full depth).
+      if (plan.scored > 0) stats.decisionMs += performance.now() - started
+      return plan.deferred.length === 0 && plan.headed.length === 0 ? Effect.succeed(nobody) : withHead(plan)
     }
-    const plan = planExits(exitIndex, rows)
-    // Rows not scored here decided nothing (their threshold says full depth).
-    if (plan.scored > 0) stats.decisionMs += performance.now() - started
-    return plan.deferred.length === 0 && plan.headed.length === 0 ? Effect.succeed(nobody) : withHead(plan)
+    if (viaGraph.length === 0) return decide()
+    const hidden = classifierInput(viaGraph.length * D)
+    const previous = previousInput(viaGraph.length * D)
+    viaGraph.forEach((r, i) => {
+      hidden.set(current(rows[r]!), i * D)
+      previous.set(rows[r]!.previous, i * D)
+    })
+    return Effect.flatMap(runner.classify(exitIndex, hidden, previous, viaGraph.length), decide)
   }
 
   /** The second half: the head for the plan's headed rows, then which rows exit. */
   const withHead = (plan: ExitPlan) =>
     Effect.gen(function* () {
-      const { exitIndex, rows, exitRows, cheap, deferred, headed } = plan
+      const { exitIndex, rows, exitRows, deferred, headed } = plan
       const stats = statistics.exits[exitIndex]!
       const confident: Array<boolean> = rows.map(() => false)
       const confidences: Array<number> = rows.map(() => 0)
       const headRows: Array<number> = rows.map(() => -1)
       for (const r of deferred) {
         confident[r] = true
-        confidences[r] = cheap[r]!
+        confidences[r] = exitRows[r]!.headFree!
       }
       let head: HeadOutput | undefined
       if (headed.length > 0) {
@@ -282,7 +275,7 @@ export const makeForwardPass = (deps: {
         headed.forEach((r, i) => {
           const row = rows[r]!
           const confidence =
-            cheap[r] ??
+            exitRows[r]!.headFree ??
             evaluator.confidence({
               measure: row.seq.request.exit.params.measure,
               exitIndex,
