@@ -227,24 +227,27 @@ export const makeForwardPass = (deps: {
    * under a head-free measure) nothing but the plan runs: no Effect, no call.
    */
   const decideExits = (exitIndex: number, rows: ReadonlyArray<DecodeRow>): Effect.Effect<ExitDecision, RunnerError> => {
-    const stats = statistics.exits[exitIndex]!
     const started = performance.now()
     // A classifier that runs as a graph is one call for the rows that use it, before the plan.
     const viaGraph = classifierRows(exitIndex, rows)
-    const decide = (classified?: Float32Array) => {
-      const plan = planExits(exitIndex, rows, classified)
-      // Rows not scored here decided nothing (their threshold says full depth).
-      if (plan.scored > 0) stats.decisionMs += performance.now() - started
-      return plan.deferred.length === 0 && plan.headed.length === 0 ? Effect.succeed(nobody) : withHead(plan)
-    }
-    if (viaGraph.length === 0) return decide()
+    if (viaGraph.length === 0) return decide(exitIndex, rows, started)
     const hidden = classifierInput(viaGraph.length * D)
     const previous = previousInput(viaGraph.length * D)
     viaGraph.forEach((r, i) => {
       hidden.set(current(rows[r]!), i * D)
       previous.set(rows[r]!.previous, i * D)
     })
-    return Effect.flatMap(runner.classify(exitIndex, hidden, previous, viaGraph.length), decide)
+    return Effect.flatMap(runner.classify(exitIndex, hidden, previous, viaGraph.length), (classified) =>
+      decide(exitIndex, rows, started, classified),
+    )
+  }
+
+  /** The plan, timed from `started` when any row was scored, then the head if a row needs it. */
+  const decide = (exitIndex: number, rows: ReadonlyArray<DecodeRow>, started: number, classified?: Float32Array) => {
+    const plan = planExits(exitIndex, rows, classified)
+    // Rows not scored here decided nothing (their threshold says full depth).
+    if (plan.scored > 0) statistics.exits[exitIndex]!.decisionMs += performance.now() - started
+    return plan.deferred.length === 0 && plan.headed.length === 0 ? Effect.succeed(nobody) : withHead(plan)
   }
 
   /** The second half: the head for the plan's headed rows, then which rows exit. */
