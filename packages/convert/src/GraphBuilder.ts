@@ -11,7 +11,7 @@ export const OPSET = 17
 export const MS_DOMAIN = "com.microsoft"
 const IR_VERSION = 8
 
-export type ElemType = "float32" | "int64"
+export type ElemType = "float32" | "int64" | "int32"
 /** Element types of initializers: float16 for halved weight files, uint8 for quantized blocks. */
 export type TensorType = ElemType | "float16" | "uint8" | "int8"
 /** A dimension: a number, or a symbolic name shared by inputs and outputs ("R", "T", ...). */
@@ -24,6 +24,7 @@ export const float = (value: number): { readonly float: number } => ({ float: va
 const tensorTypeCodes: Record<TensorType, number> = {
   float32: onnx.TensorProto.DataType.FLOAT,
   int64: onnx.TensorProto.DataType.INT64,
+  int32: onnx.TensorProto.DataType.INT32,
   float16: onnx.TensorProto.DataType.FLOAT16,
   uint8: onnx.TensorProto.DataType.UINT8,
   int8: onnx.TensorProto.DataType.INT8,
@@ -57,6 +58,9 @@ export class GraphBuilder {
   private readonly outputs: Array<ReturnType<typeof onnx.ValueInfoProto.create>> = []
   private readonly initializers: Array<ReturnType<typeof onnx.TensorProto.create>> = []
   private readonly names = new Set<string>()
+  /** Node outputs by name, and the names given to node outputs exported as graph outputs. */
+  private readonly producers = new Map<string, ReturnType<typeof onnx.NodeProto.create>>()
+  private readonly renamed = new Map<string, string>()
   private readonly constants = new Map<string, string>()
   private counter = 0
 
@@ -75,10 +79,25 @@ export class GraphBuilder {
     return name
   }
 
-  /** Declares `value` as a graph output named `name` (through an Identity, so any value can be exported). */
+  /**
+   * Declares `value` as a graph output named `name`. A node's output is renamed in place (nodes that read it, before
+   * or after, read `name`): an Identity would be a node of its own, which onnxruntime keeps and runs on every call.
+   * Anything else (a graph input, an initializer, a value already exported) goes through an Identity.
+   */
   output(name: string, value: string, type: ElemType, dims: ReadonlyArray<Dim>): string {
     this.names.add(name)
-    this.nodes.push(onnx.NodeProto.create({ opType: "Identity", input: [value], output: [name], name: `out_${name}` }))
+    const current = this.renamed.get(value) ?? value
+    const producer = this.producers.get(current)
+    if (producer && current === value) {
+      producer.output = producer.output.map((o) => (o === value ? name : o))
+      for (const node of this.nodes) node.input = node.input.map((i) => (i === value ? name : i))
+      this.producers.delete(value)
+      this.renamed.set(value, name)
+    } else {
+      this.nodes.push(
+        onnx.NodeProto.create({ opType: "Identity", input: [current], output: [name], name: `out_${name}` }),
+      )
+    }
     this.outputs.push(valueInfo(name, type, dims))
     return name
   }
@@ -90,7 +109,7 @@ export class GraphBuilder {
   /** An initializer of any element type; `data` holds exactly the tensor's values (raw little-endian bytes). */
   initializer(name: string, type: TensorType, data: ArrayBufferView, dims: ReadonlyArray<number>): string {
     const size = dims.reduce((a, b) => a * b, 1)
-    const width = type === "int64" ? 8 : type === "float32" ? 4 : type === "float16" ? 2 : 1
+    const width = type === "int64" ? 8 : type === "float32" || type === "int32" ? 4 : type === "float16" ? 2 : 1
     if (size * width !== data.byteLength) {
       throw new Error(`initializer ${name}: ${data.byteLength} bytes for ${type} [${dims}]`)
     }
@@ -131,22 +150,38 @@ export class GraphBuilder {
     domain = "",
   ): Array<string> {
     const outputs = Array.from({ length: outputCount }, (_, i) => this.fresh(`${hint}_out${i}`))
-    this.nodes.push(
-      onnx.NodeProto.create({
-        opType: op,
-        domain,
-        name: this.fresh(`${hint}_node`),
-        input: [...inputs],
-        output: outputs,
-        attribute: Object.entries(attrs).map(([k, v]) => attribute(k, v)),
-      }),
-    )
+    const node = onnx.NodeProto.create({
+      opType: op,
+      domain,
+      name: this.fresh(`${hint}_node`),
+      input: inputs.map((i) => this.renamed.get(i) ?? i),
+      output: outputs,
+      attribute: Object.entries(attrs).map(([k, v]) => attribute(k, v)),
+    })
+    this.nodes.push(node)
+    for (const o of outputs) this.producers.set(o, node)
     return outputs
   }
 
   /** Adds a node with one output and returns its name. */
   node(op: string, inputs: ReadonlyArray<string>, attrs: Readonly<Record<string, AttrValue>> = {}, hint = op): string {
     return this.nodeN(op, inputs, 1, attrs, hint)[0]!
+  }
+
+  /**
+   * Adds a node of onnxruntime's contrib domain with several outputs, of which only the `wanted` ones are computed
+   * (an optional output left unnamed is skipped by the kernel); the others are returned as "".
+   */
+  contribN(
+    op: string,
+    inputs: ReadonlyArray<string>,
+    wanted: ReadonlyArray<boolean>,
+    attrs: Readonly<Record<string, AttrValue>> = {},
+  ): Array<string> {
+    const outputs = this.nodeN(op, inputs, wanted.length, attrs, op, MS_DOMAIN)
+    const node = this.nodes[this.nodes.length - 1]!
+    node.output = outputs.map((o, i) => (wanted[i] ? o : ""))
+    return node.output
   }
 
   /** Adds a one-output node of onnxruntime's contrib domain. */

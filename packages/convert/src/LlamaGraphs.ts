@@ -1,7 +1,7 @@
 /**
  * Builds the staged ONNX graphs (embed, segments, heads, kvfill) of a Llama-family model from its weights.
- * Attention uses standard ops only (Gather by block table, MatMul, Softmax): the CPU contrib attention ops
- * refuse batched prefill with a past (DESIGN.md).
+ * Attention uses standard ops over a paged cache (Gather by block table, FusedMatMul, Softmax, MatMul): the CPU contrib
+ * attention ops refuse batched prefill with a past (DESIGN.md).
  */
 import { GraphNames as N } from "@offramp/core/GraphNames"
 import { float32ToFloat16Array } from "./Float16.js"
@@ -102,7 +102,7 @@ const ropeTables = (g: GraphBuilder, c: LlamaConfig, invFreq: Float32Array): Rop
 const applyRope = (g: GraphBuilder, x: string, rope: Rope, heads: number): string =>
   g.contrib("RotaryEmbedding", [x, N.positions, rope.cos, rope.sin], { interleaved: 0, num_heads: heads })
 
-/** Pre-attention norm, fused K/V projection and RoPE of K of one layer, as in its segment. */
+/** Pre-attention norm, fused K/V projection and RoPE of K of one layer, as in its segment: [R, T, kvHeads·headDim]. */
 const keyValue = (
   g: GraphBuilder,
   fmt: WeightFormat,
@@ -116,65 +116,110 @@ const keyValue = (
   const kvDim = c.kvHeads * c.headDim
   const kv = linear(g, fmt, h, stack([w.wk, w.wv]), 2 * kvDim, c.dim, `l${layer}_wkv`)
   const [k, v] = g.nodeN("Split", [kv, g.ints([kvDim, kvDim])], 2, { axis: -1 })
-  const heads = g.ints([0, 0, c.kvHeads, c.headDim])
-  return { k: g.node("Reshape", [applyRope(g, k!, rope, c.kvHeads), heads]), v: g.node("Reshape", [v!, heads]) }
+  return { k: applyRope(g, k!, rope, c.kvHeads), v: v! }
 }
 
-const attentionAndMlp = (
+/** RMSNorm of `x + residual` and the sum itself, in one kernel: [normalized, sum]. */
+const addNorm = (g: GraphBuilder, x: string, residual: string, weight: Float32Array, eps: number, name: string) => {
+  const [normalized, , , sum] = g.contribN(
+    "SkipSimplifiedLayerNormalization",
+    [x, residual, g.weight(name, weight, [weight.length])],
+    [true, false, false, true],
+    { epsilon: float(eps) },
+  )
+  return { normalized: normalized!, sum: sum! }
+}
+
+/**
+ * Attention of one layer over the paged cache, from its normalized input `h` [R, T, D]; returns the output
+ * projection [R, T, D]. The pools are head-major, [kvHeads, blocks, blockSize, headDim]: gathered by block table they
+ * come out as [kvHeads, R, MB·blockSize, headDim], the layout the products want, so only the T new rows are
+ * transposed. A gather copies whole blocks (blockSize·headDim floats), not rows. The new K and V rows,
+ * [R, T, kvHeads·headDim] each, go to `newRows`.
+ */
+const attention = (
   g: GraphBuilder,
   fmt: WeightFormat,
   c: LlamaConfig,
   layer: number,
   w: LlamaLayerWeights,
-  x: string,
+  h: string,
   rope: Rope,
   mask5: string,
+  newRows: { readonly k: Array<string>; readonly v: Array<string> },
 ): string => {
   const { headDim: hd, kvHeads, heads } = c
   const group = heads / kvHeads
-  const h = rmsNorm(g, x, w.attnNorm, c.normEps, `l${layer}_attn_norm`)
   const qDim = heads * hd
   const kvDim = kvHeads * hd
   const qkv = linear(g, fmt, h, stack([w.wq, w.wk, w.wv]), qDim + 2 * kvDim, c.dim, `l${layer}_wqkv`)
-  const [qFlat, kFlat, vFlat] = g.nodeN("Split", [qkv, g.ints([qDim, kvDim, kvDim])], 3, { axis: -1 })
-  const q = g.node("Reshape", [applyRope(g, qFlat!, rope, heads), g.ints([0, 0, heads, hd])])
-  const k = g.node("Reshape", [applyRope(g, kFlat!, rope, kvHeads), g.ints([0, 0, kvHeads, hd])])
-  const v = g.node("Reshape", [vFlat!, g.ints([0, 0, kvHeads, hd])])
-  g.output(N.kNew(layer), k, "float32", ["R", "T", kvHeads, hd])
-  g.output(N.vNew(layer), v, "float32", ["R", "T", kvHeads, hd])
+  const [qFlat, kFlat, v] = g.nodeN("Split", [qkv, g.ints([qDim, kvDim, kvDim])], 3, { axis: -1 })
+  const k = applyRope(g, kFlat!, rope, kvHeads)
 
-  // Keys and values: the row's cached blocks (gathered by block table), then the new rows.
-  const gathered = (pool: string) =>
-    g.node("Reshape", [g.node("Gather", [pool, N.blockTable], { axis: 0 }), g.ints([0, -1, kvHeads, hd])])
-  const keys = g.node("Concat", [gathered(N.kPool(layer)), k], { axis: 1 }) // [R, S, kv, hd]
-  const values = g.node("Concat", [gathered(N.vPool(layer)), v], { axis: 1 })
-  const keysT = g.node("Unsqueeze", [g.node("Transpose", [keys], { perm: [0, 2, 3, 1] }), g.ints([2])]) // [R,kv,1,hd,S]
-  const valuesT = g.node("Unsqueeze", [g.node("Transpose", [values], { perm: [0, 2, 1, 3] }), g.ints([2])]) // [R,kv,1,S,hd]
+  // Queries grouped by the KV head they share: [kv, R, group, T, hd] (query head = kv head · group + g).
+  const q = g.node(
+    "Transpose",
+    [g.node("Reshape", [applyRope(g, qFlat!, rope, heads), g.ints([0, 0, kvHeads, group, hd])])],
+    {
+      perm: [2, 0, 3, 1, 4],
+    },
+  )
+  // Keys and values: the cached blocks, then the new rows; [kv, R, 1, S, hd].
+  const cacheAndNew = (pool: string, fresh: string) => {
+    const blocks = g.node("Gather", [pool, N.blockTable], { axis: 1 }) // [kv, R, MB, bs, hd]
+    const cached = g.node("Reshape", [blocks, g.ints([0, 0, -1, hd])]) // [kv, R, MB·bs, hd]
+    const added = g.node("Transpose", [g.node("Reshape", [fresh, g.ints([0, 0, kvHeads, hd])])], { perm: [2, 0, 1, 3] })
+    return g.node("Unsqueeze", [g.node("Concat", [cached, added], { axis: 2 }), g.ints([2])])
+  }
+  newRows.k.push(k)
+  newRows.v.push(v!)
+  const keys = cacheAndNew(N.kPool(layer), k)
+  const values = cacheAndNew(N.vPool(layer), v!)
+  const scores = g.node("Add", [
+    g.contrib("FusedMatMul", [q, keys], { transA: 0, transB: 1, alpha: float(1 / Math.sqrt(hd)) }),
+    mask5,
+  ])
+  const context = g.node("MatMul", [g.node("Softmax", [scores], { axis: -1 }), values]) // [kv, R, group, T, hd]
+  const merged = g.node("Reshape", [g.node("Transpose", [context], { perm: [1, 3, 0, 2, 4] }), g.ints([0, 0, qDim])])
+  return linear(g, fmt, merged, w.wo, c.dim, qDim, `l${layer}_wo`)
+}
 
-  // Queries grouped by the KV head they share: [R, kv, group, T, hd].
-  const qScaled = g.node("Mul", [q, g.scalar(1 / Math.sqrt(hd))])
-  const qGrouped = g.node("Transpose", [g.node("Reshape", [qScaled, g.ints([0, 0, kvHeads, group, hd])])], {
-    perm: [0, 2, 3, 1, 4],
-  })
-  const scores = g.node("Add", [g.node("MatMul", [qGrouped, keysT]), mask5])
-  const context = g.node("MatMul", [g.node("Softmax", [scores], { axis: -1 }), valuesT]) // [R,kv,group,T,hd]
-  const merged = g.node("Reshape", [g.node("Transpose", [context], { perm: [0, 3, 1, 2, 4] }), g.ints([0, 0, qDim])])
-  const attnOut = linear(g, fmt, merged, w.wo, c.dim, qDim, `l${layer}_wo`)
-  const x1 = g.node("Add", [x, attnOut])
-
-  const h2 = rmsNorm(g, x1, w.ffnNorm, c.normEps, `l${layer}_ffn_norm`)
+/** The MLP of one layer from its normalized input: down(silu(gate(h)) · up(h)), gate and up in one product. */
+const mlp = (g: GraphBuilder, fmt: WeightFormat, c: LlamaConfig, layer: number, w: LlamaLayerWeights, h: string) => {
   const f = c.hiddenDim
-  const gateUp = linear(g, fmt, h2, stack([w.gate, w.up]), 2 * f, c.dim, `l${layer}_w13`)
+  const gateUp = linear(g, fmt, h, stack([w.gate, w.up]), 2 * f, c.dim, `l${layer}_w13`)
   const [gate, up] = g.nodeN("Split", [gateUp, g.ints([f, f])], 2, { axis: -1 })
   const silu = g.node("Mul", [gate!, g.node("Sigmoid", [gate!])])
-  const down = linear(g, fmt, g.node("Mul", [silu, up!]), w.down, c.dim, f, `l${layer}_w2`)
-  return g.node("Add", [x1, down])
+  return linear(g, fmt, g.node("Mul", [silu, up!]), w.down, c.dim, f, `l${layer}_w2`)
 }
 
 export const buildEmbedGraph = (w: LlamaWeights, fmt: WeightFormat = FP32): Uint8Array => {
   const c = w.config
   const g = new GraphBuilder("embed")
   g.input(N.ids, "int64", ["R", "T"])
+  const q = fmt.quantization
+  if (q !== undefined && fmt.embedding === "quantized") {
+    // The table in the MatMul weights' blocks, gathered and dequantized by onnxruntime's GatherBlockQuantized (or by
+    // the runner in JavaScript). A tied embedding is quantized exactly as the LM head is, so its rows are the head's.
+    const packed = quantizeBlocks(w.embedding, c.vocab, c.dim, q)
+    const inputs = [
+      g.initializer("embedding_q", "uint8", packed.data, [c.vocab, (packed.blocks * q.blockSize * q.bits) / 8]),
+      N.ids,
+      g.weight("embedding_scales", packed.scales, [c.vocab, packed.blocks]),
+    ]
+    if (packed.zeroPoints) {
+      const zp = packed.zeroPoints
+      inputs.push(g.initializer("embedding_zero_points", "uint8", zp, [c.vocab, zp.length / c.vocab]))
+    }
+    const rows = g.contrib("GatherBlockQuantized", inputs, {
+      gather_axis: 0,
+      quantize_axis: 1,
+      block_size: q.blockSize,
+      bits: q.bits,
+    })
+    g.output(N.hidden, rows, "float32", ["R", "T", c.dim])
+    return g.encode()
+  }
   // A float16 table is gathered first and the rows cast after, so it stays half-size in memory too.
   const half = fmt.float === "float16"
   const table = half
@@ -185,7 +230,11 @@ export const buildEmbedGraph = (w: LlamaWeights, fmt: WeightFormat = FP32): Uint
   return g.encode()
 }
 
-/** Layers [first, end) with paged attention; see GraphNames for the I/O contract. */
+/**
+ * Layers [first, end) with paged attention; see GraphNames for the I/O contract. Each residual add is fused with the
+ * norm that follows it (SkipSimplifiedLayerNormalization), across layer boundaries too: a segment of n layers has
+ * one plain RMSNorm and one plain Add.
+ */
 export const buildSegmentGraph = (
   w: LlamaWeights,
   first: number,
@@ -196,17 +245,52 @@ export const buildSegmentGraph = (
   const g = new GraphBuilder(`segment_${first}_${end}`)
   let x = g.input(N.hidden, "float32", ["R", "T", c.dim])
   g.input(N.positions, "int64", ["R", "T"])
-  g.input(N.blockTable, "int64", ["R", "MB"])
+  g.input(N.blockTable, "int32", ["R", "MB"])
   g.input(N.attnMask, "float32", ["R", "T", "S"])
   for (let l = first; l < end; l++) {
-    g.input(N.kPool(l), "float32", ["blocks", "block_size", c.kvHeads, c.headDim])
-    g.input(N.vPool(l), "float32", ["blocks", "block_size", c.kvHeads, c.headDim])
+    g.input(N.kPool(l), "float32", [c.kvHeads, "blocks", "block_size", c.headDim])
+    g.input(N.vPool(l), "float32", [c.kvHeads, "blocks", "block_size", c.headDim])
   }
   const rope = ropeTables(g, c, w.invFreq)
-  const mask5 = g.node("Unsqueeze", [N.attnMask, g.ints([1, 2])]) // [R,1,1,T,S]
-  for (let l = first; l < end; l++) x = attentionAndMlp(g, fmt, c, l, w.layers[l]!, x, rope, mask5)
+  const mask5 = g.node("Unsqueeze", [N.attnMask, g.ints([0, 2])]) // [1,R,1,T,S]
+  let h = rmsNorm(g, x, w.layers[first]!.attnNorm, c.normEps, `l${first}_attn_norm`)
+  const newRows = { k: [] as Array<string>, v: [] as Array<string> }
+  for (let l = first; l < end; l++) {
+    const layer = w.layers[l]!
+    const afterAttention = addNorm(
+      g,
+      attention(g, fmt, c, l, layer, h, rope, mask5, newRows),
+      x,
+      layer.ffnNorm,
+      c.normEps,
+      `l${l}_ffn_norm`,
+    )
+    const down = mlp(g, fmt, c, l, layer, afterAttention.normalized)
+    if (l + 1 < end) {
+      const next = addNorm(g, down, afterAttention.sum, w.layers[l + 1]!.attnNorm, c.normEps, `l${l + 1}_attn_norm`)
+      h = next.normalized
+      x = next.sum
+    } else {
+      x = g.node("Add", [afterAttention.sum, down])
+    }
+  }
   g.output(N.hiddenOut, x, "float32", ["R", "T", c.dim])
+  outputNewRows(g, c, end - first, [...newRows.k, ...newRows.v])
   return g.encode()
+}
+
+/**
+ * The new K/V rows of a graph's layers as one output, N.kvNew [R, T, 2·layers·kvHeads·headDim]: K of each layer in
+ * order, then V of each layer. One output instead of two per layer, because onnxruntime-node allocates a fresh
+ * buffer for every output of every call (about 3 µs each; measured in BENCHMARKS.md).
+ */
+const outputNewRows = (g: GraphBuilder, c: LlamaConfig, layers: number, parts: ReadonlyArray<string>) => {
+  const width = 2 * layers * c.kvHeads * c.headDim
+  g.output(N.kvNew, parts.length === 1 ? parts[0]! : g.node("Concat", [...parts], { axis: -1 }), "float32", [
+    "R",
+    "T",
+    width,
+  ])
 }
 
 /** What a masked logit is: exp underflows to 0, and 0 · log-softmax stays 0 (with −∞ the entropy would be NaN). */
@@ -258,7 +342,7 @@ export const buildHeadGraph = (
  * At small batch a graph costs per node, not per multiply-add, so with float weights the layers share nodes:
  * RMSNorm_l(h)·W = (h / rms(h))·diag(g_l)·W, so one unweighted norm feeds one MatMul over every layer's K and V
  * projections with the norm weights folded into the weight rows, laid out [K of each layer, V of each layer];
- * one RotaryEmbedding rotates all K heads (positions are shared), and one Split each cuts the per-layer outputs.
+ * one RotaryEmbedding rotates all K heads (positions are shared), and the output is that product's layout.
  */
 export const buildKvFillGraph = (w: LlamaWeights, from: number, fmt: WeightFormat = FP32): Uint8Array => {
   const c = w.config
@@ -266,18 +350,18 @@ export const buildKvFillGraph = (w: LlamaWeights, from: number, fmt: WeightForma
   g.input(N.hidden, "float32", ["R", "T", c.dim])
   g.input(N.positions, "int64", ["R", "T"])
   const rope = ropeTables(g, c, w.invFreq)
-  const output = (layer: number, k: string, v: string) => {
-    g.output(N.kNew(layer), k, "float32", ["R", "T", c.kvHeads, c.headDim])
-    g.output(N.vNew(layer), v, "float32", ["R", "T", c.kvHeads, c.headDim])
-  }
   if (fmt.quantization !== undefined) {
     // Quantized blocks cannot take the fold: folded before quantizing, a norm weight's outlier channels widen every
     // block they fall in (measured: about twice the K/V error). Without it the layers cannot share a MatMulNBits,
     // and sharing only the RoPE and Splits measured no faster, so each layer keeps the path of its segment.
+    const ks: Array<string> = []
+    const vs: Array<string> = []
     for (let l = from; l < c.layers; l++) {
       const { k, v } = keyValue(g, fmt, c, l, w.layers[l]!, N.hidden, rope)
-      output(l, k, v)
+      ks.push(k)
+      vs.push(v)
     }
+    outputNewRows(g, c, ks.length, [...ks, ...vs])
     return g.encode()
   }
   const layers = w.layers.slice(from)
@@ -292,18 +376,9 @@ export const buildKvFillGraph = (w: LlamaWeights, from: number, fmt: WeightForma
   const scaled = g.node("Mul", [perMatrix, g.weight("wkv_norms", norms, [c.dim, 1, layers.length, 1])])
   const folded = g.node("Reshape", [scaled, g.ints([c.dim, outDim])])
   const n = rmsNorm(g, N.hidden, new Float32Array(c.dim).fill(1), c.normEps, "kv_norm")
+  // The product is already laid out as the output is: K of each layer, then V of each layer. Only K is rotated
+  // (layer i's heads are heads i·kvHeads .. (i+1)·kvHeads - 1 of it).
   const [k, v] = g.nodeN("Split", [g.node("MatMul", [n, folded]), g.ints([outDim / 2, outDim / 2])], 2, { axis: -1 })
-  // Layer i's heads are heads i·kvHeads .. (i+1)·kvHeads - 1 of the stacked K (or V).
-  const heads = layers.length * c.kvHeads
-  const perLayer = (x: string) =>
-    g.nodeN(
-      "Split",
-      [g.node("Reshape", [x, g.ints([0, 0, heads, c.headDim])]), g.ints(layers.map(() => c.kvHeads))],
-      layers.length,
-      { axis: 2 },
-    )
-  const ks = perLayer(applyRope(g, k!, rope, heads))
-  const vs = perLayer(v!)
-  layers.forEach((_, i) => output(from + i, ks[i]!, vs[i]!))
+  outputNewRows(g, c, layers.length, [applyRope(g, k!, rope, layers.length * c.kvHeads), v!])
   return g.encode()
 }

@@ -10,6 +10,11 @@ export interface WeightFormat {
   readonly float: "float32" | "float16"
   /** Block quantization of the big MatMul weights (attention, MLP, LM heads). */
   readonly quantization?: Quantization
+  /**
+   * With quantization: the embedding table in the same blocks ("quantized": the rows of a tied embedding are then
+   * the LM head's own quantized weights, as llama.cpp keeps them), or in `float` storage ("float", the default).
+   */
+  readonly embedding?: "float" | "quantized"
 }
 
 export const FP32: WeightFormat = { float: "float32" }
@@ -23,5 +28,10 @@ export const weightStorage = (fmt: WeightFormat): NonNullable<ModelSpec["weights
   const float = fmt.float === "float16" ? "fp16" : "fp32"
   return q === undefined
     ? { matmul: float, embedding: float }
-    : { matmul: q.bits === 8 ? "int8" : "int4", embedding: float, blockSize: q.blockSize, symmetric: q.symmetric }
+    : {
+        matmul: q.bits === 8 ? "int8" : "int4",
+        embedding: fmt.embedding === "quantized" ? (q.bits === 8 ? "int8" : "int4") : float,
+        blockSize: q.blockSize,
+        symmetric: q.symmetric,
+      }
 }

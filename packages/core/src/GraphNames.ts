@@ -2,12 +2,13 @@
  * Input and output names of the staged ONNX graphs: the contract between the converter and the runner.
  *
  * embed:   ids [R,T] int64 → hidden [R,T,D]
- * segment: hidden [R,T,D], positions [R,T] int64, block_table [R,MB] int64, attn_mask [R,T,MB·bs+T]
+ * segment: hidden [R,T,D], positions [R,T] int64, block_table [R,MB] int32, attn_mask [R,T,MB·bs+T]
  *          (additive: 0 visible, -1e9 hidden; keys are the MB gathered blocks, then the T new rows),
- *          k_pool_<l>, v_pool_<l> [blocks, bs, kvHeads, headDim] for each layer l of the segment
- *          → hidden_out [R,T,D], k_new_<l>, v_new_<l> [R,T,kvHeads,headDim]
+ *          k_pool_<l>, v_pool_<l> [kvHeads, blocks, bs, headDim] (head-major) for each layer l of the segment
+ *          → hidden_out [R,T,D], kv_new [R,T,2·n·kvHeads·headDim] (the new rows' K of each of the segment's n
+ *          layers in order, then V of each)
  * head:    hidden [N,D] → logits [N,V], max_prob, margin, entropy [N], top_token [N] int64
- * kvfill:  hidden [R,T,D], positions [R,T] → k_new_<l>, v_new_<l> for every layer after the exit
+ * kvfill:  hidden [R,T,D], positions [R,T] → kv_new as a segment's, for every layer after the exit
  * classifier (optional, per exit): hidden [N,D], previous_hidden [N,D] (the previous exit's state, the embedding
  *          before the first exit) → exit_prob [N], the probability that the exit's top token is full depth's
  */
@@ -21,8 +22,7 @@ export const GraphNames = {
   attnMask: "attn_mask",
   kPool: (layer: number) => `k_pool_${layer}`,
   vPool: (layer: number) => `v_pool_${layer}`,
-  kNew: (layer: number) => `k_new_${layer}`,
-  vNew: (layer: number) => `v_new_${layer}`,
+  kvNew: "kv_new",
   logits: "logits",
   maxProb: "max_prob",
   margin: "margin",

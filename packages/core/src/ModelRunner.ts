@@ -16,7 +16,7 @@ export interface RowBatch {
   /** [rows × tokens] absolute positions. */
   readonly positions: BigInt64Array
   /** [rows × maxBlocks] physical block ids (any valid id where unused: the mask hides it). */
-  readonly blockTable: BigInt64Array
+  readonly blockTable: Int32Array
   readonly maxBlocks: number
   /** [rows × tokens × (maxBlocks·blockSize + tokens)] additive attention mask (see GraphNames). */
   readonly mask: Float32Array

@@ -3,7 +3,8 @@
  */
 import { Schema } from "effect"
 
-export const FORMAT_VERSION = 1
+/** 2: the segments' KV pools are head-major, [kvHeads, blocks, blockSize, headDim], and the block table int32. */
+export const FORMAT_VERSION = 2
 
 const PositiveInt = Schema.Int.pipe(Schema.positive())
 const NonNegativeInt = Schema.Int.pipe(Schema.nonNegative())
@@ -48,8 +49,8 @@ export type ExitSpec = typeof ExitSpec.Type
 export const WeightStorage = Schema.Struct({
   /** The big MatMul weights (attention, MLP, LM heads): float, or block-quantized for onnxruntime's MatMulNBits. */
   matmul: Schema.Literal("fp32", "fp16", "int8", "int4"),
-  /** The token embedding table. */
-  embedding: Schema.Literal("fp32", "fp16"),
+  /** The token embedding table (int8 / int4: in the MatMul weights' blocks, GatherBlockQuantized). */
+  embedding: Schema.Literal("fp32", "fp16", "int8", "int4"),
   /** Quantized MatMul weights: values per block along the input dimension. */
   blockSize: Schema.optional(PositiveInt),
   /** Quantized MatMul weights: true when blocks have no zero point (symmetric around 0). */

@@ -21,11 +21,11 @@ export const buildRowBatch = (rows: ReadonlyArray<RowInput>, blockSize: number):
   const MB = Math.max(1, ...rows.map((r) => Math.ceil(r.cached / blockSize)))
   const keys = MB * blockSize + T
   const positions = new BigInt64Array(R * T)
-  const blockTable = new BigInt64Array(R * MB)
+  const blockTable = new Int32Array(R * MB)
   const slots = new Int32Array(R * T).fill(-1)
   const mask = new Float32Array(R * T * keys).fill(MASKED)
   rows.forEach((row, r) => {
-    for (let b = 0; b < MB; b++) blockTable[r * MB + b] = BigInt(row.blocks[b] ?? row.blocks[0] ?? 0)
+    for (let b = 0; b < MB; b++) blockTable[r * MB + b] = row.blocks[b] ?? row.blocks[0] ?? 0
     for (let t = 0; t < T; t++) {
       const i = r * T + t
       const maskRow = i * keys

@@ -5,7 +5,7 @@
 import { access, readFile, stat } from "node:fs/promises"
 import { isAbsolute, join, relative, resolve, sep } from "node:path"
 import { describeParseError, ModelLoadError, truncateForMessage } from "@offramp/core/Errors"
-import { ModelSpec } from "@offramp/core/ModelSpec"
+import { FORMAT_VERSION, ModelSpec } from "@offramp/core/ModelSpec"
 import { Effect, Schema } from "effect"
 
 export interface ModelDirectory {
@@ -50,6 +50,14 @@ export const openModelDirectory = (path: string): Effect.Effect<ModelDirectory, 
           `${specPath} is not valid JSON${/ at position \d+( \(line \d+ column \d+\))?/.exec(String(e))?.[0] ?? ""}`,
         ),
     })
+    const version = (json as { formatVersion?: unknown } | null)?.formatVersion
+    if (typeof version === "number" && version !== FORMAT_VERSION) {
+      return yield* fail(
+        version < FORMAT_VERSION
+          ? `${path} was converted by an older Offramp (model format ${version}; this version reads format ${FORMAT_VERSION}, whose attention graphs read a head-major KV cache); convert the checkpoint again with \`offramp convert\``
+          : `${path} is in model format ${version}, newer than this Offramp reads (${FORMAT_VERSION}); upgrade Offramp`,
+      )
+    }
     const spec = yield* Schema.decodeUnknown(ModelSpec)(json, { onExcessProperty: "ignore" }).pipe(
       Effect.mapError((e) => fail(`${specPath} does not match the model format: ${describeParseError(e)}`)),
     )

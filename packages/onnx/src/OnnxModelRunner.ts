@@ -80,6 +80,7 @@ const HEAD_OUTPUTS = [G.logits, ...HEAD_STATISTICS]
 
 const f32 = (data: Float32Array, dims: ReadonlyArray<number>) => new ort.Tensor("float32", data, dims)
 const i64 = (data: BigInt64Array, dims: ReadonlyArray<number>) => new ort.Tensor("int64", data, dims)
+const i32 = (data: Int32Array, dims: ReadonlyArray<number>) => new ort.Tensor("int32", data, dims)
 
 export const makeOnnxModelRunner = (
   modelDir: string,
@@ -132,9 +133,13 @@ export const makeOnnxModelRunner = (
       residentBytes: Math.max(0, process.memoryUsage.rss() - residentBefore),
     }
 
-    const poolDims = [numBlocks, blockSize, dims.kvHeads, dims.headDim]
-    const kPools = Array.from({ length: dims.layers }, () => new Float32Array(numBlocks * blockSize * rowFloats))
-    const vPools = Array.from({ length: dims.layers }, () => new Float32Array(numBlocks * blockSize * rowFloats))
+    // Head-major pools, [kvHeads, blocks, blockSize, headDim] per layer (see GraphNames): gathered by block table,
+    // each KV head's rows come out contiguous, as the attention products read them.
+    const hd = dims.headDim
+    const headFloats = numBlocks * blockSize * hd
+    const poolDims = [dims.kvHeads, numBlocks, blockSize, hd]
+    const kPools = Array.from({ length: dims.layers }, () => new Float32Array(dims.kvHeads * headFloats))
+    const vPools = Array.from({ length: dims.layers }, () => new Float32Array(dims.kvHeads * headFloats))
     const kPoolTensors = kPools.map((p) => f32(p, poolDims))
     const vPoolTensors = vPools.map((p) => f32(p, poolDims))
 
@@ -149,15 +154,33 @@ export const makeOnnxModelRunner = (
         catch: (e) => new RunnerError({ stage, message: (e as Error).message }),
       })
 
-    /** Copies new K/V rows (row-major [n, kvHeads, headDim]) into the pools at their slots. */
-    const writeRows = (layer: number, k: Float32Array, v: Float32Array, slots: Int32Array) => {
-      const kPool = kPools[layer]!
-      const vPool = vPools[layer]!
-      for (let i = 0; i < slots.length; i++) {
-        const slot = slots[i]!
-        if (slot < 0) continue
-        kPool.set(k.subarray(i * rowFloats, (i + 1) * rowFloats), slot * rowFloats)
-        vPool.set(v.subarray(i * rowFloats, (i + 1) * rowFloats), slot * rowFloats)
+    /**
+     * Copies a graph's new K/V rows into the head-major pools at their slots. `kv` is the graph's N.kvNew output,
+     * [n, 2·layers·kvHeads·headDim]: per row, K of each of its `layers` layers (the first is `first`), then V of each.
+     * `slotOf(i, layer)` is row i's slot in that layer, or -1 to leave it.
+     */
+    const writeRows = (
+      kv: Float32Array,
+      first: number,
+      layers: number,
+      slotOf: (i: number, layer: number) => number,
+    ) => {
+      const stride = 2 * layers * rowFloats
+      const n = kv.length / stride
+      for (let j = 0; j < layers; j++) {
+        const kPool = kPools[first + j]!
+        const vPool = vPools[first + j]!
+        for (let i = 0; i < n; i++) {
+          const slot = slotOf(i, first + j)
+          if (slot < 0) continue
+          const kRow = i * stride + j * rowFloats
+          const vRow = kRow + layers * rowFloats
+          for (let h = 0; h < dims.kvHeads; h++) {
+            const to = h * headFloats + slot * hd
+            kPool.set(kv.subarray(kRow + h * hd, kRow + (h + 1) * hd), to)
+            vPool.set(kv.subarray(vRow + h * hd, vRow + (h + 1) * hd), to)
+          }
+        }
       }
     }
 
@@ -178,7 +201,7 @@ export const makeOnnxModelRunner = (
       const feeds: Record<string, ort.Tensor> = {
         [G.hidden]: f32(hidden, [rows, tokens, dims.hidden]),
         [G.positions]: i64(batch.positions, [rows, tokens]),
-        [G.blockTable]: i64(batch.blockTable, [rows, batch.maxBlocks]),
+        [G.blockTable]: i32(batch.blockTable, [rows, batch.maxBlocks]),
         [G.attnMask]: f32(batch.mask, [rows, tokens, keys]),
       }
       for (let l = s.firstLayer; l < s.endLayer; l++) {
@@ -187,9 +210,8 @@ export const makeOnnxModelRunner = (
       }
       return run(`segment ${index}`, segmentSessions[index]!, feeds).pipe(
         Effect.map((out) => {
-          for (let l = s.firstLayer; l < s.endLayer; l++) {
-            writeRows(l, out[G.kNew(l)]!.data as Float32Array, out[G.vNew(l)]!.data as Float32Array, batch.slots)
-          }
+          const slots = batch.slots
+          writeRows(out[G.kvNew]!.data as Float32Array, s.firstLayer, s.endLayer - s.firstLayer, (i) => slots[i]!)
           return out[G.hiddenOut]!.data as Float32Array
         }),
       )
@@ -255,25 +277,34 @@ export const makeOnnxModelRunner = (
         [G.positions]: i64(positions, [n, 1]),
       }).pipe(
         Effect.map((out) => {
-          const layerSlots = fromLayers ? new Int32Array(n) : slots
-          for (let l = exit.layer; l < dims.layers; l++) {
-            // A row that exited later than this layer keeps the K/V its segments computed here.
-            if (fromLayers) for (let r = 0; r < n; r++) layerSlots[r] = fromLayers[r]! <= l ? slots[r]! : -1
-            writeRows(l, out[G.kNew(l)]!.data as Float32Array, out[G.vNew(l)]!.data as Float32Array, layerSlots)
-          }
+          // A row that exited later than a layer keeps the K/V its segments computed there.
+          writeRows(out[G.kvNew]!.data as Float32Array, exit.layer, dims.layers - exit.layer, (r, l) =>
+            fromLayers && fromLayers[r]! > l ? -1 : slots[r]!,
+          )
         }),
       )
     }
 
+    /** A slot's row of every KV head, [kvHeads, headDim]. */
+    const rowOf = (pool: Float32Array, slot: number) => {
+      const row = new Float32Array(rowFloats)
+      for (let h = 0; h < dims.kvHeads; h++) {
+        row.set(pool.subarray(h * headFloats + slot * hd, h * headFloats + (slot + 1) * hd), h * hd)
+      }
+      return row
+    }
     const readKv: ModelRunnerShape["readKv"] = (layer, slot) => ({
-      k: kPools[layer]!.slice(slot * rowFloats, (slot + 1) * rowFloats),
-      v: vPools[layer]!.slice(slot * rowFloats, (slot + 1) * rowFloats),
+      k: rowOf(kPools[layer]!, slot),
+      v: rowOf(vPools[layer]!, slot),
     })
 
-    const blockFloats = blockSize * rowFloats
+    const blockFloats = blockSize * hd
     const copyBlock: ModelRunnerShape["copyBlock"] = (from, to) => {
       for (const pool of [...kPools, ...vPools]) {
-        pool.copyWithin(to * blockFloats, from * blockFloats, (from + 1) * blockFloats)
+        for (let h = 0; h < dims.kvHeads; h++) {
+          const plane = h * headFloats
+          pool.copyWithin(plane + to * blockFloats, plane + from * blockFloats, plane + (from + 1) * blockFloats)
+        }
       }
     }
 

@@ -57,6 +57,13 @@ const accuracyLevel = Options.choice("accuracy-level", ["0", "1", "2", "3", "4"]
   ),
   Options.withDefault("4" as const),
 )
+const embedding = Options.choice("embedding", ["float", "quantized"]).pipe(
+  Options.withDescription(
+    "with --quantize: the embedding table in --dtype floats (default), or quantized like the MatMul weights (a tied " +
+      "embedding then shares the LM head's quantized rows; see BENCHMARKS.md for what it costs)",
+  ),
+  Options.withDefault("float" as const),
+)
 const context = Options.integer("context").pipe(
   Options.withDescription("context length of the converted model (default: max_position_embeddings)"),
   Options.optional,
@@ -75,6 +82,7 @@ const hfFlags = {
   blockSize,
   symmetric,
   accuracyLevel,
+  embedding,
   context,
   tokenizer: hfTokenizer,
 }

@@ -129,6 +129,7 @@ export const hf = (args: HfFlags) =>
               symmetric: args.symmetric,
               accuracyLevel: Number(args.accuracyLevel) as 0 | 1 | 2 | 3 | 4,
             },
+            embedding: args.embedding,
           }
         : {}),
     }

@@ -13,7 +13,7 @@ import { ConfidenceEvaluator } from "../../src/ConfidenceEvaluator.js"
 import { Engine, type EngineOptions } from "../../src/Engine.js"
 import { layer as KvCacheLive } from "../../src/KvCache.js"
 import { type HeadOutput, ModelRunner, type ModelRunnerShape, type RowBatch } from "../../src/ModelRunner.js"
-import type { ModelSpec } from "../../src/ModelSpec.js"
+import { FORMAT_VERSION, type ModelSpec } from "../../src/ModelSpec.js"
 import { Sampler } from "../../src/Sampler.js"
 import { Scheduler, type SchedulerOptions } from "../../src/Scheduler.js"
 import { Tokenizer, type TokenizerShape } from "../../src/Tokenizer.js"
@@ -29,7 +29,7 @@ const CHARS = " abcdefghijklmnopqrstuvwxyz.,!"
 export const fakeSpec = (options: { readonly layers?: number; readonly classifiers?: boolean } = {}): ModelSpec => {
   const layers = options.layers ?? FAKE_LAYERS
   return {
-    formatVersion: 1,
+    formatVersion: FORMAT_VERSION,
     name: "fake",
     architecture: "llama",
     dtype: "float32",
@@ -141,7 +141,7 @@ export const makeFakeRunner = (options: FakeRunnerOptions = {}): ModelRunnerShap
         for (let q = 0; q <= p; q++) {
           const slot =
             q < first
-              ? Number(blockTable[r * maxBlocks + Math.floor(q / blockSize)]) * blockSize + (q % blockSize)
+              ? blockTable[r * maxBlocks + Math.floor(q / blockSize)]! * blockSize + (q % blockSize)
               : slots[r * tokens + (q - first)]!
           for (let d = 0; d < D; d++) context[d] += pool[slot * D + d]! / (p + 1)
         }
