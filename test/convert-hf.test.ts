@@ -70,6 +70,7 @@ beforeAll(async () => {
     convert("fp16", "untied", "--dtype", "fp16"),
     convert("int8", "untied", "--quantize", "int8"),
     convert("int4", "untied", "--quantize", "int4", "--dtype", "fp16"),
+    convert("int8-embedding", "tied", "--exits", "2", "--quantize", "int8", "--embedding", "quantized"),
   ])
 })
 
@@ -315,20 +316,27 @@ describe("offramp convert hf: float32 conversions match the reference at every e
 
 describe("offramp convert hf: weight storage", () => {
   const measured: Record<string, { logits: number; hidden: number; top1: number }> = {}
-  for (const name of ["fp16", "int8", "int4"] as const) {
+  // Each conversion against its checkpoint's float32 conversion; "int8-embedding" is a tied checkpoint whose
+  // embedding table is quantized too (the rows of the quantized LM head).
+  for (const [name, base, tolerance] of [
+    ["fp16", "untied", "fp16"],
+    ["int8", "untied", "int8"],
+    ["int4", "untied", "int4"],
+    ["int8-embedding", "tied", "int8"],
+  ] as const) {
     it.effect(`${name}: within the stated tolerance of the float32 reference, and smaller`, () =>
       Effect.gen(function* () {
-        const errors = yield* compareAll(name, "untied")
+        const errors = yield* compareAll(name, base)
         measured[name] = errors
         console.log(
           `${name}: max |Δlogit| ${errors.logits.toFixed(4)}, max |Δhidden| ${errors.hidden.toFixed(4)}, ` +
-            `top-1 ${(100 * errors.top1).toFixed(1)}%, ONNX bytes ${(onnxBytes(name) / onnxBytes("untied")).toFixed(3)}x fp32`,
+            `top-1 ${(100 * errors.top1).toFixed(1)}%, ONNX bytes ${(onnxBytes(name) / onnxBytes(base)).toFixed(3)}x fp32`,
         )
-        expect(errors.logits).toBeLessThan(TOLERANCE[name].logits)
-        expect(errors.hidden).toBeLessThan(TOLERANCE[name].hidden)
-        expect(errors.top1).toBeGreaterThanOrEqual(TOLERANCE[name].top1)
+        expect(errors.logits).toBeLessThan(TOLERANCE[tolerance].logits)
+        expect(errors.hidden).toBeLessThan(TOLERANCE[tolerance].hidden)
+        expect(errors.top1).toBeGreaterThanOrEqual(TOLERANCE[tolerance].top1)
         // Norms, RoPE tables and (for int8 here) the embedding stay float32, so ratios are above 1/2, 1/4, 1/8.
-        expect(onnxBytes(name)).toBeLessThan(onnxBytes("untied") * (name === "int4" ? 0.4 : 0.6))
+        expect(onnxBytes(name)).toBeLessThan(onnxBytes(base) * (name === "int4" ? 0.4 : 0.6))
       }),
     )
   }
@@ -337,6 +345,12 @@ describe("offramp convert hf: weight storage", () => {
     expect(spec("fp16").weights).toEqual({ matmul: "fp16", embedding: "fp16" })
     expect(spec("int8").weights).toEqual({ matmul: "int8", embedding: "fp32", blockSize: 32, symmetric: false })
     expect(spec("int4").weights).toEqual({ matmul: "int4", embedding: "fp16", blockSize: 32, symmetric: false })
+    expect(spec("int8-embedding").weights).toEqual({
+      matmul: "int8",
+      embedding: "int8",
+      blockSize: 32,
+      symmetric: false,
+    })
     for (const name of ["fp16", "int8", "int4"]) expect(spec(name).dtype).toBe("float32")
     expect(onnxBytes("int4")).toBeLessThan(onnxBytes("int8"))
   })
@@ -405,6 +419,14 @@ describe("offramp convert hf: typed failures", () => {
     const result = await failing({ vocab: 256 })
     expect(expectCleanFailure(result, "offramp: TokenizerError")).toMatchObject({ failed: true, mentions: true })
     expect(result.stderr).toContain("the tokenizer has 512 tokens but the model's vocab_size is 256")
+  })
+
+  it("a quantized embedding without quantized weights", async () => {
+    const dir = join(root, "embedding-without-quantize")
+    await writeTinyLlama(dir, { tokenizer })
+    const result = await runCli(["convert", "hf", "--dir", dir, "--out", join(dir, "out"), "--embedding", "quantized"])
+    expect(expectCleanFailure(result, "--quantize int8 or int4")).toMatchObject({ failed: true, mentions: true })
+    expect(readdirSync(dir).filter((name) => name.startsWith("out"))).toEqual([])
   })
 })
 

@@ -1,6 +1,6 @@
 /**
  * The runner's embedding lookup in JavaScript (onnx internal/EmbeddingTable.ts) against onnxruntime running the
- * same embed graph: equal rows for a float16 table, a float32 one (stories260K) and block-quantized ones
+ * same embed graph: equal rows for the default model's, a float16 table, a float32 one (stories260K), and block-quantized ones
  * (GatherBlockQuantized, 4 and 8 bits, with and without zero points), and a clear error for an id outside the table.
  */
 import { readFileSync } from "node:fs"
@@ -27,7 +27,7 @@ const viaSession = async (file: string | Uint8Array, ids: BigInt64Array) => {
 
 describe("embedding table", () => {
   for (const [name, dir] of [
-    ["float16 (the default model)", async () => join(REPO_ROOT, "models/default")],
+    ["the default model (int8 blocks)", async () => join(REPO_ROOT, "models/default")],
     [
       "float32 (stories260K)",
       async () => {
@@ -48,6 +48,19 @@ describe("embedding table", () => {
       expect(Array.from(table!.lookup(ids))).toEqual(Array.from(await viaSession(file, ids)))
     })
   }
+
+  it("float16: the rows onnxruntime's Gather and Cast give", async () => {
+    const vocab = 37
+    const hidden = 96
+    const embedding = Float32Array.from({ length: vocab * hidden }, (_, i) => Math.sin(i * 0.61) * (1 + (i % 11)))
+    const graph = buildEmbedGraph({ config: { vocab, dim: hidden }, embedding } as unknown as LlamaWeights, {
+      float: "float16",
+    })
+    const ids = BigInt64Array.from([0, 1, 7, vocab - 1, 3, 3].map(BigInt))
+    const table = readEmbeddingTable(graph, vocab, hidden)
+    expect(table).toBeDefined()
+    expect(Array.from(table!.lookup(ids))).toEqual(Array.from(await viaSession(graph, ids)))
+  })
 
   for (const bits of [4, 8] as const) {
     for (const symmetric of [false, true]) {

@@ -96,6 +96,11 @@ const readJsonFile = (path: string) =>
 export const hf = (args: HfFlags) =>
   Effect.gen(function* () {
     const exitLayers = Option.isSome(args.exits) ? yield* parseExits(args.exits.value) : undefined
+    if (args.embedding === "quantized" && Option.isNone(args.quantize)) {
+      return yield* new InvalidRequestError({
+        message: "--embedding quantized quantizes the table like the MatMul weights: add --quantize int8 or int4",
+      })
+    }
     const progress = progressReporter()
     const model = yield* readHfCheckpoint(args.dir, {
       ...(Option.isSome(args.context) ? { contextLength: args.context.value } : {}),
