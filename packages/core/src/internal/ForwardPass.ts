@@ -14,7 +14,7 @@ import { thresholdAt } from "../EarlyExit.js"
 import type { RunnerError } from "../Errors.js"
 import type { KvCacheShape } from "../KvCache.js"
 import type { HeadOutput, ModelRunnerShape } from "../ModelRunner.js"
-import { buildRowBatch } from "../RowBatch.js"
+import { makeRowBatchBuilder } from "../RowBatch.js"
 import type { BatchRow, SchedulerShape } from "../Scheduler.js"
 import type { Emission, Finished } from "./Emission.js"
 import { confidentAfterHead, type ExitRow, exitingRows, planHead } from "./ExitPolicy.js"
@@ -60,6 +60,8 @@ export const makeForwardPass = (deps: {
   // V8 to run a full mark-compact about three times a second in the engine worker's small heap.
   const segmentInput = scratch()
   const headInput = scratch()
+  // Batches for the segment calls, each used only by the call it is built for (see makeRowBatchBuilder).
+  const rowBatch = makeRowBatchBuilder(runner.blockSize)
   const classifierInput = scratch()
   const previousInput = scratch()
   const headFree = evaluator.headFree ?? (() => false)
@@ -76,7 +78,7 @@ export const makeForwardPass = (deps: {
       for (const { seq, count } of rows) {
         seq.exitStates.clear()
         if (seq.computed === 0) seq.exact = 0
-        const batch = buildRowBatch([{ cached: seq.computed, count, blocks: seq.blocks!.blocks }], runner.blockSize)
+        const batch = rowBatch([{ cached: seq.computed, count, blocks: seq.blocks!.blocks }])
         const ids = BigInt64Array.from(seq.tokens.slice(seq.computed, seq.computed + count), BigInt)
         const result = yield* Effect.either(
           Effect.gen(function* () {
@@ -109,9 +111,8 @@ export const makeForwardPass = (deps: {
         const own = rows.filter((r) => strategyOf(r.seq) === strategy)
         if (own.length > 0) yield* strategy.beforeSegment(index, own)
       }
-      const batch = buildRowBatch(
+      const batch = rowBatch(
         rows.map((r) => ({ cached: r.positions[0]!, count: r.positions.length, blocks: r.seq.blocks!.blocks })),
-        runner.blockSize,
       )
       const input = segmentInput(batch.rows * batch.tokens * D)
       rows.forEach((r, i) => {

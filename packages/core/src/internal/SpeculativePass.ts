@@ -13,7 +13,7 @@
 import { Effect } from "effect"
 import type { KvCacheShape } from "../KvCache.js"
 import type { HeadOutput, ModelRunnerShape } from "../ModelRunner.js"
-import { buildRowBatch } from "../RowBatch.js"
+import { makeRowBatchBuilder } from "../RowBatch.js"
 import type { BatchRow, SchedulerShape } from "../Scheduler.js"
 import { logProbabilityFromTop } from "./SamplingMath.js"
 import type { Sequence } from "./Sequence.js"
@@ -64,6 +64,9 @@ export const makeSpeculativePass = (deps: {
   const segmentsUpTo = (layer: number) => spec.segments.flatMap((s, i) => (s.endLayer <= layer ? [i] : []))
   const segmentsAfter = (layer: number) => spec.segments.flatMap((s, i) => (s.firstLayer >= layer ? [i] : []))
 
+  // Batches for the segment calls, each used only by the call it is built for (see makeRowBatchBuilder).
+  const rowBatch = makeRowBatchBuilder(runner.blockSize)
+
   /** One segment call for rows of `count` new positions each, from `cached` on; marks the layers filled. */
   const runSegment = (
     index: number,
@@ -71,10 +74,7 @@ export const makeSpeculativePass = (deps: {
     hidden: Float32Array,
   ) =>
     Effect.gen(function* () {
-      const batch = buildRowBatch(
-        rows.map((r) => ({ cached: r.cached, count: r.count, blocks: r.seq.blocks!.blocks })),
-        runner.blockSize,
-      )
+      const batch = rowBatch(rows.map((r) => ({ cached: r.cached, count: r.count, blocks: r.seq.blocks!.blocks })))
       const out = yield* runner.segment(index, hidden, batch)
       const { firstLayer, endLayer } = spec.segments[index]!
       for (const r of rows)
