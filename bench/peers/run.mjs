@@ -1,6 +1,6 @@
 // Peer benchmark: Offramp, llama.cpp (node-llama-cpp) and transformers.js on the same weights, 1 thread each,
 // greedy, full depth. Interleaved rounds (A, B, C, A, B, C, ...) per measurement; medians and every run, as JSON.
-//   node run.mjs --offramp-model DIR --gguf FILE[,FILE2] --tjs DIR [--rounds 5] [--max-tokens 128]
+//   node run.mjs --offramp-model DIR[,DIR2] --gguf FILE[,FILE2] --tjs DIR [--rounds 5] [--max-tokens 128]
 //                [--streams 1,16] [--prefill 256] [--offramp-root ../..] [--out results/x.json]
 // Measurements (the definitions of `offramp bench`):
 //   decode tok/s  = Σ(tokens − 1) over the streams ÷ seconds from the first token of any stream to the end of the last
@@ -22,14 +22,21 @@ const root = resolve(args["offramp-root"] ?? process.env.OFFRAMP_ROOT ?? "../.."
 const only = args.engines ? String(args.engines).split(",") : null
 const log = (...m) => console.error(new Date().toISOString().slice(11, 19), ...m)
 
-const modelJson = JSON.parse(readFileSync(resolve(args["offramp-model"], "model.json"), "utf8"))
+// Several Offramp model directories (the same weights in other formats or segmentations) are engines of their own.
+const offrampModels = String(args["offramp-model"]).split(",")
+const modelJson = JSON.parse(readFileSync(resolve(offrampModels[0], "model.json"), "utf8"))
 const context = modelJson.dims.contextLength
 const prefillLen = Math.min(Number(args.prefill ?? 256), context - 1)
 const promptLen = 12
 
 const engines = []
 const want = (n) => !only || only.some((o) => n.startsWith(o))
-if (want("offramp")) engines.push(await offramp({ model: args["offramp-model"], root }))
+for (const model of offrampModels) {
+  if (!want("offramp")) break
+  const e = await offramp({ model, root })
+  if (offrampModels.length > 1) e.name = `offramp ${model.replace(/\/+$/, "").split("/").pop()}`
+  engines.push(e)
+}
 for (const gguf of args.gguf ? String(args.gguf).split(",") : []) {
   const e = await llamacpp({ model: gguf, contextSize: Math.min(context, 512) })
   e.name = `llama.cpp ${gguf
