@@ -1,13 +1,14 @@
-// Hugging Face Llama checkpoint → GGUF v3 for llama.cpp (architecture "llama"), in F32, F16 or Q8_0.
-//   node convert-gguf.mjs --dir CHECKPOINT [--tokenizer tokenizer.json] --out model.gguf [--type f32|f16|q8_0]
+// Hugging Face Llama checkpoint → GGUF v3 for llama.cpp (architecture "llama"), in F32, F16, Q8_0 or Q4_0.
+//   node convert-gguf.mjs --dir CHECKPOINT [--tokenizer tokenizer.json] --out model.gguf [--type f32|f16|q8_0|q4_0]
 // Written from the GGUF spec (ggml/docs/gguf.md) and llama.cpp's convert_hf_to_gguf.py: tensor names, the Q/K row
 // permutation (Hugging Face stores rotate-half rows; llama.cpp's "llama" arch rotates adjacent pairs), GPT-2 BPE vocab.
 import { closeSync, openSync, writeSync } from "node:fs"
+import { pathToFileURL } from "node:url"
 import { argv, f32ToF16, readCheckpoint, toF16Array } from "./lib/checkpoint.mjs"
 
 const GGUF = { UINT8: 0, INT8: 1, UINT32: 4, INT32: 5, FLOAT32: 6, BOOL: 7, STRING: 8, ARRAY: 9, UINT64: 10 }
-const GGML = { F32: 0, F16: 1, Q8_0: 8 }
-const FILE_TYPE = { f32: 0, f16: 1, q8_0: 7 } // llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+const GGML = { F32: 0, F16: 1, Q4_0: 2, Q8_0: 8 }
+const FILE_TYPE = { f32: 0, f16: 1, q8_0: 7, q4_0: 2 } // llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_Q4_0
 const ALIGN = 32
 
 class Bytes {
@@ -80,11 +81,42 @@ const quantizeQ8_0 = (data) => {
   return out
 }
 
+/**
+ * ggml's quantize_row_q4_0_ref: blocks of 32 along a row; per block an f16 scale d = max / -8, where max is the value
+ * of largest magnitude (its sign kept, the first one on ties), then 16 bytes of 4-bit codes
+ * q = min(15, trunc(x / d + 8.5)), byte j holding q[j] in its low nibble and q[j + 16] in its high nibble.
+ * Dequantized: (q - 8) * d. The arithmetic is float32's, as the C (d, 1/d, x * id and + 8.5 each rounded to float).
+ */
+export const quantizeQ4_0 = (data) => {
+  const blocks = data.length / 32
+  const out = Buffer.alloc(blocks * 18)
+  const code = (v) => Math.min(15, Math.max(0, Math.trunc(Math.fround(v + 8.5))))
+  for (let b = 0; b < blocks; b++) {
+    const x = data.subarray(b * 32, b * 32 + 32)
+    let amax = 0
+    let max = 0
+    for (let j = 0; j < 32; j++)
+      if (amax < Math.abs(x[j])) {
+        amax = Math.abs(x[j])
+        max = x[j]
+      }
+    const d = Math.fround(max / -8)
+    const id = d ? Math.fround(1 / d) : 0
+    out.writeUInt16LE(f32ToF16(d), b * 18)
+    for (let j = 0; j < 16; j++) {
+      const lo = code(Math.fround(x[j] * id))
+      const hi = code(Math.fround(x[j + 16] * id))
+      out[b * 18 + 2 + j] = lo | (hi << 4)
+    }
+  }
+  return out
+}
+
 const main = () => {
   const args = argv(process.argv.slice(2))
-  if (!args.dir || !args.out) throw new Error("usage: --dir CHECKPOINT --out FILE.gguf [--type f32|f16|q8_0]")
+  if (!args.dir || !args.out) throw new Error("usage: --dir CHECKPOINT --out FILE.gguf [--type f32|f16|q8_0|q4_0]")
   const type = args.type ?? "f32"
-  if (!(type in FILE_TYPE)) throw new Error(`--type ${type}: f32, f16 or q8_0`)
+  if (!(type in FILE_TYPE)) throw new Error(`--type ${type}: f32, f16, q8_0 or q4_0`)
   const { config: c, tensors, tokenizer, tokenizerConfig } = readCheckpoint(args.dir, args.tokenizer)
   const t = (name) => {
     const x = tensors.get(name)
@@ -187,13 +219,18 @@ const main = () => {
     let ggml = GGML.F32
     if (x.quantizable && type === "f16") ggml = GGML.F16
     if (x.quantizable && type === "q8_0") ggml = GGML.Q8_0
+    if (x.quantizable && type === "q4_0") ggml = GGML.Q4_0
+    if ((ggml === GGML.Q8_0 || ggml === GGML.Q4_0) && x.ne[0] % 32)
+      throw new Error(`${x.name}: row length ${x.ne[0]} is not a multiple of the block size 32`)
     x.ggml = ggml
     x.bytes =
       ggml === GGML.F32
         ? Buffer.from(x.data.buffer, x.data.byteOffset, x.data.byteLength)
         : ggml === GGML.F16
           ? Buffer.from(toF16Array(x.data).buffer)
-          : quantizeQ8_0(x.data)
+          : ggml === GGML.Q8_0
+            ? quantizeQ8_0(x.data)
+            : quantizeQ4_0(x.data)
     x.offset = offset
     offset += x.bytes.length + pad(x.bytes.length)
   }
@@ -229,4 +266,5 @@ const main = () => {
   )
 }
 
-main()
+// Run as a script; importable for its quantizers.
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) main()

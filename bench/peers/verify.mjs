@@ -73,6 +73,9 @@ for (const gguf of ggufs) {
   }
   await lc.close()
 }
+// Lossy formats (F16, Q8_0, Q4_0 GGUFs; Offramp int8/int4 conversions, recognized by their paths) may diverge from
+// the reference after some tokens; they do not count for `identical`.
+const lossy = (engine) => /f16|q8_0|q4_0|int8|int4/.test(engine)
 for (const row of report.prompts) {
   const ref = row.tokens.offramp
   for (const [engine, ids] of Object.entries(row.tokens)) {
@@ -81,7 +84,7 @@ for (const row of report.prompts) {
     let i = 0
     while (i < n && ids[i] === ref[i]) i++
     row.firstMismatch[engine] = i === n ? null : i
-    if (i !== n && !engine.includes("f16") && !engine.includes("q8")) allIdentical = false
+    if (i !== n && !lossy(engine)) allIdentical = false
   }
   // llama.cpp's tokenization of the text should give the same ids (node-llama-cpp's tokenize() adds no BOS: the
   // comparison ignores a leading BOS on either side).
@@ -94,4 +97,20 @@ for (const row of report.prompts) {
   )
 }
 report.identical = allIdentical
+// Per engine: the tokens that agree with the reference before the first difference, over all prompts.
+report.agreement = Object.fromEntries(
+  Object.keys(report.prompts[0].firstMismatch).map((engine) => {
+    const agree = report.prompts.map((row) => row.firstMismatch[engine] ?? row.tokens.offramp.length)
+    const total = report.prompts.reduce((n, row) => n + row.tokens.offramp.length, 0)
+    return [
+      engine,
+      {
+        identicalPrompts: agree.filter((a, i) => a === report.prompts[i].tokens.offramp.length).length,
+        prefixTokens: agree,
+        agreeing: agree.reduce((a, b) => a + b, 0),
+        of: total,
+      },
+    ]
+  }),
+)
 console.log(JSON.stringify(report, null, args.compact ? 0 : 1))
