@@ -7,14 +7,32 @@ import { pathToFileURL } from "node:url"
 
 const now = () => performance.now()
 
-/** Offramp through its library (packages built to dist), at full depth (threshold 2: no early exit). */
-export const offramp = async ({ model, root = process.env.OFFRAMP_ROOT ?? "../..", kvCacheMb = 256, threads = 1 }) => {
+// What each engine loads before a model: the modules (and for llama.cpp its native binding). memory.mjs's baseline
+// process loads exactly these and nothing else.
+
+/** Offramp's packages (built to dist) from the checkout `root`. */
+export const offrampLibrary = async (root = process.env.OFFRAMP_ROOT ?? "../..") => {
   const r = resolve(root)
   const url = (p) => pathToFileURL(join(r, p)).href
   // The one `effect` instance the packages use (their dist files import "effect" from the root's node_modules).
   const { Effect, ManagedRuntime, Stream } = await import(url("node_modules/effect/dist/esm/index.js"))
   const { Engine } = await import(url("packages/core/dist/Engine.js"))
   const Offramp = await import(url("packages/onnx/dist/Offramp.js"))
+  return { Effect, ManagedRuntime, Stream, Engine, Offramp }
+}
+
+/** node-llama-cpp with its prebuilt CPU binary loaded (getLlama), no model. */
+export const llamacppLibrary = async (threads = 1) => {
+  const { getLlama } = await import("node-llama-cpp")
+  return getLlama({ build: "never", gpu: false, maxThreads: threads, logLevel: "error" })
+}
+
+/** transformers.js (it loads onnxruntime-node as it is imported). */
+export const transformersjsLibrary = () => import("@huggingface/transformers")
+
+/** Offramp through its library (packages built to dist), at full depth (threshold 2: no early exit). */
+export const offramp = async ({ model, root = process.env.OFFRAMP_ROOT ?? "../..", kvCacheMb = 256, threads = 1 }) => {
+  const { Effect, ManagedRuntime, Stream, Engine, Offramp } = await offrampLibrary(root)
   const runtime = ManagedRuntime.make(
     Offramp.layer({ model, runner: { threads, kvCacheBytes: kvCacheMb * 1024 * 1024 } }),
   )
@@ -53,15 +71,17 @@ export const offramp = async ({ model, root = process.env.OFFRAMP_ROOT ?? "../..
       )
       return { perStream, startMs, firstTokenMs, endMs: now() }
     },
+    /** The engine's EngineStats (weights: bytes stored in the graph files and resident after load). */
+    stats: () => runtime.runPromise(Effect.flatMap(Engine, (engine) => engine.stats)),
     close: () => runtime.dispose(),
   }
 }
 
 /** llama.cpp through node-llama-cpp's prebuilt CPU binary: one context, a sequence per stream (batched by it). */
-export const llamacpp = async ({ model, contextSize, threads = 1 }) => {
-  const { getLlama } = await import("node-llama-cpp")
-  const llama = await getLlama({ build: "never", gpu: false, maxThreads: threads, logLevel: "error" })
-  const m = await llama.loadModel({ modelPath: model, gpuLayers: 0 })
+export const llamacpp = async ({ model, contextSize, threads = 1, useMmap }) => {
+  const llama = await llamacppLibrary(threads)
+  // useMmap: node-llama-cpp's default (undefined) maps the GGUF; false reads it into allocated memory.
+  const m = await llama.loadModel({ modelPath: model, gpuLayers: 0, useMmap })
   const ctxSize = contextSize ?? m.trainContextSize
   const contexts = new Map()
   const contextFor = async (n) => {
@@ -101,6 +121,10 @@ export const llamacpp = async ({ model, contextSize, threads = 1 }) => {
   }
   return {
     name: "llama.cpp",
+    /** Creates the context for `n` sequences now (otherwise the first generation does). */
+    prepare: async (n = 1) => {
+      await contextFor(n)
+    },
     tokenize: (text) => m.tokenize(text),
     generate: (ids, maxTokens) => withSequences(1, ([s]) => run(s, ids, maxTokens)),
     streams: (prompts, maxTokens) =>
@@ -126,7 +150,7 @@ export const llamacpp = async ({ model, contextSize, threads = 1 }) => {
 
 /** transformers.js (onnxruntime-node underneath) on the exported model folder; streams are one batched generate(). */
 export const transformersjs = async ({ model, threads = 1 }) => {
-  const { AutoModelForCausalLM, AutoTokenizer, Tensor, env } = await import("@huggingface/transformers")
+  const { AutoModelForCausalLM, AutoTokenizer, Tensor, env } = await transformersjsLibrary()
   env.allowRemoteModels = false
   env.allowLocalModels = true
   const dir = resolve(model)
