@@ -16,7 +16,7 @@ if [[ "$WHICH" == default || "$WHICH" == all ]]; then
   TOK="${TOKENIZER:-$CHECKPOINT/tokenizer.json}"
   out=models/default
   mkdir -p "$out"
-  for t in f32 f16 q8_0; do
+  for t in f32 f16 q8_0 q4_0; do
     node convert-gguf.mjs --dir "$CHECKPOINT" --tokenizer "$TOK" --out "$out/$t.gguf" --type "$t" --name offramp-default
   done
   node convert-onnx.mjs --dir "$CHECKPOINT" --tokenizer "$TOK" --out "$out/transformersjs" --offramp "$ROOT"
@@ -30,11 +30,17 @@ if [[ "$WHICH" == smol || "$WHICH" == all ]]; then
   out=models/smol
   mkdir -p "$out"
   node make-random-model.mjs --out "$out/ckpt" --seed 1
-  for t in f32 f16 q8_0; do
+  for t in f32 f16 q8_0 q4_0; do
     node convert-gguf.mjs --dir "$out/ckpt" --out "$out/$t.gguf" --type "$t" --name random-smollm2-135m-shape
   done
   node convert-onnx.mjs --dir "$out/ckpt" --out "$out/transformersjs" --offramp "$ROOT"
   layers=$(layers_of "$PWD/$out/ckpt/config.json")
   $OFFRAMP convert hf --dir "$out/ckpt" --out "$out/offramp" --exits "$layers"
   $OFFRAMP convert hf --dir "$out/ckpt" --out "$out/offramp-fp16" --exits "$layers" --dtype fp16
+  # Offramp's block-quantized MatMuls (onnxruntime MatMulNBits, accuracy level 4: int8 activations), the tied
+  # embedding quantized too (as llama.cpp's Q8_0 / Q4_0 token_embd).
+  for q in int8 int4; do
+    $OFFRAMP convert hf --dir "$out/ckpt" --out "$out/offramp-$q" --exits "$layers" \
+      --quantize "$q" --accuracy-level 4 --embedding quantized
+  done
 fi
