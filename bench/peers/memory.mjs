@@ -1,6 +1,7 @@
 // Resident memory of each engine × model format, each in a fresh Node.js process, one at a time.
 //   node memory.mjs [--offramp-model DIR[,DIR2]] [--gguf FILE[,FILE2]] [--tjs DIR] [--max-tokens 16]
-//                   [--prompt TEXT] [--context N] [--no-mmap] [--offramp-root ../..] [--out results/memory.json]
+//                   [--prompt TEXT] [--context N] [--no-mmap] [--repeat 1] [--offramp-root ../..]
+//                   [--out results/memory.json]
 // Per model, a child process loads the engine's library, then the model (as run.mjs does: 1 thread; Offramp's default
 // K/V pool of 256 MiB; llama.cpp one context of min(512, the model's context) tokens, created before the "load"
 // reading; transformers.js fp32 on the CPU), generates --max-tokens greedy tokens from the same prompt ids, and
@@ -29,7 +30,11 @@ const root = resolve(args["offramp-root"] ?? process.env.OFFRAMP_ROOT ?? "../.."
 const MiB = 1024 * 1024
 
 /** RSS now, with the kernel's split where there is one. Bytes. */
-const reading = () => {
+const reading = async () => {
+  // V8 frees the backing stores of collected ArrayBuffers (model files read into memory) on a background thread:
+  // collect, give it time, collect again.
+  globalThis.gc?.()
+  await new Promise((r) => setTimeout(r, 200))
   globalThis.gc?.()
   const out = { rss: process.memoryUsage.rss() }
   try {
@@ -51,13 +56,13 @@ const child = async () => {
   const engine = args.child
   const maxTokens = Number(args["max-tokens"] ?? 16)
   const ids = String(args["prompt-ids"]).split(",").map(Number)
-  const start = reading()
+  const start = await reading()
   const t0 = performance.now()
   if (args.baseline) {
     if (engine === "offramp") await offrampLibrary(root)
     else if (engine === "llama.cpp") await llamacppLibrary(1)
     else await transformersjsLibrary()
-    const library = reading()
+    const library = await reading()
     process.stdout.write(`${JSON.stringify({ engine, baseline: true, start, library })}\n`)
     return
   }
@@ -69,11 +74,11 @@ const child = async () => {
     await e.prepare(1)
   } else e = await transformersjs({ model: args.model, threads: 1 })
   const loadMs = performance.now() - t0
-  const load = reading()
+  const load = await reading()
   const t1 = performance.now()
   const tokens = Array.from(await e.generate(ids, maxTokens), Number)
   const generateMs = performance.now() - t1
-  const generated = reading()
+  const generated = await reading()
   const stats = e.stats ? await e.stats() : undefined
   process.stdout.write(
     `${JSON.stringify({ engine, model: args.model, start, load, generated, loadMs, generateMs, tokens, weights: stats?.weights })}\n`,
@@ -162,22 +167,52 @@ const parent = async () => {
     ["context", context],
     ...(args["no-mmap"] ? [["no-mmap", true]] : []),
   ]
-  const baselines = {}
-  for (const engine of new Set(jobs.map(([e]) => e))) {
-    log("baseline", engine)
-    baselines[engine] = runChild(engine, [...common, ["baseline", true]])
+  // --repeat N: N rounds, each a baseline per engine and then every model (interleaved, as run.mjs's rounds); the
+  // figures are the medians over the rounds, every child's readings stay in `samples`.
+  const repeat = Number(args.repeat ?? 1)
+  const median = (xs) => {
+    const v = [...xs].sort((a, b) => a - b)
+    return v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2
   }
-  const runs = []
-  for (const [engine, model] of jobs) {
-    log("load + generate", engine, model)
-    const r = runChild(engine, [...common, ["model", model]])
-    const base = baselines[engine].library.rss
-    r.format = engine === "llama.cpp" ? basename(model).replace(/\.gguf$/, "") : basename(model)
-    if (engine === "llama.cpp" && args["no-mmap"]) r.format += " (no mmap)"
-    r.modelBytes = sizeOf(model)
-    r.net = { load: r.load.rss - base, peak: r.generated.maxRss - base }
-    if (engine === "offramp") r.inspect = inspect(model)
-    runs.push(r)
+  const engines = [...new Set(jobs.map(([e]) => e))]
+  const baselines = Object.fromEntries(engines.map((e) => [e, { samples: [] }]))
+  const runs = jobs.map(([engine, model]) => ({
+    engine,
+    model,
+    format:
+      engine === "llama.cpp"
+        ? `${basename(model).replace(/\.gguf$/, "")}${args["no-mmap"] ? " (no mmap)" : ""}`
+        : basename(model),
+    modelBytes: sizeOf(model),
+    samples: [],
+  }))
+  for (let round = 1; round <= repeat; round++) {
+    for (const engine of engines) {
+      log(`round ${round}/${repeat}`, "baseline", engine)
+      baselines[engine].samples.push(runChild(engine, [...common, ["baseline", true]]))
+    }
+    for (const r of runs) {
+      log(`round ${round}/${repeat}`, "load + generate", r.engine, r.model)
+      r.samples.push(runChild(r.engine, [...common, ["model", r.model]]))
+    }
+  }
+  for (const b of Object.values(baselines)) b.rss = median(b.samples.map((x) => x.library.rss))
+  for (const r of runs) {
+    const base = baselines[r.engine].rss
+    const load = r.samples.map((x) => x.load.rss)
+    const peak = r.samples.map((x) => x.generated.maxRss)
+    const range = (xs) => [Math.min(...xs), Math.max(...xs)]
+    r.rss = { load: median(load), peak: median(peak), loadRange: range(load), peakRange: range(peak) }
+    r.net = { load: r.rss.load - base, peak: r.rss.peak - base }
+    r.tokens = r.samples[0].tokens
+    // Offramp's own figures (EngineStats.weights, measured by its runner in the same child around the sessions'
+    // creation): the median resident bytes over the rounds; `inspect` is `offramp inspect --load` run once.
+    if (r.samples[0].weights)
+      r.weights = {
+        storedBytes: r.samples[0].weights.storedBytes,
+        residentBytes: median(r.samples.map((x) => x.weights.residentBytes)),
+      }
+    if (r.engine === "offramp") r.inspect = inspect(r.model)
   }
 
   const versions = (p) => JSON.parse(readFileSync(new URL(`./node_modules/${p}/package.json`, import.meta.url))).version
@@ -192,9 +227,12 @@ const parent = async () => {
       "onnxruntime-node (transformers.js)": versions("onnxruntime-node"),
     },
     offrampRoot: root,
+    // glibc's allocator settings, when set: they change what freed load-time buffers leave resident (see README).
+    env: Object.fromEntries(Object.entries(process.env).filter(([k]) => /^(MALLOC_|GLIBC_TUNABLES)/.test(k))),
     offrampCommit: spawnSync("git", ["-C", root, "rev-parse", "--short", "HEAD"], { encoding: "utf8" }).stdout?.trim(),
     threads: 1,
     maxTokens,
+    repeat,
     prompt: promptText,
     promptIds,
     llamaContext: context,
@@ -211,20 +249,29 @@ const parent = async () => {
 /** The Markdown table of a memory.mjs report (also: node memory.mjs --table results/memory.json). */
 export const table = (doc) => {
   const mib = (b) => (b === undefined ? "" : (b / MiB).toFixed(1))
+  // With rounds: the lowest and highest reading, when they are more than 2% apart.
+  const spread = (range) =>
+    doc.repeat > 1 && range && range[1] > range[0] * 1.02
+      ? ` (${(range[0] / MiB).toFixed(0)}–${(range[1] / MiB).toFixed(0)})`
+      : ""
   const lines = [
     "| engine | format | model on disk MiB | RSS after load | peak RSS | net after load | net peak | Offramp weights resident / stored MiB |",
     "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
   ]
   for (const r of doc.runs) {
-    const w = r.inspect?.residentMiB !== undefined ? `${r.inspect.residentMiB} / ${r.inspect.storedMiB}` : ""
+    const w = r.weights ? `${mib(r.weights.residentBytes)} / ${mib(r.weights.storedBytes)}` : ""
     lines.push(
-      `| ${r.engine} | ${r.format} | ${mib(r.modelBytes)} | ${mib(r.load.rss)} | ${mib(r.generated.maxRss)} | ${mib(r.net.load)} | ${mib(r.net.peak)} | ${w} |`,
+      `| ${r.engine} | ${r.format} | ${mib(r.modelBytes)} | ${mib(r.rss.load)}${spread(r.rss.loadRange)} | ${mib(r.rss.peak)}${spread(r.rss.peakRange)} | ${mib(r.net.load)} | ${mib(r.net.peak)} | ${w} |`,
     )
   }
   const base = Object.entries(doc.baselines)
-    .map(([e, b]) => `${e} ${mib(b.library.rss)}`)
+    .map(([e, b]) => `${e} ${mib(b.rss)}`)
     .join(", ")
-  lines.push("", `MiB. Baseline RSS (library loaded, no model): ${base}.`)
+  const of = doc.repeat > 1 ? `, medians of ${doc.repeat} rounds` : ""
+  const env = Object.entries(doc.env ?? {})
+    .map(([k, v]) => `${k}=${v}`)
+    .join(" ")
+  lines.push("", `MiB${of}. Baseline RSS (library loaded, no model): ${base}.${env ? ` Environment: ${env}.` : ""}`)
   return lines.join("\n")
 }
 
