@@ -1,6 +1,7 @@
 /**
  * Broken model directories fail at load with a ModelLoadError that says what is wrong, never with the contents of a
- * file: a file name that leaves the directory, graphs or a tokenizer that disagree with model.json's vocabulary.
+ * file: a file name that leaves the directory, a model format this version does not read, graphs or a tokenizer that
+ * disagree with model.json's vocabulary.
  */
 import { cpSync, readFileSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
@@ -50,6 +51,16 @@ describe("model directories", () => {
       spec.segments[0].file = `${"../".repeat(5000)}etc/passwd`
     })
     expect((await failure(openModelDirectory(long))).message.length).toBeLessThan(500)
+  })
+
+  it("a directory from an older (or newer) Offramp is refused with what to do", async () => {
+    const older = await failure(openModelDirectory(doctored((spec) => void (spec.formatVersion = 1))))
+    expect(older._tag).toBe("ModelLoadError")
+    expect(older.message).toMatch(
+      /older Offramp \(model format 1; this version reads format 2.*convert the checkpoint again/,
+    )
+    const newer = await failure(openModelDirectory(doctored((spec) => void (spec.formatVersion = 3))))
+    expect(newer.message).toMatch(/model format 3, newer than this Offramp reads \(2\); upgrade Offramp/)
   })
 
   it("a tokenizer file that is not JSON is reported without its contents", async () => {
