@@ -54,12 +54,24 @@ describe("model directories", () => {
   })
 
   it("a directory from an older (or newer) Offramp is refused with what to do", async () => {
-    const older = await failure(openModelDirectory(doctored((spec) => void (spec.formatVersion = 1))))
+    const older = await failure(
+      openModelDirectory(
+        doctored((spec) => {
+          spec.formatVersion = 1
+        }),
+      ),
+    )
     expect(older._tag).toBe("ModelLoadError")
     expect(older.message).toMatch(
       /older Offramp \(model format 1; this version reads format 2.*convert the checkpoint again/,
     )
-    const newer = await failure(openModelDirectory(doctored((spec) => void (spec.formatVersion = 3))))
+    const newer = await failure(
+      openModelDirectory(
+        doctored((spec) => {
+          spec.formatVersion = 3
+        }),
+      ),
+    )
     expect(newer.message).toMatch(/model format 3, newer than this Offramp reads \(2\); upgrade Offramp/)
   })
 
