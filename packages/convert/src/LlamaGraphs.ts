@@ -164,12 +164,13 @@ const attention = (
       perm: [2, 0, 3, 1, 4],
     },
   )
-  // Keys and values: the cached blocks, then the new rows; [kv, R, 1, S, hd].
+  // Keys and values: the cached blocks, then the new rows; [kv, R, 1, S, hd] (the 1 broadcasts over the group).
   const cacheAndNew = (pool: string, fresh: string) => {
     const blocks = g.node("Gather", [pool, N.blockTable], { axis: 1 }) // [kv, R, MB, bs, hd]
-    const cached = g.node("Reshape", [blocks, g.ints([0, 0, -1, hd])]) // [kv, R, MB·bs, hd]
-    const added = g.node("Transpose", [g.node("Reshape", [fresh, g.ints([0, 0, kvHeads, hd])])], { perm: [2, 0, 1, 3] })
-    return g.node("Unsqueeze", [g.node("Concat", [cached, added], { axis: 2 }), g.ints([2])])
+    const cached = g.node("Reshape", [blocks, g.ints([0, 0, 1, -1, hd])]) // [kv, R, 1, MB·bs, hd]
+    const perHead = g.node("Reshape", [fresh, g.ints([0, 0, 1, kvHeads, hd])]) // [R, T, 1, kv, hd]
+    const added = g.node("Transpose", [perHead], { perm: [3, 0, 2, 1, 4] }) // [kv, R, 1, T, hd]
+    return g.node("Concat", [cached, added], { axis: 3 })
   }
   newRows.k.push(k)
   newRows.v.push(v!)
