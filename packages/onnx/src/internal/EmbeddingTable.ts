@@ -25,6 +25,25 @@ const view = <T>(tensor: InstanceType<typeof onnx.TensorProto>, make: (b: ArrayB
   return make(new Uint8Array(raw).buffer)
 }
 
+type Graph = NonNullable<InstanceType<typeof onnx.ModelProto>["graph"]>
+type Node = NonNullable<Graph["node"]>[number]
+type Initializer = InstanceType<typeof onnx.TensorProto>
+
+const initializer = (graph: Graph, name: string | undefined): Initializer | undefined =>
+  name ? ((graph.initializer ?? []).find((t) => t.name === name) as Initializer | undefined) : undefined
+
+const intAttribute = (node: Node, name: string, fallback: number) => {
+  const a = node.attribute?.find((x) => x.name === name)
+  return a ? Number(a.i?.toString()) : fallback
+}
+
+/** A token id as a row of a table of `vocab` rows; throws on an id outside it. */
+const rowOf = (id: bigint, vocab: number) => {
+  const row = Number(id)
+  if (!(row >= 0 && row < vocab)) throw new Error(`token id ${id} is outside the embedding table (${vocab} rows)`)
+  return row
+}
+
 /** The table of an Offramp embed graph of `vocab` rows of `hidden` values; undefined for any other graph. */
 export const readEmbeddingTable = (bytes: Uint8Array, vocab: number, hidden: number): EmbeddingTable | undefined => {
   const graph = onnx.ModelProto.decode(bytes).graph
@@ -37,18 +56,10 @@ export const readEmbeddingTable = (bytes: Uint8Array, vocab: number, hidden: num
   const halfThenCast = ops.length === 2 && ops[0] === "Gather" && ops[1] === "Cast"
   if (!plain && !halfThenCast) return undefined
   const gather = nodes[0]!
-  if (halfThenCast && Number(nodes[1]!.attribute?.find((a) => a.name === "to")?.i?.toString()) !== DataType.FLOAT)
-    return undefined
-  const tensor = (graph.initializer ?? []).find((t) => t.name === gather.input?.[0]) as
-    | InstanceType<typeof onnx.TensorProto>
-    | undefined
+  if (halfThenCast && intAttribute(nodes[1]!, "to", -1) !== DataType.FLOAT) return undefined
+  const tensor = initializer(graph, gather.input?.[0])
   const dims = (tensor?.dims ?? []).map((d) => Number(d.toString()))
   if (!tensor || dims.length !== 2 || dims[0] !== vocab || dims[1] !== hidden) return undefined
-  const rowOf = (id: bigint) => {
-    const row = Number(id)
-    if (!(row >= 0 && row < vocab)) throw new Error(`token id ${id} is outside the embedding table (${vocab} rows)`)
-    return row
-  }
   if (plain && tensor.dataType === DataType.FLOAT) {
     const table = view(tensor, (b) => new Float32Array(b))
     if (table?.length !== vocab * hidden) return undefined
@@ -57,7 +68,7 @@ export const readEmbeddingTable = (bytes: Uint8Array, vocab: number, hidden: num
       lookup: (ids) => {
         const out = new Float32Array(ids.length * hidden)
         ids.forEach((id, i) => {
-          const row = rowOf(id)
+          const row = rowOf(id, vocab)
           out.set(table.subarray(row * hidden, (row + 1) * hidden), i * hidden)
         })
         return out
@@ -74,7 +85,7 @@ export const readEmbeddingTable = (bytes: Uint8Array, vocab: number, hidden: num
       lookup: (ids) => {
         const out = new Float32Array(ids.length * hidden)
         for (let i = 0; i < ids.length; i++) {
-          const from = rowOf(ids[i]!) * hidden
+          const from = rowOf(ids[i]!, vocab) * hidden
           const to = i * hidden
           for (let j = 0; j < hidden; j++) out[to + j] = decode[table[from + j]!]!
         }
@@ -83,14 +94,6 @@ export const readEmbeddingTable = (bytes: Uint8Array, vocab: number, hidden: num
     }
   }
   return undefined
-}
-
-type Graph = NonNullable<InstanceType<typeof onnx.ModelProto>["graph"]>
-type Node = NonNullable<Graph["node"]>[number]
-
-const intAttribute = (node: Node, name: string, fallback: number) => {
-  const a = node.attribute?.find((x) => x.name === name)
-  return a ? Number(a.i?.toString()) : fallback
 }
 
 /**
@@ -105,11 +108,9 @@ const quantizedTable = (graph: Graph, node: Node, vocab: number, hidden: number)
   if (![1, -1].includes(intAttribute(node, "quantize_axis", 1)) || hidden % blockSize !== 0) return undefined
   const [dataName, idsName, scalesName, zeroName] = node.input ?? []
   if (idsName !== graph.input?.[0]?.name) return undefined
-  const find = (name: string | undefined) =>
-    name ? ((graph.initializer ?? []).find((t) => t.name === name) as InstanceType<typeof onnx.TensorProto>) : undefined
-  const dataT = find(dataName)
-  const scalesT = find(scalesName)
-  const zeroT = find(zeroName)
+  const dataT = initializer(graph, dataName)
+  const scalesT = initializer(graph, scalesName)
+  const zeroT = initializer(graph, zeroName)
   if (dataT?.dataType !== DataType.UINT8 || scalesT?.dataType !== DataType.FLOAT) return undefined
   if (zeroName && zeroT?.dataType !== DataType.UINT8) return undefined
   const blocks = hidden / blockSize
@@ -126,9 +127,7 @@ const quantizedTable = (graph: Graph, node: Node, vocab: number, hidden: number)
     lookup: (ids) => {
       const out = new Float32Array(ids.length * hidden)
       for (let i = 0; i < ids.length; i++) {
-        const id = Number(ids[i]!)
-        if (!(id >= 0 && id < vocab))
-          throw new Error(`token id ${ids[i]} is outside the embedding table (${vocab} rows)`)
+        const id = rowOf(ids[i]!, vocab)
         for (let b = 0; b < blocks; b++) {
           const scale = scales[id * blocks + b]!
           const zeroByte = zeros ? zeros[id * zeroStride + (bits === 8 ? b : b >> 1)]! : center
